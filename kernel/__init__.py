@@ -1,0 +1,7 @@
+"""Attention-core math of 2Mamba: one public function per operation, reference beside the kernels."""
+from .attention import attention
+from .conv import causal_conv1d
+from .kron import kron
+from .reference import attention_reference
+
+__all__ = ["attention", "attention_reference", "causal_conv1d", "kron"]

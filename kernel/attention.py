@@ -1,0 +1,32 @@
+"""The public attention-core op: one entry point, dispatching to Triton on CUDA and to the reference elsewhere."""
+from __future__ import annotations
+
+import torch
+
+from .reference import attention_reference, check_attention_args
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto" means Triton for CUDA tensors and the PyTorch reference otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+def attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, backend="auto"):
+    """Causal attention core of every generic 2Mamba block (SPEC section 3.1 steps 10-13, section 4).
+
+    q, k, v: [B, H, N, d]; g: per-token log decay [B, H, N] (<= 0, cumulated inside) or None;
+    power: "1" (s), "2" (s^2) or "exp" (e^s) with s = scale * q.k (scale defaults to 1/sqrt(d));
+    normalize: divide by the row sum (sm_norm); rows whose sum is 0 give 0. Returns o in q's dtype.
+    """
+    scale = check_attention_args(q, k, v, g, power, scale)
+    if resolve_backend(backend, q) == "torch":
+        return attention_reference(q, k, v, g, power=power, normalize=normalize, scale=scale)
+    from .triton_attention import triton_attention
+
+    return triton_attention(q, k, v, g, power=power, normalize=normalize, scale=scale)

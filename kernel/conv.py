@@ -1,0 +1,25 @@
+"""Causal depthwise conv1d over the channels of [B, N, C] activations (the q/k/v input conv)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional CUDA extension (Dao-AILab/causal-conv1d)
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:
+    causal_conv1d_fn = None
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y_t = bias + sum_i weight[:, 0, i] * x_{t-k+1+i} with zero left padding.
+
+    x: [B, N, C]; weight: [C, 1, k] (nn.Conv1d's depthwise layout); bias: [C] or None. Returns [B, N, C].
+    """
+    channels, _, width = weight.shape
+    if x.shape[-1] != channels:
+        raise ValueError(f"conv expects {channels} channels in the last dim of x, got shape {tuple(x.shape)}")
+    xt = x.transpose(1, 2)
+    if causal_conv1d_fn is not None and x.is_cuda and 2 <= width <= 4:
+        return causal_conv1d_fn(xt, weight[:, 0], bias).transpose(1, 2)
+    y = F.conv1d(xt, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=width - 1, groups=channels)
+    return y[..., : x.shape[1]].transpose(1, 2)
