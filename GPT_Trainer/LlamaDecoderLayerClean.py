@@ -1,0 +1,427 @@
+"""The attention types of the paper (the `configs` dictionary) and the Llama decoder layer that hosts them.
+
+Every type except `softmax` and `mamba` is one generic block (`GenericAttention`) driven by an
+`AttentionConfig` built from its `configs` entry; SPEC section 3 gives the math step by step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernel import attention, causal_conv1d
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Fields of the generic block; the defaults are the plain linear-attention baseline."""
+
+    power: str = "1"  # "1" linear, "2" squared, "exp" exponentiated
+    qk_activation_type: str = "none"  # relu | silu | none, applied to q and k after the conv
+    use_in_conv: bool = False
+    in_conv_dim: int = 2
+    use_NoPE: bool = True
+    use_D_res: bool = False
+    use_z_out_gate: bool = False
+    norm_type: str = "output_norm"  # sm_norm | output_norm
+    use_dt_bias: bool = False
+    value_disc_dtype: str = "none"  # dt | none
+    A_mask_type: str = "none"  # none | discretize | neg_softplus
+
+    def __post_init__(self):
+        allowed = {
+            "power": ("1", "2", "exp"),
+            "qk_activation_type": ("relu", "silu", "none"),
+            "norm_type": ("sm_norm", "output_norm"),
+            "value_disc_dtype": ("dt", "none"),
+            "A_mask_type": ("none", "discretize", "neg_softplus"),
+        }
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                raise ValueError(f"attention config field {name}={getattr(self, name)!r}; allowed: {values}")
+        if self.use_in_conv and self.in_conv_dim < 1:
+            raise ValueError(f"in_conv_dim must be >= 1, got {self.in_conv_dim}")
+        if not self.use_NoPE:
+            raise ValueError("the generic block has no positional encoding: use_NoPE must be True")
+
+    @property
+    def uses_dt(self) -> bool:
+        return self.value_disc_dtype == "dt" or self.A_mask_type == "discretize"
+
+
+def _generic(**fields_):
+    return {"type": "generic", **fields_}
+
+
+_OUT = dict(norm_type="output_norm")
+_NEG_CONV2 = dict(norm_type="output_norm", A_mask_type="neg_softplus", use_in_conv=True, in_conv_dim=2)
+_NEG_CONV2_DT = dict(_NEG_CONV2, value_disc_dtype="dt")
+
+# The 28 attention types of the paper, exactly as the seed names them (SPEC section 3).
+configs: dict[str, dict] = {
+    "softmax": {"type": "softmax"},
+    "mamba": {"type": "mamba"},
+    "linear": _generic(power="1", qk_activation_type="relu", norm_type="sm_norm"),
+    "linear__output_norm": _generic(**_OUT),
+    "linear__output_norm__ReLU": _generic(**_OUT, qk_activation_type="relu"),
+    **{f"linear__output_norm__in_conv_k_{k}": _generic(**_OUT, use_in_conv=True, in_conv_dim=k) for k in (2, 3, 4)},
+    **{
+        f"linear__output_norm__in_conv_k_{k}__silu": _generic(**_OUT, use_in_conv=True, in_conv_dim=k, qk_activation_type="silu")
+        for k in (2, 3, 4)
+    },
+    "linear__output_norm__D_res": _generic(**_OUT, use_D_res=True),
+    "linear__output_norm__Z_out_gate": _generic(**_OUT, use_z_out_gate=True),
+    "linear__output_norm__dt_on_values": _generic(**_OUT, value_disc_dtype="dt"),
+    "linear__output_norm__A_mask_type_discretize": _generic(**_OUT, A_mask_type="discretize"),
+    "linear__output_norm__A_mask_type_neg_softplus": _generic(**_OUT, A_mask_type="neg_softplus"),
+    "linear__output_norm__A_mask_type_discretize__in_conv_k_2": _generic(
+        **_OUT, A_mask_type="discretize", use_in_conv=True, in_conv_dim=2
+    ),
+    "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2": _generic(**_NEG_CONV2),
+    "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values": _generic(**_NEG_CONV2_DT),
+    "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__silu": _generic(
+        **_NEG_CONV2_DT, qk_activation_type="silu"
+    ),
+    "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__D_res": _generic(**_NEG_CONV2_DT, use_D_res=True),
+    "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__Z_out_gate": _generic(
+        **_NEG_CONV2_DT, use_z_out_gate=True
+    ),
+    "squared__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values": _generic(**_NEG_CONV2_DT, power="2"),
+    "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values": _generic(
+        **dict(_NEG_CONV2_DT, norm_type="sm_norm"), power="2"
+    ),
+    "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2": _generic(**dict(_NEG_CONV2, norm_type="sm_norm"), power="2"),
+    "linear__out_norm__A_mask_type_neg_softplus__in_conv_k_2": _generic(**_NEG_CONV2),
+    "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values": _generic(
+        **dict(_NEG_CONV2_DT, norm_type="sm_norm"), power="exp"
+    ),
+    "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2": _generic(**dict(_NEG_CONV2, norm_type="sm_norm"), power="exp"),
+}
+
+TWO_MAMBA = "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2"
+TWO_MAMBA_E = "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2"
+
+
+def attention_config(attention_type: str) -> AttentionConfig | str:
+    """The typed config of a generic type, or "softmax" / "mamba"."""
+    if attention_type not in configs:
+        raise ValueError(f"unknown attention type {attention_type!r}; valid types:\n  " + "\n  ".join(configs))
+    entry = dict(configs[attention_type])
+    kind = entry.pop("type")
+    return AttentionConfig(**entry) if kind == "generic" else kind
+
+
+def _maybe_checkpoint(enabled: bool, fn, *args):
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm computed in float32 (parameter name `weight`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GenericAttention(nn.Module):
+    """The parameterised linear / squared / exp attention block (SPEC section 3.1).
+
+    The forward pass is split into `project` (everything before the attention core) and `finish`
+    (everything after it), so recurrent decoding can reuse both around its own core.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, cfg: AttentionConfig):
+        super().__init__()
+        self.cfg, self.num_heads = cfg, num_heads
+        self.head_dim = hidden_size // num_heads
+        inner = num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        if cfg.use_in_conv:
+            self.conv1d = nn.Conv1d(3 * inner, 3 * inner, cfg.in_conv_dim, groups=3 * inner, bias=True)
+        if cfg.uses_dt:
+            self.dt_proj = nn.Linear(hidden_size, num_heads, bias=False)
+            if cfg.use_dt_bias:
+                self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        if cfg.A_mask_type == "discretize":
+            self.A_log = nn.Parameter(torch.empty(num_heads))
+        elif cfg.A_mask_type == "neg_softplus":
+            self.A_mask_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if cfg.use_D_res:
+            self.D = nn.Parameter(torch.ones(num_heads, self.head_dim))
+        if cfg.use_z_out_gate:
+            self.z_gate_proj = nn.Linear(hidden_size, inner, bias=True)
+        if cfg.norm_type == "output_norm":
+            self.out_norm = nn.RMSNorm(inner)
+        self.reset_special_parameters()
+        self.checkpoint_core = False
+
+    @torch.no_grad()
+    def reset_special_parameters(self):
+        """Mamba-style inits that the generic Linear init must not overwrite."""
+        if hasattr(self, "A_log"):
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        if hasattr(self, "dt_bias"):
+            self.dt_bias.copy_(_mamba_dt_bias_init(self.dt_bias.shape[0]))
+        if hasattr(self, "D"):
+            self.D.fill_(1.0)
+
+    def _heads(self, x):  # [B, N, H*d] -> [B, H, N, d]
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project(self, h, qkv):
+        """From the layer input h [B,N,D] and the (conv'd) qkv [B,N,3Hd]: q, k, v [B,H,N,d],
+        the per-token log decay g [B,H,N] (or None), the D residual and the Z gate (or None)."""
+        cfg = self.cfg
+        q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
+        dt = None
+        if cfg.uses_dt:
+            dt_in = self.dt_proj(h).float()
+            if cfg.use_dt_bias:
+                dt_in = dt_in + self.dt_bias
+            dt = F.softplus(dt_in).transpose(1, 2)  # [B, H, N]
+        g = None
+        if cfg.A_mask_type == "discretize":
+            g = -torch.exp(self.A_log.float())[None, :, None] * dt
+        elif cfg.A_mask_type == "neg_softplus":
+            g = -F.softplus(self.A_mask_proj(h).float()).transpose(1, 2)
+        d_res = v * self.D[None, :, None, :].to(v.dtype) if cfg.use_D_res else None
+        if cfg.value_disc_dtype == "dt":
+            v = v * dt[..., None].to(v.dtype)
+        if cfg.qk_activation_type == "relu":
+            q, k = F.relu(q), F.relu(k)
+        elif cfg.qk_activation_type == "silu":
+            q, k = F.silu(q), F.silu(k)
+        z = F.silu(self.z_gate_proj(h)) if cfg.use_z_out_gate else None
+        return q, k, v, g, d_res, z
+
+    def core(self, q, k, v, g):
+        return attention(q, k, v, g, power=self.cfg.power, normalize=self.cfg.norm_type == "sm_norm")
+
+    def finish(self, o, d_res, z):
+        """o: [B, H, N, d] core output -> [B, N, D_model]."""
+        if d_res is not None:
+            o = o + d_res
+        b, _, n, _ = o.shape
+        o = o.transpose(1, 2).reshape(b, n, -1)
+        if z is not None:
+            o = o * z
+        if self.cfg.norm_type == "output_norm":
+            o = self.out_norm(o)
+        return self.o_proj(o)
+
+    def forward(self, h):
+        qkv = self.qkv_proj(h)
+        if self.cfg.use_in_conv:
+            qkv = causal_conv1d(qkv, self.conv1d.weight, self.conv1d.bias)
+        q, k, v, g, d_res, z = self.project(h, qkv)
+        o = _maybe_checkpoint(self.checkpoint_core, self.core, q, k, v, g)
+        return self.finish(o.to(h.dtype), d_res, z)
+
+
+def rotary_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
+
+
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Interleaved-pair RoPE (channels (0,1), (2,3), ... rotate together) on x [B, H, N, d]."""
+    n = x.shape[-2]
+    pos = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)
+    angles = (pos[:, None] * freqs.float()[None, :]).repeat_interleave(2, dim=-1)  # [N, d]
+    x_f = x.float()
+    pairs = x_f.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (x_f * angles.cos() + rotated * angles.sin()).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the frequencies as the (frozen) parameter `freqs`, as rotary-embedding-torch does."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.freqs = nn.Parameter(rotary_frequencies(dim), requires_grad=False)
+
+    def forward(self, x, offset: int = 0):
+        return apply_rotary(x, self.freqs, offset)
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal softmax attention with interleaved RoPE (SPEC section 3.2)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        inner = num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.rotary_emb = RotaryEmbedding(self.head_dim)
+        self.checkpoint_core = False
+
+    def project(self, h, offset: int = 0):
+        """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions offset, offset+1, ..."""
+        b, n, _ = h.shape
+        q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv_proj(h).chunk(3, -1))
+        return self.rotary_emb(q, offset), self.rotary_emb(k, offset), v
+
+    def finish(self, o):
+        b, _, n, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+    @staticmethod
+    def core(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward(self, h):
+        q, k, v = self.project(h)
+        return self.finish(_maybe_checkpoint(self.checkpoint_core, self.core, q, k, v))
+
+
+def _mamba_dt_bias_init(n: int, dt_min=0.001, dt_max=0.1, floor=1e-4) -> torch.Tensor:
+    """Mamba-2's dt bias: softplus^-1 of dt log-uniform in [dt_min, dt_max], floored."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba2(nn.Module):
+    """Pure-PyTorch Mamba-2 block with mamba_ssm.Mamba2's parameter names and math, for the seed's settings
+    (d_conv 2, expand 1, one SSM head of width d_ssm, ngroups 1, gated RMSNorm, no biases; SPEC section 3.3)."""
+
+    def __init__(self, d_model: int, d_ssm: int, d_state: int = 128, d_conv: int = 2):
+        super().__init__()
+        self.d_model, self.d_ssm, self.d_state, self.nheads = d_model, d_ssm, d_state, 1
+        self.headdim = d_ssm
+        self.d_inner = d_model
+        conv_dim = d_ssm + 2 * d_state
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(_mamba_dt_bias_init(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(d_ssm))
+        self.norm = RMSNorm(d_ssm, eps=1e-5)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_special_parameters(self):
+        self.dt_bias.copy_(_mamba_dt_bias_init(self.nheads))
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+    @property
+    def d_mlp(self) -> int:
+        return (self.in_proj.out_features - 2 * self.d_ssm - 2 * self.d_state - self.nheads) // 2
+
+    def split(self, zxbcdt):
+        d_mlp = self.d_mlp
+        return torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.d_state, self.nheads], dim=-1)
+
+    def ssm_inputs(self, xbc, dt):
+        """Post-conv xBC and raw dt -> x, B, C [B,1,N,*] and the decay log g = dt*A, dt [B,1,N]."""
+        x, bmat, cmat = torch.split(xbc, [self.d_ssm, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(1, 2)  # [B, nheads, N]
+        g = -torch.exp(self.A_log.float())[None, :, None] * dt
+        return x.unsqueeze(1), bmat.unsqueeze(1), cmat.unsqueeze(1), g, dt
+
+    def output(self, y, x, z, z0, x0):
+        """y: SSM output [B,N,d_ssm]; gated RMSNorm (gate before norm), side MLP path first, out_proj."""
+        y = y + x * self.D.to(y.dtype)
+        y = self.norm(y * F.silu(z.to(y.dtype)))
+        return self.out_proj(torch.cat([F.silu(z0) * x0, y.to(z0.dtype)], dim=-1))
+
+    def forward(self, h):
+        z0, x0, z, xbc, dt = self.split(self.in_proj(h))
+        xbc = F.silu(causal_conv1d(xbc, self.conv1d.weight))
+        x, bmat, cmat, g, dt = self.ssm_inputs(xbc, dt)
+        # The SSD scan equals linear attention with q = C, k = B, v = dt*x, decay dt*A, unnormalised, scale 1.
+        # The reference backend: the Triton kernels take equal q/k and v widths (here d_state != d_ssm).
+        y = attention(cmat, bmat, x * dt[..., None].to(x.dtype), g, power="1", normalize=False, scale=1.0, backend="torch")
+        return self.output(y.squeeze(1).to(h.dtype), x.squeeze(1), z, z0, x0)
+
+
+def _mamba_ssm_class():
+    try:
+        from mamba_ssm import Mamba2 as CudaMamba2
+    except ImportError:
+        return None
+    return CudaMamba2
+
+
+class MambaAttention(nn.Module):
+    """The `mamba` type: Mamba-2 under the seed's name `mamba_layer`; mamba_ssm on CUDA when installed."""
+
+    def __init__(self, hidden_size: int, num_heads: int, use_cuda_kernels: bool | None = None):
+        super().__init__()
+        head_dim = hidden_size // num_heads
+        cuda_cls = _mamba_ssm_class() if use_cuda_kernels in (None, True) else None
+        if use_cuda_kernels and cuda_cls is None:
+            raise ImportError("use_cuda_kernels=True needs mamba_ssm (pip install mamba-ssm, CUDA only)")
+        if cuda_cls is not None and torch.cuda.is_available():
+            self.mamba_layer = cuda_cls(
+                d_model=hidden_size, d_conv=2, expand=1, headdim=head_dim, d_ssm=head_dim, ngroups=1,
+                A_init_range=(1, 16), D_has_hdim=True, rmsnorm=True, norm_before_gate=False, dt_min=0.001,
+                dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=False,
+                chunk_size=256, use_mem_eff_path=True,
+            )
+        else:
+            self.mamba_layer = Mamba2(hidden_size, head_dim)
+        self.checkpoint_core = False
+
+    def forward(self, h):
+        return _maybe_checkpoint(self.checkpoint_core, self.mamba_layer, h)
+
+
+def build_attention(attention_type: str, hidden_size: int, num_heads: int) -> nn.Module:
+    cfg = attention_config(attention_type)
+    if cfg == "softmax":
+        return SoftmaxAttention(hidden_size, num_heads)
+    if cfg == "mamba":
+        return MambaAttention(hidden_size, num_heads)
+    return GenericAttention(hidden_size, num_heads, cfg)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU (mlp_type "normal") or an ungated GELU MLP (mlp_type "gelu")."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, mlp_type: str = "normal"):
+        super().__init__()
+        if mlp_type not in ("normal", "gelu"):
+            raise ValueError(f"mlp_type must be 'normal' or 'gelu', got {mlp_type!r}")
+        self.mlp_type = mlp_type
+        if mlp_type == "normal":
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        if self.mlp_type == "normal":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hidden_size, intermediate_size, num_heads, attention_type, mlp_type="normal", eps=1e-5):
+        super().__init__()
+        self.self_attn = build_attention(attention_type, hidden_size, num_heads)
+        self.mlp = LlamaMLP(hidden_size, intermediate_size, mlp_type)
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.checkpoint_mlp = False
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + _maybe_checkpoint(self.checkpoint_mlp, self.mlp, self.post_attention_layernorm(x))
+
