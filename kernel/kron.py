@@ -12,16 +12,16 @@ import torch
 from .attention import resolve_backend
 
 
-def kron_indices(d: int, device=None):
+def kron_indices(d: int, device=None, dtype=torch.float32):
     """Index pairs (i, j), i <= j, and the per-entry scale (1 on the diagonal, sqrt 2 off it)."""
     i, j = torch.triu_indices(d, d, device=device)
-    scale = torch.where(i == j, 1.0, math.sqrt(2.0)).to(device)
+    scale = torch.full(i.shape, math.sqrt(2.0), device=device, dtype=dtype).masked_fill(i == j, 1.0)
     return i, j, scale
 
 
 def kron_reference(x: torch.Tensor) -> torch.Tensor:
-    i, j, scale = kron_indices(x.shape[-1], x.device)
-    return x[..., i] * x[..., j] * scale.to(x.dtype)
+    i, j, scale = kron_indices(x.shape[-1], x.device, x.dtype)
+    return x[..., i] * x[..., j] * scale
 
 
 def kron(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
