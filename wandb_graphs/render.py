@@ -1,0 +1,95 @@
+"""Drawing: one line plot function (SVG + PNG) and the booktabs LaTeX table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend state, nothing to close
+
+PNG_DPI = 150
+
+
+@dataclass
+class Line:
+    label: str
+    color: str | None  # None: matplotlib's colour cycle
+    steps: np.ndarray
+    values: np.ndarray
+
+
+def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each value and the window-1 before it (fewer at the start), so the curve keeps its length."""
+    if window <= 1:
+        return values
+    sums = np.concatenate(([0.0], np.cumsum(values)))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def plot_lines(lines: Sequence[Line], svg_path: Path, title: str, xlabel: str | None, ylabel: str | None,
+               smooth: int = 1) -> list[Path]:
+    """One line per run against step; writes svg_path and a PNG beside it, returns both paths."""
+    # 12x6 in at 100 dpi is the paper's 1200x600 layout; horizontal grid only, legend top right.
+    fig = Figure(figsize=(12, 6))
+    ax = fig.add_subplot()
+    for line in lines:
+        ax.plot(line.steps, trailing_mean(line.values, smooth), color=line.color, label=line.label, linewidth=1.2)
+    ax.set_title(title, fontsize=18)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=14)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=14)
+    ax.grid(axis="y", color="#e5e8ef")
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(loc="upper right", fontsize=11, framealpha=0.9)
+    svg_path.parent.mkdir(parents=True, exist_ok=True)
+    png_path = svg_path.with_suffix(".png")
+    fig.savefig(svg_path, bbox_inches="tight")
+    fig.savefig(png_path, dpi=PNG_DPI, bbox_inches="tight")
+    return [svg_path, png_path]
+
+
+def train_table_value(values: np.ndarray, n: int, seed_indexing: bool = False) -> float:
+    """Mean of the last n logged values; with seed_indexing, the seed's values[-n] (the single value n
+    entries from the end, which the paper's printed train losses used; SPEC §12.7)."""
+    if seed_indexing:
+        return float(values[-min(n, len(values))])
+    return float(np.mean(values[-n:]))
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def latex_table(rows: Sequence[tuple[str, float | None, float | None]], header: Sequence[str], caption: str,
+                label: str, num_decimals: int, bold_best: bool) -> str:
+    """rows: (model, train value, test value), None where a run has no value (shown as --). With bold_best,
+    every cell equal to its column's lowest value as printed is bold (ties are all bold)."""
+    cells = [[None if v is None else f"{v:.{num_decimals}f}" for v in row[1:]] for row in rows]
+    best = []
+    for column in zip(*cells):
+        printed = [float(c) for c in column if c is not None and np.isfinite(float(c))]
+        best.append(min(printed) if bold_best and printed else None)
+    lines = [r"\begin{table}[htbp]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+             r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for (model, *_), row_cells in zip(rows, cells):
+        shown = []
+        for cell, column_best in zip(row_cells, best):
+            if cell is None:
+                shown.append("--")
+            elif column_best is not None and float(cell) == column_best:
+                shown.append(rf"\textbf{{{cell}}}")
+            else:
+                shown.append(cell)
+        lines.append(" & ".join([latex_escape(model), *shown]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_escape(caption)}}}",
+              rf"\label{{{label}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"

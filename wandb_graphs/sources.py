@@ -1,0 +1,96 @@
+"""Where run histories come from: local run directories or the public wandb project. Both answer
+history(group, run) -> {metric: (steps, values)}, or None when the run is not there."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from wandb_graphs.definitions import Group, Run
+from wandb_graphs.local_runs import METRICS_FILE, History, find_runs, load_run_history
+
+
+class SourceError(RuntimeError):
+    """The source as a whole is unusable (no wandb, no network, no runs directory)."""
+
+
+class LocalSource:
+    def __init__(self, runs_dir: Path | str, map_file: Path | str | None = None):
+        self.runs_dir = Path(runs_dir)
+        if not self.runs_dir.is_dir():
+            raise SourceError(f"runs directory {self.runs_dir} does not exist (set --runs_dir)")
+        self.index = find_runs(self.runs_dir)
+        # A mapped path is relative to the runs directory (an absolute one stays as it is).
+        mapping = json.loads(Path(map_file).read_text()) if map_file else {}
+        self.index.update({run_id: self.runs_dir / run_dir for run_id, run_dir in mapping.items()})
+        self._cache: dict[Path, History] = {}
+
+    def __str__(self) -> str:
+        return f"local runs in {self.runs_dir}"
+
+    def history(self, group: Group, run: Run) -> History | None:
+        run_dir = self.index.get(run.run_id)
+        if run_dir is None or not (run_dir / METRICS_FILE).is_file():
+            return None
+        if run_dir not in self._cache:
+            self._cache[run_dir] = load_run_history(run_dir)
+        return self._cache[run_dir]
+
+
+class WandbSource:
+    def __init__(self):
+        try:
+            import wandb  # optional: only this source needs it
+        except ImportError as e:
+            raise SourceError("--source wandb needs the wandb package (pip install wandb); "
+                              "or use --source local") from e
+        # Api() fails without an API key; requests' connection errors are OSErrors.
+        self._errors = (wandb.errors.Error, OSError)
+        try:
+            self.api = wandb.Api()
+        except self._errors as e:
+            raise SourceError(f"cannot use the wandb API: {e}. It needs network access and an API key "
+                              "(wandb login, or WANDB_API_KEY)") from e
+        self._cache: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __str__(self) -> str:
+        return "wandb"
+
+    def history(self, group: Group, run: Run) -> History | None:
+        project = f"{group.project_entity}/{group.project_name}"
+        try:
+            api_run = self._find_run(project, run.run_id)
+            if api_run is None:
+                return None
+            series = {metric: self._series(project, api_run, metric, group.last_step_num)
+                      for metric in (group.train_metric, group.test_metric)}
+            # Like a local log, a history holds only the metrics that were logged.
+            return {metric: points for metric, points in series.items() if len(points[0])}
+        except self._errors as e:
+            raise SourceError(f"wandb request for {project}/{run.run_id} failed: {e}") from e
+
+    def _find_run(self, project: str, run_id: str):
+        """By wandb id first, then by display name (the seed matched either)."""
+        try:
+            return self.api.run(f"{project}/{run_id}")
+        except ValueError:  # wandb's RunNotFoundError is a ValueError
+            pass
+        matches = list(self.api.runs(project, filters={"displayName": run_id}))
+        if len(matches) > 1:
+            print(f"warning: {len(matches)} wandb runs in {project} are named {run_id!r}; none used",
+                  file=sys.stderr)
+        return matches[0] if len(matches) == 1 else None
+
+    def _series(self, project: str, api_run, metric: str, last_step_num: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (project, api_run.id, metric)
+        if key not in self._cache:
+            # One metric per scan: a scan returns only rows holding every requested key, and train and test
+            # values are logged at different steps. A page as large as the run avoids partial histories.
+            rows = api_run.scan_history(keys=["_step", metric], page_size=last_step_num)
+            points = sorted((int(row["_step"]), float(row[metric])) for row in rows
+                            if isinstance(row.get(metric), (int, float)))
+            steps, values = zip(*points) if points else ((), ())
+            self._cache[key] = (np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64))
+        return self._cache[key]
