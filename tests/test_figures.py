@@ -33,7 +33,8 @@ def write_run(runs_dir, folder, train_losses, test_losses, wandb_id=None, log_ev
         if tokens_per_s:
             record["tokens_per_s"] = 1000.0 + i
         lines.append(json.dumps(record))
-    lines += [json.dumps({"step": (i + 1) * test_every, "test_loss": float(loss)}) for i, loss in enumerate(test_losses)]
+    lines += [json.dumps({"step": (i + 1) * test_every, "test_loss": float(loss)})
+              for i, loss in enumerate(test_losses)]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return run_dir
 
@@ -201,6 +202,9 @@ def test_no_run_at_all_fails_and_unknown_group_lists_names(tmp_path, capsys):
     assert run_main("--source", "local", "--runs_dir", tmp_path / "empty", "--out", tmp_path / "out") == 1
     assert run_main("--source", "local", "--runs_dir", tmp_path / "empty", "--only", "nope") == 2
     assert "1_base_models" in capsys.readouterr().err
+    assert run_main("--list") == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == 22 and listing[0] == "1_base_models: zfdskd9t (Linear), qbcs9fqx (Mamba-2), ea9ph22z (Softmax)"
 
 
 def test_map_file_and_run_without_test_loss(tmp_path, capsys):
@@ -216,7 +220,7 @@ def test_map_file_and_run_without_test_loss(tmp_path, capsys):
                     "--only", "1_base_models") == 0
     assert "has no 'test_loss' values" in capsys.readouterr().err
     rows = table_rows((out / "1_base_models" / "table.txt").read_text())
-    assert rows["Linear"] == ["3.15", "3.00"] and rows["Softmax"] == ["2.85", "--"] and rows["Mamba-2"] == ["2.95", "2.95"]
+    assert rows == {"Linear": ["3.15", "3.00"], "Mamba-2": ["2.95", "2.95"], "Softmax": ["2.85", "--"]}
 
 
 def test_latex_escaping_and_ties(tmp_path):
@@ -327,7 +331,7 @@ class FakeWandbRun:
         return [row for row in self.rows if all(k in row for k in keys)]
 
 
-def fake_wandb(runs_by_id, runs_by_name, fail_with=None):
+def fake_wandb(runs_by_id, runs_by_name, fail_with=None, offline=False):
     errors = types.SimpleNamespace(Error=type("Error", (Exception,), {}))
 
     class Api:
@@ -336,6 +340,8 @@ def fake_wandb(runs_by_id, runs_by_name, fail_with=None):
                 raise errors.Error(fail_with)
 
         def run(self, path):
+            if offline:
+                raise ConnectionError("Connection refused")  # what requests raises, an OSError
             run_id = path.split("/")[-1]
             if run_id not in runs_by_id:
                 raise ValueError(f"Could not find run {path}")
@@ -366,3 +372,10 @@ def test_wandb_without_api_key_or_network_gives_a_clear_error(monkeypatch, tmp_p
     assert run_main("--source", "wandb", "--out", tmp_path) == 1
     err = capsys.readouterr().err
     assert "No API key configured" in err and "network" in err
+
+
+def test_wandb_unreachable_mid_run_is_fatal_and_clear(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb({}, {}, offline=True))
+    assert run_main("--source", "wandb", "--only", "1_base_models", "--out", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "gmongaras1/Mamba_Squared_Experiemnts/zfdskd9t" in err and "Connection refused" in err

@@ -72,5 +72,8 @@ def load_groups(path: Path | str = DEFINITIONS_PATH) -> list[Group]:
     for entry in data["groups"]:
         fields = {**data["defaults"], **entry}
         fields["runs"] = tuple(Run(run_id, label, matplotlib_color(color)) for run_id, label, color in fields["runs"])
-        groups.append(Group(**fields))
+        try:
+            groups.append(Group(**fields))
+        except TypeError as e:  # a misspelt or missing key
+            raise ValueError(f"{path}: group {entry.get('name')!r}: {e}") from e
     return groups

@@ -17,7 +17,7 @@ from pathlib import Path
 from wandb_graphs.definitions import DEFINITIONS_PATH, Group, Run, load_groups
 from wandb_graphs.local_runs import METRICS_FILE, History, load_run_history, run_display_name
 from wandb_graphs.render import Line, latex_table, plot_lines, train_table_value
-from wandb_graphs.sources import LocalSource, SourceError, WandbSource
+from wandb_graphs.sources import LocalSource, Source, SourceError, WandbSource
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PACKAGE_DIR / "figures"
@@ -28,7 +28,7 @@ COMPARE_PANELS = (("loss", "Train loss", "train_loss"), ("test_loss", "Test loss
                   ("tokens_per_s", "Tokens/s", "tokens_per_s"))
 
 
-def render_group(group: Group, source, out_dir: Path, smooth: int, seed_indexing: bool) -> list[Path]:
+def render_group(group: Group, source: Source, out_dir: Path, smooth: int, seed_indexing: bool) -> list[Path]:
     """Plots and table of one group from the runs the source has; reports what it lacks. Returns the
     files written (none when no run of the group is found)."""
     found: list[tuple[Run, History]] = []
@@ -46,9 +46,11 @@ def render_group(group: Group, source, out_dir: Path, smooth: int, seed_indexing
     xlabel = group.x_axis_rename if group.plot_axis_names else None
     written = []
     for panel, window in ((group.train, smooth), (group.test, 1)):
-        lines = [Line(run.label, run.color, *history[panel.metric]) for run, history in found if panel.metric in history]
+        lines = []
         for run, history in found:
-            if panel.metric not in history:
+            if panel.metric in history:
+                lines.append(Line(run.label, run.color, *history[panel.metric]))
+            else:
                 print(f"[{group.name}] run {run.run_id} ({run.label!r}) has no {panel.metric!r} values",
                       file=sys.stderr)
         if lines:
@@ -68,11 +70,12 @@ def render_group(group: Group, source, out_dir: Path, smooth: int, seed_indexing
     table = latex_table(rows, ("Model", group.train_label, group.test_label), caption, f"tab:{group.name}",
                         group.num_decimals, group.bold_best)
     table_path = group_dir / group.table_filename
+    table_path.parent.mkdir(parents=True, exist_ok=True)  # no plot made it when no run logged a loss
     table_path.write_text(table)
     return written + [table_path]
 
 
-def render_groups(groups: list[Group], source, out_dir: Path, smooth: int, seed_indexing: bool) -> int:
+def render_groups(groups: list[Group], source: Source, out_dir: Path, smooth: int, seed_indexing: bool) -> int:
     rendered = 0
     for group in groups:
         files = render_group(group, source, out_dir, smooth, seed_indexing)

@@ -51,7 +51,7 @@ class WandbSource:
         try:
             self.api = wandb.Api()
         except self._errors as e:
-            raise SourceError(f"cannot use the wandb API: {e}. It needs network access and an API key "
+            raise SourceError(f"cannot use the wandb API ({e}); it needs network access and an API key "
                               "(wandb login, or WANDB_API_KEY)") from e
         self._cache: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -94,3 +94,6 @@ class WandbSource:
             steps, values = zip(*points) if points else ((), ())
             self._cache[key] = (np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64))
         return self._cache[key]
+
+
+Source = LocalSource | WandbSource
