@@ -204,7 +204,8 @@ def test_no_run_at_all_fails_and_unknown_group_lists_names(tmp_path, capsys):
     assert "1_base_models" in capsys.readouterr().err
     assert run_main("--list") == 0
     listing = capsys.readouterr().out.splitlines()
-    assert len(listing) == 22 and listing[0] == "1_base_models: zfdskd9t (Linear), qbcs9fqx (Mamba-2), ea9ph22z (Softmax)"
+    assert len(listing) == 22
+    assert listing[0] == "1_base_models: zfdskd9t (Linear), qbcs9fqx (Mamba-2), ea9ph22z (Softmax)"
 
 
 def test_map_file_and_run_without_test_loss(tmp_path, capsys):

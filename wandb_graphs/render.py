@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend state, nothing to close
+from matplotlib.ticker import FuncFormatter
 
 PNG_DPI = 150
 
@@ -42,6 +43,7 @@ def plot_lines(lines: Sequence[Line], svg_path: Path, title: str, xlabel: str | 
         ax.set_xlabel(xlabel, fontsize=14)
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=14)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}"))
     ax.grid(axis="y", color="#e5e8ef")
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
