@@ -12,7 +12,7 @@ import pytest
 from wandb_graphs.definitions import load_groups, matplotlib_color
 from wandb_graphs.local_runs import find_runs, load_run_history
 from wandb_graphs.my_main import main
-from wandb_graphs.render import latex_escape
+from wandb_graphs.render import latex_escape, trailing_mean
 
 SEED_DEFINITIONS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "paper_figures.json"
 GROUPS = {group.name: group for group in load_groups()}
@@ -123,6 +123,13 @@ def test_find_runs_by_wandb_id_run_name_and_folder(tmp_path):
     runs = find_runs(tmp_path)
     assert runs["abc123"] == a and runs["run_a"] == a and runs["run_b"] == b
     assert "not_a_run" not in runs
+
+
+def test_trailing_mean_window_and_non_finite_values():
+    values = np.array([1.0, 3.0, 5.0, np.nan, 7.0, np.inf, np.nan, np.nan, 9.0])
+    expected = [1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 7.0, np.nan, 9.0]  # window 3, non-finite values left out
+    np.testing.assert_allclose(trailing_mean(values, 3), expected)
+    np.testing.assert_array_equal(trailing_mean(values, 1), values)
 
 
 # ---------------------------------------------------------------------------------------------- groups

@@ -21,13 +21,17 @@ class Line:
 
 
 def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of each value and the window-1 before it (fewer at the start), so the curve keeps its length."""
+    """Mean of each value and the window-1 before it (fewer at the start), so the curve keeps its length.
+    Non-finite values (a diverged step) are left out rather than blanking every later window."""
     if window <= 1:
         return values
-    sums = np.concatenate(([0.0], np.cumsum(values)))
+    finite = np.isfinite(values)
+    sums = np.concatenate(([0.0], np.cumsum(np.where(finite, values, 0.0))))
+    counts = np.concatenate(([0], np.cumsum(finite)))
     ends = np.arange(1, len(values) + 1)
     starts = np.maximum(ends - window, 0)
-    return (sums[ends] - sums[starts]) / (ends - starts)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a window of only non-finite values stays NaN
+        return (sums[ends] - sums[starts]) / (counts[ends] - counts[starts])
 
 
 def plot_lines(lines: Sequence[Line], svg_path: Path, title: str, xlabel: str | None, ylabel: str | None,
