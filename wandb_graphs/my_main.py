@@ -23,9 +23,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PACKAGE_DIR / "figures"
 DEFAULT_RUNS_DIR = PACKAGE_DIR.parent / "models"
 
-# --compare: (metric key in metrics.jsonl, axis label, file stem)
-COMPARE_PANELS = (("loss", "Train loss", "train_loss"), ("test_loss", "Test loss", "test_loss"),
-                  ("tokens_per_s", "Tokens/s", "tokens_per_s"))
+# --compare: (metric key in metrics.jsonl, axis label, file stem, --smooth applies); the test loss has
+# few points, each already a mean over the whole test split
+COMPARE_PANELS = (("loss", "Train loss", "train_loss", True), ("test_loss", "Test loss", "test_loss", False),
+                  ("tokens_per_s", "Tokens/s", "tokens_per_s", True))
 
 
 def render_group(group: Group, source: Source, out_dir: Path, smooth: int, seed_indexing: bool) -> list[Path]:
@@ -95,13 +96,13 @@ def compare(run_dirs: list[Path], out_dir: Path, smooth: int) -> list[Path]:
         else:
             print(f"no {METRICS_FILE} in {run_dir}: skipped", file=sys.stderr)
     written = []
-    for metric, label, stem in COMPARE_PANELS:
+    for metric, label, stem, smoothable in COMPARE_PANELS:
         lines = [Line(name, None, *history[metric]) for name, history in runs if metric in history]
         if not lines:
             print(f"no run logged {metric!r}: no {stem} plot", file=sys.stderr)
             continue
-        window = smooth if metric != "test_loss" else 1
-        written += plot_lines(lines, out_dir / f"{stem}.svg", f"{label} vs step", "step", label, smooth=window)
+        written += plot_lines(lines, out_dir / f"{stem}.svg", f"{label} vs step", "step", label,
+                              smooth=smooth if smoothable else 1)
     for path in written:
         print(f"wrote {path}")
     return written
