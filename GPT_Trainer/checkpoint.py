@@ -1,0 +1,196 @@
+"""Checkpoints in the seed's layout, written atomically, and resuming from them (SPEC sections 6 and 10).
+
+A run directory `models/RUN_NAME/` holds the latest checkpoint (model.safetensors + config.json,
+tokenizer files, optimizer.pt, scheduler.pt, config.pt, scaler.pt, and our training_state.pt) next to
+the run's logs (metrics.jsonl, run_config.json). A save writes the new checkpoint into the sibling
+`.RUN_NAME.saving/`, hard-links the logs (and any other non-checkpoint file) into it, and then swaps the
+two directories with two renames. Killing the process at any moment therefore leaves either the old or the
+new complete directory; `recover_run_dir` finishes or undoes an interrupted swap, and is called before a
+run directory is read or written. Everything is loaded with `torch.load(..., weights_only=True)`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from GPT_Trainer.modeling import load_training_config
+
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+CONFIG_FILE = "config.pt"
+SCALER_FILE = "scaler.pt"
+STATE_FILE = "training_state.pt"
+COMPLETE_MARKER = ".checkpoint_complete"
+# Files of an older checkpoint that a new save replaces rather than carries over (weights may be sharded).
+_CHECKPOINT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", COMPLETE_MARKER)
+
+
+def _siblings(run_dir: str) -> tuple[str, str]:
+    parent, name = os.path.split(os.path.abspath(run_dir))
+    return os.path.join(parent, f".{name}.saving"), os.path.join(parent, f".{name}.previous")
+
+
+def recover_run_dir(run_dir: str) -> None:
+    """Complete or roll back a save that was interrupted, and remove its leftovers."""
+    saving, previous = _siblings(run_dir)
+    if not os.path.isdir(run_dir):
+        if os.path.isfile(os.path.join(saving, COMPLETE_MARKER)):
+            os.rename(saving, run_dir)
+        elif os.path.isdir(previous):
+            os.rename(previous, run_dir)
+    for leftover in (saving, previous):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # same inode: a log appended after the swap lands in the new directory
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, training_config: dict, training_state: dict,
+                    scaler_state: dict | None = None) -> None:
+    """Write a complete checkpoint and atomically make it the content of run_dir (rank 0 only).
+
+    model: the unwrapped TwoMambaForCausalLM; training_config: the seed's config.pt dict (plain values);
+    training_state: step, sampler and RNG states (tensors and plain values).
+    """
+    recover_run_dir(run_dir)
+    saving, previous = _siblings(run_dir)
+    os.makedirs(saving)
+    model.save_pretrained(saving)
+    tokenizer.save_pretrained(saving)
+    torch.save(optimizer.state_dict(), os.path.join(saving, OPTIMIZER_FILE))
+    torch.save(scheduler.state_dict(), os.path.join(saving, SCHEDULER_FILE))
+    torch.save(training_config, os.path.join(saving, CONFIG_FILE))
+    # bf16 autocast needs no loss scaling; the (empty) scaler state keeps the seed's file layout.
+    torch.save(scaler_state or {}, os.path.join(saving, SCALER_FILE))
+    torch.save(training_state, os.path.join(saving, STATE_FILE))
+    if os.path.isdir(run_dir):
+        written = set(os.listdir(saving))
+        for name in os.listdir(run_dir):
+            if name in written or any(fnmatch.fnmatch(name, p) for p in _CHECKPOINT_PATTERNS):
+                continue
+            src, dst = os.path.join(run_dir, name), os.path.join(saving, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, dst)
+    with open(os.path.join(saving, COMPLETE_MARKER), "w"):
+        pass
+    if os.path.isdir(run_dir):
+        os.rename(run_dir, previous)
+    os.rename(saving, run_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@dataclass
+class ResumeState:
+    step: int
+    wandb_id: str | None
+    sampler: dict | None
+    rng: dict | None
+    nonfinite_steps: int
+
+
+def _load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read {path} (only tensors and plain values are accepted): {err}") from err
+
+
+def _optimizer_fits(state: dict, optimizer) -> str | None:
+    """Why the saved optimizer state cannot belong to these parameters, or None when it fits."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in state.get("param_groups", []) for i in group["params"]]
+    if len(saved) != len(params) or len(state.get("param_groups", [])) != len(optimizer.param_groups):
+        return f"it holds {len(saved)} parameters in {len(state.get('param_groups', []))} groups, the model has {len(params)}"
+    for index, param in zip(saved, params):
+        moments = state.get("state", {}).get(index, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in moments and moments[name].shape != param.shape:
+                return f"parameter {index} has {name} of shape {tuple(moments[name].shape)}, the model's is {tuple(param.shape)}"
+    return None
+
+
+def _fast_forward_scheduler(scheduler, step: int) -> None:
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()" does not apply here
+        scheduler.step()
+
+
+def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
+    """Load optimizer, scheduler, step, sampler/RNG states and wandb id from a checkpoint directory.
+
+    The model weights are loaded separately (modeling.load_model). Checkpoints of the authors carry no
+    training_state.pt: the step then comes from config.pt and the missing states are reported.
+    """
+    recover_run_dir(path)
+    config = load_training_config(path) or {}
+    state_file = os.path.join(path, STATE_FILE)
+    state = _load(state_file) if os.path.isfile(state_file) else {}
+    missing = []
+    if "step" in state:
+        step = int(state["step"])
+    elif config.get("step_ckpt") is not None:
+        step = int(config["step_ckpt"])
+    else:
+        step = 0
+        missing.append("the step (neither training_state.pt nor config.pt's step_ckpt): restarting the count at 0")
+
+    optimizer_file = os.path.join(path, OPTIMIZER_FILE)
+    if os.path.isfile(optimizer_file):
+        saved = _load(optimizer_file)
+        mismatch = _optimizer_fits(saved, optimizer)
+        if mismatch:
+            warnings.warn(f"{optimizer_file} does not match the model ({mismatch}); starting a fresh optimizer")
+        else:
+            optimizer.load_state_dict(saved)
+    else:
+        missing.append(f"{OPTIMIZER_FILE}: fresh optimizer moments")
+
+    scheduler_file = os.path.join(path, SCHEDULER_FILE)
+    restored_scheduler = False
+    if os.path.isfile(scheduler_file):
+        try:
+            scheduler.load_state_dict(_load(scheduler_file))
+            restored_scheduler = scheduler.last_epoch == step
+        except (KeyError, TypeError, ValueError) as err:
+            warnings.warn(f"{scheduler_file} does not fit our schedule ({err})")
+    else:
+        missing.append(f"{SCHEDULER_FILE}")
+    if not restored_scheduler:
+        _fast_forward_scheduler(scheduler, step)  # the schedule is a function of the step alone
+
+    if "sampler" not in state:
+        missing.append("the data-sampler position: batches are drawn from a fresh stream")
+    if "rng" not in state:
+        missing.append("the random-number-generator states")
+    if missing:
+        warnings.warn(f"resuming from {path} at step {step} without: " + "; ".join(missing))
+    return ResumeState(
+        step=step, wandb_id=state.get("wandb_id", config.get("wandb_id")), sampler=state.get("sampler"),
+        rng=state.get("rng"), nonfinite_steps=int(state.get("nonfinite_steps", 0)),
+    )
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
