@@ -1,0 +1,200 @@
+"""Attention-core benchmark on one CUDA GPU: our Triton kernels against SDPA, the PyTorch reference and peers.
+
+    python bench/attention.py [--lengths 2048 8192 32768] [--tokens 32768] [--heads 16] [--dim 64]
+
+Causal, bf16, B = tokens / N. Times are triton.testing.do_bench medians in ms, forward and forward+backward,
+every contender on the same inputs in the same process. Peers are timed when importable:
+fla.ops.forgetting_attn.parallel_forgetting_attn (the math of 2Mamba-E) and retention.power_retention
+deg 2 with chunk 1024 (the math of 2Mamba, linear time). Also prints the relative error of each kernel
+against the float64 reference at N = 2048. Writes JSON to bench/results/attention_<gpu>.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernel.attention import attention  # noqa: E402
+from kernel.reference import attention_reference  # noqa: E402
+
+OURS = {  # name -> (power, normalize); all with decay
+    "2Mamba (ours)": ("2", True),
+    "2Mamba-E (ours)": ("exp", True),
+    "linear+decay (ours)": ("1", False),
+}
+REF_MAX_BYTES = 48e9  # the materialised fp32 reference holds several [B, H, N, N] tensors
+
+
+def make_inputs(B, H, N, d, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, N, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
+    g = -F.softplus(torch.randn(B, H, N, device="cuda", generator=gen) - 2.0)  # the model's A = -softplus(.)
+    return q, k, v, g, do
+
+
+def load_peers():
+    peers = {}
+    try:
+        from fla.ops.forgetting_attn import parallel_forgetting_attn
+
+        peers["fla forgetting_attn"] = parallel_forgetting_attn
+    except Exception as err:  # noqa: BLE001 - any import failure just drops the peer
+        print(f"fla not importable: {type(err).__name__}: {err}")
+    try:
+        from retention import power_retention
+
+        peers["retention deg2 c1024"] = power_retention
+    except Exception as err:  # noqa: BLE001
+        print(f"retention not importable: {type(err).__name__}: {err}")
+    return peers
+
+
+def contenders(q, k, v, g, do, peers):
+    """name -> (callable returning o, the leaves to clear between runs, the output gradient)."""
+    B, H, N, d = q.shape
+    leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
+    out = {}
+    for name, (power, normalize) in OURS.items():
+        out[name] = (lambda p=power, n=normalize: attention(q, k, v, g, power=p, normalize=n, backend="triton"),
+                     leaves, do)
+    for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        def sdpa(b=backend):
+            with sdpa_kernel(b):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out[name] = (sdpa, leaves, do)
+    # peers take [B, N, H, d]; transposed copies are made once, outside the timed region
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+    gt = g.detach().transpose(1, 2).contiguous().requires_grad_(True)
+    dot = do.transpose(1, 2).contiguous()
+    if "fla forgetting_attn" in peers:
+        fn = peers["fla forgetting_attn"]
+        out["fla forgetting_attn"] = (lambda: fn(qt, kt, vt, gt, scale=d ** -0.5), [qt, kt, vt, gt], dot)
+    if "retention deg2 c1024" in peers and N % 1024 == 0:
+        fn = peers["retention deg2 c1024"]
+        out["retention deg2 c1024"] = (
+            lambda: fn(qt, kt, vt, gt, deg=2, scale=d ** -0.5, chunk_size=1024), [qt, kt, vt, gt], dot)
+    if 8 * B * H * N * N * 4 <= REF_MAX_BYTES:
+        q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        g32 = g.detach().requires_grad_(True)
+        out["PyTorch reference (fp32)"] = (
+            lambda: attention_reference(q32, k32, v32, g32, power="2", normalize=True), [q32, k32, v32, g32],
+            do.float())
+    return out
+
+
+def time_ms(fn, leaves, do, backward):
+    def step():
+        o = fn()
+        if backward:
+            o.backward(do)
+    try:
+        return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+    except Exception as err:  # noqa: BLE001 - a contender that cannot run at this size is reported, not fatal
+        print(f"    failed: {type(err).__name__}: {str(err)[:200]}")
+        torch.cuda.empty_cache()
+        return None
+
+
+def rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def errors_at(N, H, d, peers):
+    """Relative error vs float64 of o and each gradient, for our kernels and the peers of the same math."""
+    q, k, v, g, do = make_inputs(1, H, N, d, seed=1)
+    result = {}
+
+    def grads(fn, tensors, dout):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        o = fn(*leaves)
+        return [o.detach()] + list(torch.autograd.grad(o, leaves, dout.to(o.dtype)))
+
+    for name, (power, normalize) in OURS.items():
+        ref = grads(lambda *t: attention_reference(*t, power=power, normalize=normalize),
+                    [t.double() for t in (q, k, v, g)], do.double())
+        got = grads(lambda *t: attention(*t, power=power, normalize=normalize, backend="triton"), [q, k, v, g], do)
+        result[name] = {n: rel(x, r) for n, x, r in zip(("o", "dq", "dk", "dv", "dg"), got, ref)}
+        peer = {"exp": "fla forgetting_attn", "2": "retention deg2 c1024"}.get(power) if normalize else None
+        if peer in peers and N % 1024 == 0:
+            fn = peers[peer]
+            kwargs = dict(scale=d ** -0.5) if power == "exp" else dict(deg=2, scale=d ** -0.5, chunk_size=1024)
+            tq, tk, tv, tg = (t.transpose(1, 2).contiguous() for t in (q, k, v, g))
+            got = grads(lambda *t: fn(*t, **kwargs), [tq, tk, tv, tg], do.transpose(1, 2).contiguous())
+            got = [x.transpose(1, 2) for x in got]
+            result[peer] = {n: rel(x, r) for n, x, r in zip(("o", "dq", "dk", "dv", "dg"), got, ref)}
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA GPU")
+    gpu = torch.cuda.get_device_name()
+    peers = load_peers()
+    rows = []
+    for N in args.lengths:
+        B = max(1, args.tokens // N)
+        q, k, v, g, do = make_inputs(B, args.heads, N, args.dim)
+        for name, (fn, leaves, dout) in contenders(q, k, v, g, do, peers).items():
+            fwd = time_ms(fn, leaves, dout, backward=False)
+            fwd_bwd = time_ms(fn, leaves, dout, backward=True)
+            rows.append(dict(kernel=name, N=N, B=B, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+            print(f"N={N:6d} B={B:3d} {name:26s} fwd {fwd or math.nan:8.3f} ms  fwd+bwd {fwd_bwd or math.nan:8.3f} ms",
+                  flush=True)
+        del q, k, v, g, do
+        torch.cuda.empty_cache()
+    errors = errors_at(2048, args.heads, args.dim, peers)
+
+    report = dict(
+        gpu=gpu, torch=torch.__version__, triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config=dict(tokens=args.tokens, heads=args.heads, dim=args.dim, dtype="bfloat16", causal=True,
+                    decay="g = -softplus(randn - 2)"),
+        timings=rows, rel_error_vs_float64_N2048_B1=errors,
+    )
+    out = args.out or Path(__file__).parent / "results" / f"attention_{gpu.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+    print(f"\n{gpu}; causal bf16, H={args.heads}, d={args.dim}, B*N={args.tokens}; ms (x SDPA-flash time)")
+    names = list(dict.fromkeys(r["kernel"] for r in rows))
+    print(f"{'kernel':26s}" + "".join(f" | N={N:<6d} fwd        fwd+bwd      " for N in args.lengths))
+    for name in names:
+        line = f"{name:26s}"
+        for N in args.lengths:
+            base = next((r for r in rows if r["N"] == N and r["kernel"] == "SDPA flash"), None)
+            cell = next((r for r in rows if r["N"] == N and r["kernel"] == name), None)
+            for key in ("fwd_ms", "fwd_bwd_ms"):
+                t = cell and cell[key]
+                ratio = t / base[key] if t and base and base[key] else math.nan
+                line += f" | {t:7.2f} ({ratio:4.2f}x)" if t else " |       -        "
+        print(line)
+    for N in args.lengths:
+        ours = next((r for r in rows if r["N"] == N and r["kernel"] == "2Mamba-E (ours)"), None)
+        fla = next((r for r in rows if r["N"] == N and r["kernel"] == "fla forgetting_attn"), None)
+        if ours and fla and ours["fwd_bwd_ms"] and fla["fwd_bwd_ms"]:
+            print(f"N={N}: fla forgetting_attn / 2Mamba-E fwd+bwd = {fla['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x")
+    print("\nrelative error vs float64 at N=2048, B=1 (o dq dk dv dg):")
+    for name, errs in errors.items():
+        print(f"  {name:26s} " + " ".join(f"{errs[n]:.1e}" for n in ("o", "dq", "dk", "dv", "dg")))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

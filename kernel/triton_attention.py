@@ -1,0 +1,421 @@
+"""Triton forward and backward kernels of the causal attention core (SPEC section 4).
+
+One kernel body per pass, specialised by constexpr flags instead of six near-copies:
+POWER 1 (w = s), 2 (w = s^2), 3 (exp: w = e^s); NORMALIZE (divide by the row sum); HAS_DECAY
+(w_ij *= e^{a_i - a_j}, a = cumsum g). s = scale * q.k. Causal, any N, fp32 accumulation.
+
+Forward: one program per (query block, head) walks the key blocks left of the diagonal without a mask,
+then the diagonal blocks with the causal mask (flash-attention style). It stores o and one number per
+row for the backward: 1/den (powers 1, 2) or the log2-sum-exp (exp).
+Backward, flash-attention-2 style: one kernel per key block walks the query blocks (dk, dv, the a_j part
+of da); one per query block walks the key blocks (dq, the a_i part of da). With P_ij the weight that
+multiplies v_j in o_i (w_ij / den_i when normalising) and Delta_i = dO_i . o_i:
+  dL/dw_ij * w_ij = G_ij = P_ij (dO_i . v_j - Delta_i)      (Delta = 0 without normalisation)
+  da_i = sum_j G_ij,  da_j -= sum_i G_ij,  dg = reverse cumsum of da
+  dL/ds_ij = G_ij (exp), dw_ij e^{a_i-a_j} (power 1), 2 s_ij dw_ij e^{a_i-a_j} (power 2).
+G_ii enters da_i with + and - and is left out of both sums: with strong decay dg is tiny, and the
+rounding difference between two separately computed copies of G_ii would swamp it.
+
+Numerics: the cumulative decay a is summed in float64 and every tile subtracts a block-local reference
+(the first row of the block it belongs to) before going to float32, so a_i - a_j keeps full precision
+for any sequence length and decay strength. exp keeps a running row maximum folded into the exponent.
+The weights fed to the second matrix product are cast to bf16 for bf16 inputs (same range as fp32) and
+kept in fp32 (tf32 product) otherwise, since un-normalised s^2 or s can overflow fp16.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_compat import INTERPRET
+
+POWER_CODES = {"1": 1, "2": 2, "exp": 3}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+LOG2E = tl.constexpr(1.4426950408889634)  # exponents run in log2 units (exp2 is the native instruction)
+
+
+def _configs(shapes):
+    """Autotuning candidates as (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config in the interpreter."""
+    if INTERPRET:
+        shapes = shapes[-1:]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# The last entry of each list is what the CPU interpreter runs: small, unequal blocks so that tests at
+# N = 17 or 100 cross block edges in both loops.
+# Forward and dq: BLOCK_M (queries) must be a multiple of BLOCK_N (keys); dkdv: the reverse.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 16, 4, 1)])
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (32, 16, 4, 1)])
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 32, 4, 1)])
+_KEY = ["N_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY"]
+
+
+@triton.jit
+def _load_rows(ptr, offs, offs_d, N, D: tl.constexpr):
+    """A [rows, BLOCK_D] tile of a row-major [N, D] matrix, zero outside it."""
+    mask = (offs[:, None] < N) & (offs_d[None, :] < D)
+    return tl.load(ptr + offs[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _local_decay(A, offs, a_ref, N):
+    """(a - a_ref) * log2(e) in fp32: a is fp64, a_ref a nearby row of it, so the result is small and exact.
+
+    Rows past N repeat row N - 1: every decay they meet stays <= 1, so padding never overflows.
+    """
+    return (tl.load(A + tl.minimum(offs, N - 1)) - a_ref).to(tl.float32) * LOG2E
+
+
+@triton.jit
+def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
+               MASKED: tl.constexpr, WDTYPE: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, N, D)
+        v = _load_rows(V, offs_n, offs_dv, N, DV)
+        s = tl.dot(q, tl.trans(k)) * scale
+        if POWER == 3:
+            x = s * LOG2E
+            if HAS_DECAY:
+                x += qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
+            if MASKED:
+                x = tl.where(offs_m[:, None] >= offs_n[None, :], x, float("-inf"))
+            # Key 0 is visible to every row, so m_i is finite after the first block and never -inf - -inf.
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            alpha = tl.exp2(m_i - m_new)
+            w = tl.exp2(x - m_new[:, None])
+            acc = acc * alpha[:, None]
+            den = den * alpha
+            m_i = m_new
+        else:
+            w = s if POWER == 1 else s * s
+            if HAS_DECAY:
+                logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
+                if MASKED:  # before exp2: above the diagonal a_i - a_j > 0 could overflow
+                    logdec = tl.where(offs_m[:, None] >= offs_n[None, :], logdec, float("-inf"))
+                w *= tl.exp2(logdec)
+            elif MASKED:
+                w = tl.where(offs_m[:, None] >= offs_n[None, :], w, 0.0)
+        den += tl.sum(w, 1)
+        acc = tl.dot(w.to(WDTYPE), v.to(WDTYPE), acc)
+    return acc, den, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.jit
+def _fwd_kernel(Q, K, V, A, O, STAT, N, N_BUCKET, scale,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Highest query blocks (most keys) first, so the short ones fill the tail of the grid.
+    pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * N * D
+    K += bh * N * D
+    V += bh * N * DV
+    O += bh * N * DV
+    A += bh * N
+    STAT += bh * N
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q, offs_m, tl.arange(0, BLOCK_D), N, D)
+    if HAS_DECAY:
+        a_ref = tl.load(A + start_m)
+        qa = _local_decay(A, offs_m, a_ref, N)
+    else:
+        a_ref = 0.0
+        qa = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
+                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
+    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
+                               tl.minimum(start_m + BLOCK_M, N),
+                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
+    if POWER == 3:
+        if NORMALIZE:
+            o = acc / den[:, None]
+            stat = m_i + tl.log2(den)
+        else:
+            o = acc * tl.exp2(m_i)[:, None]
+            stat = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        if NORMALIZE:
+            stat = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))  # zero row sum: o = 0, not NaN
+            o = acc * stat[:, None]
+        else:
+            stat = tl.full([BLOCK_M], 1.0, tl.float32)
+            o = acc
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_mask = (offs_m[:, None] < N) & (offs_dv[None, :] < DV)
+    tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(STAT + offs_m, stat, mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_tile(s, logdec, stat, delta, dov, diff, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
+              HAS_DECAY: tl.constexpr, MASKED: tl.constexpr):
+    """Elementwise backward of one tile, in either orientation (all operands broadcast to the tile).
+
+    s: scores; logdec: log2 of the decay a_i - a_j; stat: the forward's per-row number; delta: dO_i . o_i;
+    dov: dO_i . v_j; diff: i - j. Returns P (the weight of v_j in o_i), G = w dL/dw without the diagonal,
+    and dL/ds.
+    """
+    if POWER == 3:
+        x = s * LOG2E
+        if HAS_DECAY:
+            x += logdec
+        if MASKED:
+            x = tl.where(diff >= 0, x, float("-inf"))
+        p = tl.exp2(x - stat)
+        dp = dov - delta if NORMALIZE else dov
+        g = p * dp
+        ds = g
+    else:
+        if HAS_DECAY:
+            e = tl.exp2(tl.where(diff >= 0, logdec, float("-inf")) if MASKED else logdec)
+        elif MASKED:
+            e = tl.where(diff >= 0, 1.0, 0.0)
+        else:
+            e = 1.0
+        if NORMALIZE:
+            dp = dov - delta
+            dw = dp * stat
+            se = s * e * stat
+        else:
+            dp = dov
+            dw = dov
+            se = s * e
+        p = se if POWER == 1 else s * se
+        g = p * dp
+        ds = dw * e if POWER == 1 else 2.0 * s * dw * e
+    if MASKED:
+        g = tl.where(diff > 0, g, 0.0)
+    return p, g, ds
+
+
+@triton.jit
+def _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, lo, hi,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
+              HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, N, D)
+        v = _load_rows(V, offs_n, offs_dv, N, DV)
+        s = tl.dot(q, tl.trans(k)) * scale
+        dov = tl.dot(do, tl.trans(v))
+        if HAS_DECAY:
+            logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
+        else:
+            logdec = 0.0
+        p, g, ds = _bwd_tile(s, logdec, stat[:, None], delta[:, None], dov, offs_m[:, None] - offs_n[None, :],
+                             POWER, NORMALIZE, HAS_DECAY, MASKED)
+        dq = tl.dot(ds.to(WDTYPE), k.to(WDTYPE), dq)
+        da += tl.sum(g, 1)
+    return dq, da
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, scale,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * N * D
+    K += bh * N * D
+    V += bh * N * DV
+    DO += bh * N * DV
+    DQ += bh * N * D
+    A += bh * N
+    STAT += bh * N
+    DELTA += bh * N
+    DA += bh * N
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, offs_m, offs_d, N, D)
+    do = _load_rows(DO, offs_m, tl.arange(0, BLOCK_DV), N, DV)
+    stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
+    if NORMALIZE:
+        delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
+    else:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_DECAY:
+        a_ref = tl.load(A + start_m)
+        qa = _local_decay(A, offs_m, a_ref, N)
+    else:
+        a_ref = 0.0
+        qa = tl.zeros([BLOCK_M], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    da = tl.zeros([BLOCK_M], tl.float32)
+    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
+                       D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, False, WDTYPE)
+    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, start_m,
+                       tl.minimum(start_m + BLOCK_M, N),
+                       D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, True, WDTYPE)
+    dq_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
+    tl.store(DA + offs_m, da, mask=offs_m < N)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, scale, lo, hi,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
+                HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
+    # Tiles are [keys, queries]. Query rows past N load q = dO = 0 and stat = delta = 0, which makes their
+    # G, dL/ds and contribution to dv exactly 0, so the last partial block needs no extra mask.
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, offs_m, offs_d, N, D)
+        do = _load_rows(DO, offs_m, offs_dv, N, DV)
+        stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
+        if NORMALIZE:
+            delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
+        else:
+            delta = tl.zeros([BLOCK_M], tl.float32)
+        s = tl.dot(k, tl.trans(q)) * scale
+        dov = tl.dot(v, tl.trans(do))
+        if HAS_DECAY:
+            logdec = _local_decay(A, offs_m, a_ref, N)[None, :] - ka[:, None]
+        else:
+            logdec = 0.0
+        p, g, ds = _bwd_tile(s, logdec, stat[None, :], delta[None, :], dov, offs_m[None, :] - offs_n[:, None],
+                             POWER, NORMALIZE, HAS_DECAY, MASKED)
+        dv = tl.dot(p.to(WDTYPE), do.to(WDTYPE), dv)
+        dk = tl.dot(ds.to(WDTYPE), q.to(WDTYPE), dk)
+        da -= tl.sum(g, 1)
+    return dk, dv, da
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, DK, DV_OUT, DA, N, N_BUCKET, scale,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
+                     WDTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Lowest key blocks (most queries) first.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * N * D
+    K += bh * N * D
+    V += bh * N * DV
+    DO += bh * N * DV
+    DK += bh * N * D
+    DV_OUT += bh * N * DV
+    A += bh * N
+    STAT += bh * N
+    DELTA += bh * N
+    DA += bh * N
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(K, offs_n, offs_d, N, D)
+    v = _load_rows(V, offs_n, offs_dv, N, DV)
+    if HAS_DECAY:
+        a_ref = tl.load(A + start_n)
+        ka = _local_decay(A, offs_n, a_ref, N)
+    else:
+        a_ref = 0.0
+        ka = tl.zeros([BLOCK_N], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    da = tl.zeros([BLOCK_N], tl.float32)
+    diag_end = tl.minimum(start_n + BLOCK_N, N)
+    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, scale,
+                             start_n, diag_end, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
+                             HAS_DECAY, True, WDTYPE)
+    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, scale,
+                             diag_end, N, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
+                             HAS_DECAY, False, WDTYPE)
+    dk_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    dv_mask = (offs_n[:, None] < N) & (offs_dv[None, :] < DV)
+    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(DV_OUT + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=dv_mask)
+    tl.store(DA + offs_n, da, mask=offs_n < N)
+
+
+def _meta(q, v, power, normalize, g):
+    """Compile-time arguments shared by the three kernels."""
+    d, dv = q.shape[-1], v.shape[-1]
+    return dict(
+        D=d, DV=dv,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        POWER=POWER_CODES[power], NORMALIZE=bool(normalize), HAS_DECAY=g is not None,
+        WDTYPE=tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float32,
+    )
+
+
+def _grid(n, bh, block):
+    return lambda meta: (triton.cdiv(n, meta[block]), bh)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, power, normalize, scale):
+        B, H, N, _ = q.shape
+        # a = cumsum g in float64: long sequences with strong decay reach |a| ~ 1e5 and more.
+        a = torch.cumsum(g.to(torch.float64), dim=-1) if g is not None else q.new_empty(1, dtype=torch.float64)
+        o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+        stat = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        meta = _meta(q, v, power, normalize, g)
+        n_bucket = triton.next_power_of_2(N)
+        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, N, n_bucket, scale, **meta)
+        ctx.save_for_backward(q, k, v, a, o, stat)
+        ctx.meta, ctx.scale, ctx.n_bucket = meta, scale, n_bucket
+        ctx.g_dtype = None if g is None else g.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, a, o, stat = ctx.saved_tensors
+        meta, scale = ctx.meta, ctx.scale
+        B, H, N, _ = q.shape
+        do = do.to(q.dtype).contiguous()
+        delta = (do.float() * o.float()).sum(-1) if meta["NORMALIZE"] else stat
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        da_q = torch.empty_like(stat)
+        da_k = torch.empty_like(stat)
+        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, stat, delta, dq, da_q, N, ctx.n_bucket,
+                                                    scale, **meta)
+        _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, stat, delta, dk, dv, da_k, N,
+                                                      ctx.n_bucket, scale, **meta)
+        dg = None
+        if meta["HAS_DECAY"]:
+            da = da_q.double() + da_k.double()
+            dg = da.flip(-1).cumsum(-1).flip(-1).to(ctx.g_dtype)
+        return dq, dk, dv, dg, None, None, None
+
+
+def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None):
+    """Causal attention core on the GPU (or under TRITON_INTERPRET=1); same contract as attention_reference.
+
+    q, k: [B, H, N, d]; v: [B, H, N, dv]; d, dv <= 256; fp32, fp16 or bf16 (k, v are cast to q's dtype);
+    g: per-token log decay [B, H, N] or None. Differentiable in q, k, v and g.
+    """
+    if q.dtype not in DTYPES:
+        raise TypeError(f"triton_attention supports {DTYPES}, got {q.dtype}; use backend='torch' for others")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got d={q.shape[-1]}, dv={v.shape[-1]}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if q.shape[2] == 0:
+        return q.new_zeros(v.shape)
+    q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
+    g = None if g is None else g.contiguous()
+    return _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale))
