@@ -132,7 +132,8 @@ def conv_with_cache(x, cache, weight, bias=None):
     """
     window = torch.cat([cache, x], dim=1)
     y = causal_conv1d(window, weight, bias)[:, cache.shape[1]:]
-    return y, window[:, window.shape[1] - cache.shape[1]:]
+    # a copy: a view would keep the whole window (all prompt rows) alive with the cache
+    return y, window[:, window.shape[1] - cache.shape[1]:].clone()
 
 
 def feature_map(x, power: str):
@@ -230,12 +231,13 @@ class MambaStateDecoder:
         return self.step(h, state), state
 
 
-def _empty_cache(h, heads, d, offset, decayed, conv):
-    b, n = h.shape[0], offset
-    k = h.new_zeros(b, heads, n, d)
-    a = torch.zeros(b, heads, n, device=h.device) if decayed else None
+def _prompt_cache(h, heads, d, offset, decayed, conv):
+    """An empty cache sized for the prompt h [B, N, .] after `offset` padding slots."""
+    b, capacity = h.shape[0], offset + h.shape[1]
+    k = h.new_zeros(b, heads, capacity, d)
+    a = torch.zeros(b, heads, capacity, device=h.device) if decayed else None
     pad = torch.full((b,), offset, dtype=torch.long, device=h.device)
-    return KVCache(k, k.clone(), a, conv, pad, n)
+    return KVCache(k, torch.zeros_like(k), a, conv, pad, offset)
 
 
 class SoftmaxDecoder:
@@ -244,7 +246,7 @@ class SoftmaxDecoder:
 
     def prefill(self, h, offset: int):
         q, k, v = self.attn.project(h, offset)
-        cache = _empty_cache(h, self.attn.num_heads, self.attn.head_dim, offset, False, None)
+        cache = _prompt_cache(h, self.attn.num_heads, self.attn.head_dim, offset, False, None)
         cache.append(k, v)
         return self.attn.finish(self.attn.core(q, k, v)), cache
 
@@ -263,7 +265,7 @@ class ExpDecoder:
     def prefill(self, h, offset: int):
         attn = self.attn
         (q, k, v, g, d_res, z), conv = _generic_inputs(attn, h, _zero_conv_cache(attn, h))
-        cache = _empty_cache(h, attn.num_heads, attn.head_dim, offset, g is not None, conv)
+        cache = _prompt_cache(h, attn.num_heads, attn.head_dim, offset, g is not None, conv)
         cache.append(k, v, None if g is None else g.float().cumsum(-1))
         return attn.finish(attn.core(q, k, v, g).to(h.dtype), d_res, z), cache
 
