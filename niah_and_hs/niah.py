@@ -1,0 +1,201 @@
+"""Needle-in-a-haystack (pass-key retrieval) accuracy per context length (SPEC section 8).
+
+The seed's procedure: shuffle the row indices with numpy seed 420, drop rows with context_length >= 32768,
+keep the first --num_evals, greedy-decode 10 tokens after each prompt, take the first word of the decoded
+text and keep its digits; a row is correct iff they equal the answer.
+
+Data, first match wins:
+  --builtin                the pass-key generator of GPT_Trainer/passkey.py at --context_lengths (characters)
+  --dataset PATH           a local copy (parquet / jsonl / json file, or a directory of parquet files) with
+                           the columns prompt, answer, context_length
+  (neither)                the hub dataset nanotron/simple_needle_in_a_hay_stack (needs `datasets` and the
+                           network); when unreachable, the built-in generator
+
+    python niah_and_hs/niah.py --model_path models/RUN_NAME --out niah_and_hs/results/RUN_NAME.json
+    python niah_and_hs/niah_heatmap.py niah_and_hs/results/*.json
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from GPT_Trainer.infer2 import add_model_args, encode_prompts, generate, load_for_inference
+from GPT_Trainer.passkey import passkey_example
+
+HUB_DATASET = "nanotron/simple_needle_in_a_hay_stack"
+SHUFFLE_SEED = 420
+MAX_CONTEXT_LENGTH = 32768  # rows at or above it are dropped (the seed's memory limit)
+DEFAULT_CONTEXT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+COLUMNS = ("prompt", "answer", "context_length")
+
+
+def _check_columns(rows, source):
+    if rows and any(c not in rows[0] for c in COLUMNS):
+        raise ValueError(f"{source} must have the columns {COLUMNS}; found {sorted(rows[0])}")
+    return rows
+
+
+def load_local_rows(path: str) -> list[dict]:
+    """Rows of a parquet / jsonl / json file or a directory of parquet files."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"no .parquet files under {path}")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"NIAH dataset not found: {path}")
+    rows = []
+    for file in files:
+        if file.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            rows += pq.read_table(file, columns=list(COLUMNS)).to_pylist()
+        elif file.endswith(".jsonl"):
+            with open(file) as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+        elif file.endswith(".json"):
+            with open(file) as f:
+                rows += json.load(f)
+        else:
+            raise ValueError(f"unsupported NIAH dataset file {file}: use .parquet, .jsonl or .json")
+    return _check_columns(rows, path)
+
+
+def load_hub_rows() -> list[dict]:
+    """The hub dataset's train split; raises (ImportError, network errors) when out of reach."""
+    from datasets import load_dataset
+
+    data = load_dataset(HUB_DATASET, split="train")
+    return _check_columns([{c: row[c] for c in COLUMNS} for row in data], HUB_DATASET)
+
+
+def builtin_rows(context_lengths, num_evals: int) -> list[dict]:
+    """Enough generated pass-key rows that the first `num_evals` after the shuffle cover every length."""
+    rng = random.Random(SHUFFLE_SEED)
+    per_length = math.ceil(num_evals / len(context_lengths))
+    rows = []
+    for length in context_lengths:
+        for _ in range(per_length):
+            prompt, answer = passkey_example(rng, length)
+            rows.append({"prompt": prompt, "answer": answer, "context_length": length})
+    return rows
+
+
+def select_rows(rows, num_evals: int) -> list[dict]:
+    """The seed's subset: numpy seed 420 shuffle of the indices, context_length < 32768, first num_evals."""
+    np.random.seed(SHUFFLE_SEED)
+    indices = np.arange(len(rows))
+    np.random.shuffle(indices)
+    kept = [rows[i] for i in indices if int(rows[i]["context_length"]) < MAX_CONTEXT_LENGTH]
+    return kept[:num_evals]
+
+
+def predicted_key(text: str) -> str:
+    """Digits of the first whitespace-separated word of the generated text."""
+    words = text.split()
+    return "".join(ch for ch in words[0] if ch.isdigit()) if words else ""
+
+
+def evaluate(model, tokenizer, rows, *, max_new_tokens=10, use_efficient=True, batch_size=1, progress=True):
+    """Per-context-length tallies {length: {"correct", "total", "prompt_tokens"}} over `rows`."""
+    tally = defaultdict(lambda: {"correct": 0, "total": 0, "prompt_tokens": 0})
+    bar = tqdm(total=len(rows), desc="NIAH", disable=not progress)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        prompts = encode_prompts(tokenizer, [row["prompt"] for row in batch])
+        outputs = generate(model, tokenizer, prompts, max_new_tokens, use_efficient=use_efficient, stop_at_eos=False)
+        for row, prompt, out in zip(batch, prompts, outputs):
+            entry = tally[int(row["context_length"])]
+            entry["total"] += 1
+            entry["prompt_tokens"] += len(prompt)
+            entry["correct"] += predicted_key(tokenizer.decode(out, skip_special_tokens=True)) == str(row["answer"])
+        bar.update(len(batch))
+        done = sum(e["total"] for e in tally.values())
+        bar.set_postfix(accuracy=f"{sum(e['correct'] for e in tally.values()) / done:.3f}")
+    bar.close()
+    return dict(tally)
+
+
+def summarize(tally) -> list[dict]:
+    return [
+        {"context_length": length, "correct": e["correct"], "total": e["total"],
+         "accuracy": e["correct"] / e["total"], "mean_prompt_tokens": round(e["prompt_tokens"] / e["total"], 1)}
+        for length, e in sorted(tally.items())
+    ]
+
+
+def get_rows(args) -> tuple[list[dict], str]:
+    """(rows, source description) following the data precedence in the module docstring."""
+    if args.builtin:
+        return builtin_rows(args.context_lengths, args.num_evals), "builtin"
+    if args.dataset:
+        return load_local_rows(args.dataset), f"file:{args.dataset}"
+    try:
+        return load_hub_rows(), f"hub:{HUB_DATASET}"
+    except Exception as err:  # no `datasets`, no network, no hub access: fall back to the offline generator
+        print(f"hub dataset {HUB_DATASET} unavailable ({type(err).__name__}: {err}); using the built-in "
+              f"pass-key generator at context lengths {args.context_lengths}", file=sys.stderr)
+        return builtin_rows(args.context_lengths, args.num_evals), "builtin"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--dataset", default=None, help="local parquet/jsonl/json copy of the NIAH dataset")
+    parser.add_argument("--builtin", action="store_true", help="generate the pass-key prompts offline")
+    parser.add_argument("--context_lengths", nargs="+", type=int, default=DEFAULT_CONTEXT_LENGTHS,
+                        help="built-in generator: prompt lengths in characters")
+    parser.add_argument("--num_evals", type=int, default=1000)
+    parser.add_argument("--max_new_tokens", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=1, help="prompts decoded together")
+    parser.add_argument("--out", default=None, help="results JSON (default niah_and_hs/results/<model dir name>.json)")
+    args = parser.parse_args(argv)
+    if args.num_evals < 1 or args.batch_size < 1:
+        parser.error("--num_evals and --batch_size must be >= 1")
+
+    rows, source = get_rows(args)
+    rows = select_rows(rows, args.num_evals)
+    if not rows:
+        raise SystemExit("no NIAH rows left after dropping context_length >= 32768")
+    model, tokenizer = load_for_inference(args.model_path, args.device, args.dtype)
+    with torch.no_grad():
+        tally = evaluate(model, tokenizer, rows, max_new_tokens=args.max_new_tokens,
+                         use_efficient=not args.no_efficient, batch_size=args.batch_size)
+    per_length = summarize(tally)
+    correct, total = sum(r["correct"] for r in per_length), sum(r["total"] for r in per_length)
+    result = {
+        "model_path": args.model_path,
+        "attention_type": model.config.attention_type,
+        "source": source,
+        "per_length": per_length,
+        "overall": {"correct": correct, "total": total, "accuracy": correct / total},
+        "settings": {"num_evals": args.num_evals, "max_new_tokens": args.max_new_tokens, "shuffle_seed": SHUFFLE_SEED,
+                     "max_context_length": MAX_CONTEXT_LENGTH, "efficient": not args.no_efficient,
+                     "device": args.device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                     "batch_size": args.batch_size,
+                     "context_lengths": args.context_lengths if source == "builtin" else None},
+    }
+    print(f"\n{'context_length':>14} {'~tokens':>8} {'correct':>8} {'total':>6} {'accuracy':>9}")
+    for r in per_length:
+        print(f"{r['context_length']:>14} {r['mean_prompt_tokens']:>8} {r['correct']:>8} {r['total']:>6} {r['accuracy']:>9.3f}")
+    print(f"{'all':>14} {'':>8} {correct:>8} {total:>6} {correct / total:>9.3f}")
+    out = args.out or os.path.join("niah_and_hs", "results", os.path.basename(os.path.normpath(args.model_path)) + ".json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

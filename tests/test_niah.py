@@ -1,0 +1,103 @@
+"""NIAH end to end on a tiny saved model, the seed's row selection and scoring, the heatmap."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from GPT_Trainer.data import load_tokenizer
+from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA
+from GPT_Trainer.modeling import get_model
+from niah_and_hs import niah, niah_heatmap
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A randomly initialised tiny 2Mamba saved as the trainer does: save_pretrained + tokenizer files."""
+    path = tmp_path_factory.mktemp("models") / "tiny_2mamba"
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = get_model("tiny", 512, len(tokenizer), TWO_MAMBA)
+    model.config.num_hidden_layers = 2
+    model.model.layers = model.model.layers[:2]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run_niah(saved_model, out, *extra):
+    niah.main(["--model_path", saved_model, "--builtin", "--context_lengths", "300", "600", "--num_evals", "4",
+               "--device", "cpu", "--out", str(out), *extra])
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_niah_end_to_end_writes_results(saved_model, tmp_path):
+    result = run_niah(saved_model, tmp_path / "eff.json")
+    assert result["attention_type"] == TWO_MAMBA and result["source"] == "builtin"
+    assert [r["context_length"] for r in result["per_length"]] == [300, 600]
+    assert sum(r["total"] for r in result["per_length"]) == result["overall"]["total"] == 4
+    for r in result["per_length"]:
+        assert r["accuracy"] == r["correct"] / r["total"]
+        assert 0 < r["mean_prompt_tokens"] < r["context_length"]
+    assert result["settings"]["efficient"] and result["settings"]["num_evals"] == 4
+    full = run_niah(saved_model, tmp_path / "full.json", "--no_efficient")
+    assert full["per_length"] == result["per_length"] and not full["settings"]["efficient"]
+
+
+def test_scoring_counts_the_right_pass_keys(saved_model, monkeypatch):
+    """A stand-in generator that answers from the prompt scores 1; one that answers wrongly scores 0."""
+    tokenizer = load_tokenizer(saved_model)
+    rows = niah.select_rows(niah.builtin_rows([300, 600], 6), 6)
+
+    def oracle(offset):
+        def fake_generate(model, tok, prompts, max_new_tokens, **kwargs):
+            keys = [int(re.search(r"pass key is (\d+)\.", tok.decode(p)).group(1)) + offset for p in prompts]
+            return [tok(f" {k}. Remember", add_special_tokens=False)["input_ids"] for k in keys]
+        return fake_generate
+
+    monkeypatch.setattr(niah, "generate", oracle(0))
+    tally = niah.evaluate(None, tokenizer, rows, batch_size=4, progress=False)
+    assert {n: (e["correct"], e["total"]) for n, e in tally.items()} == {300: (3, 3), 600: (3, 3)}
+    monkeypatch.setattr(niah, "generate", oracle(1))
+    assert all(e["correct"] == 0 for e in niah.evaluate(None, tokenizer, rows, progress=False).values())
+
+
+def test_row_selection_follows_the_seed(tmp_path):
+    rows = [{"prompt": f"p{i}", "answer": i, "context_length": 1024 * (1 + i % 40)} for i in range(60)]
+    path = tmp_path / "niah.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = niah.load_local_rows(str(path))
+    picked = niah.select_rows(loaded, 20)
+    np.random.seed(420)
+    order = np.arange(60)
+    np.random.shuffle(order)
+    expected = [rows[i] for i in order if rows[i]["context_length"] < 32768][:20]
+    assert picked == expected
+    assert all(r["context_length"] < 32768 for r in picked)
+    with pytest.raises(ValueError, match="columns"):
+        path.write_text(json.dumps({"text": "x"}) + "\n")
+        niah.load_local_rows(str(path))
+
+
+def test_predicted_key_takes_digits_of_the_first_word():
+    assert niah.predicted_key(" 9330. Remember it.") == "9330"
+    assert niah.predicted_key("pass-12a3 4") == "123"
+    assert niah.predicted_key("   ") == ""
+
+
+def test_heatmap_renders_results_and_paper_figure(saved_model, tmp_path):
+    first = run_niah(saved_model, tmp_path / "a.json")
+    second = dict(first, per_length=[dict(first["per_length"][0], context_length=1200, accuracy=0.5)])
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    labels, columns, values = niah_heatmap.table_from_results([tmp_path / "a.json", tmp_path / "b.json"], ["A", "B"])
+    assert labels == ["A", "B"] and len(columns) == 3 and "tokens" in columns[0]
+    assert values[1, 2] == 0.5 and np.isnan(values[1, 0]) and values[0, 0] == first["per_length"][0]["accuracy"]
+    niah_heatmap.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "ours")])
+    niah_heatmap.main(["--out", str(tmp_path / "paper")])
+    for name in ("ours", "paper"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+        assert (tmp_path / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+    labels, columns, values = niah_heatmap.paper_table()
+    assert labels == ["Mamba-2", "Softmax", "2Mamba"] and values.shape == (3, 5) and values[2, 4] == 0.95
