@@ -101,3 +101,17 @@ def test_heatmap_renders_results_and_paper_figure(saved_model, tmp_path):
         assert (tmp_path / f"{name}.svg").read_text().lstrip().startswith("<?xml")
     labels, columns, values = niah_heatmap.paper_table()
     assert labels == ["Mamba-2", "Softmax", "2Mamba"] and values.shape == (3, 5) and values[2, 4] == 0.95
+
+
+def test_hidden_state_memory_measured_equals_closed_form(tmp_path):
+    from niah_and_hs import hidden_state_memory as hsm
+
+    lengths = [1, 5, 33]
+    measured = hsm.measure(lengths, d=64, heads=2)
+    assert measured["Softmax (KV cache)"] == [4 * 2 * n * 64 for n in lengths]
+    assert measured["2Mamba"] == [4 * (64 * 2080 + 2080 + 3 * 64)] * 3
+    assert measured["Linear"] == [4 * (64 * 64 + 64 + 3 * 64)] * 3
+    assert hsm.crossover_length(64) == 1057.75
+    hsm.main(["--max_len", "48", "--points", "3", "--out", str(tmp_path / "hs")])
+    assert (tmp_path / "hs.png").stat().st_size > 10_000 and (tmp_path / "hs.svg").exists()
+    assert json.loads((tmp_path / "hs.json").read_text())["mismatched"] == []
