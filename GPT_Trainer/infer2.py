@@ -180,8 +180,9 @@ def main(argv=None):
         if tokens[0] is not None:
             generated.append(tokens[0])
             text = tokenizer.decode(generated, skip_special_tokens=True)
-            print(text[len(printed):], end="", flush=True)
-            printed = text
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(printed):], end="", flush=True)
+                printed = text
 
     print(args.prompt, end="", flush=True)
     generate(model, tokenizer, [args.prompt], args.max_new_tokens, sample=args.sample, temperature=args.temperature,

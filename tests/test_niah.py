@@ -115,3 +115,17 @@ def test_hidden_state_memory_measured_equals_closed_form(tmp_path):
     hsm.main(["--max_len", "48", "--points", "3", "--out", str(tmp_path / "hs")])
     assert (tmp_path / "hs.png").stat().st_size > 10_000 and (tmp_path / "hs.svg").exists()
     assert json.loads((tmp_path / "hs.json").read_text())["mismatched"] == []
+
+
+def test_infer2_cli_streams_the_same_text_in_both_modes(saved_model, capsys):
+    from GPT_Trainer import infer2
+
+    outputs = []
+    for extra in ([], ["--no_efficient"]):
+        infer2.main(["--model_path", saved_model, "--prompt", "The sky is", "--max_new_tokens", "12", "--device", "cpu", *extra])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert outputs[0].startswith("The sky is") and len(outputs[0].strip()) > len("The sky is")
+    infer2.main(["--model_path", saved_model, "--prompt", "The sky is", "--max_new_tokens", "5", "--sample",
+                 "--top_p", "0.9", "--temperature", "0.7", "--seed", "0"])
+    assert capsys.readouterr().out.startswith("The sky is")
