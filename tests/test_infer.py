@@ -129,3 +129,33 @@ def test_bad_prompts_are_reported():
         generate(model, None, [[]], 2)
     with pytest.raises(TypeError, match="list of prompts"):
         generate(model, None, "hello", 2)
+
+
+ODD_CONFIGS = [  # combinations outside the 28 named types (SPEC section 3: any combination works)
+    dict(power="2", norm_type="output_norm"),
+    dict(power="exp", norm_type="output_norm", A_mask_type="neg_softplus"),
+    dict(power="exp", norm_type="sm_norm", use_in_conv=True, in_conv_dim=3),
+    dict(power="1", norm_type="sm_norm", qk_activation_type="relu", A_mask_type="discretize", use_z_out_gate=True),
+    dict(power="2", norm_type="sm_norm", qk_activation_type="silu", use_in_conv=True, in_conv_dim=4, use_D_res=True,
+         value_disc_dtype="dt", A_mask_type="discretize", use_dt_bias=True),
+]
+
+
+@pytest.mark.parametrize("fields", ODD_CONFIGS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_layer_decoder_matches_forward_for_any_config(fields):
+    """Prefill of a prefix and one-token steps reproduce the block's parallel forward, position by position."""
+    from GPT_Trainer.decoding import layer_decoder
+    from GPT_Trainer.LlamaDecoderLayerClean import AttentionConfig, GenericAttention
+
+    torch.manual_seed(0)
+    attn = GenericAttention(64, 2, AttentionConfig(**fields)).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+        h = torch.randn(2, 19, 64)
+        full = attn(h)
+        decoder = layer_decoder(attn, chunk_size=4)
+        out, state = decoder.prefill(h[:, :11], offset=0)
+        steps = [decoder.step(h[:, t:t + 1], state) for t in range(11, 19)]
+    torch.testing.assert_close(torch.cat([out, *steps], dim=1), full, rtol=1e-4, atol=1e-5)
