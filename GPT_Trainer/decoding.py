@@ -48,6 +48,8 @@ class _State:
     @classmethod
     def cat(cls, states):
         """Concatenate the states of several prompt groups along the batch."""
+        if len(states) == 1:
+            return states[0]
         values = {}
         for field in dataclasses.fields(cls):
             items = [getattr(s, field.name) for s in states]
@@ -120,8 +122,15 @@ class KVCache(_State):
 
 @dataclasses.dataclass
 class MambaSSMState(_State):
-    conv: torch.Tensor  # mamba_ssm's own layouts
-    ssm: torch.Tensor
+    conv: torch.Tensor  # [B, C, W], stored channel-last as mamba_ssm allocates it
+    ssm: torch.Tensor  # [B, nheads, headdim, d_state]
+
+    @classmethod
+    def cat(cls, states):
+        if len(states) == 1:
+            return states[0]
+        conv = torch.cat([s.conv.transpose(1, 2) for s in states]).transpose(1, 2)  # keep the memory layout
+        return cls(conv, torch.cat([s.ssm for s in states]))
 
 
 def conv_with_cache(x, cache, weight, bias=None):

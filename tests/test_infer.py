@@ -159,3 +159,14 @@ def test_layer_decoder_matches_forward_for_any_config(fields):
         out, state = decoder.prefill(h[:, :11], offset=0)
         steps = [decoder.step(h[:, t:t + 1], state) for t in range(11, 19)]
     torch.testing.assert_close(torch.cat([out, *steps], dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_mamba_ssm_cache_matches_full_recompute():
+    """On CUDA with mamba_ssm installed the mamba type uses mamba_ssm's own inference cache and step."""
+    pytest.importorskip("mamba_ssm")
+    model = tiny_model("mamba").cuda()
+    assert type(model.model.layers[0].self_attn.mamba_layer).__module__.startswith("mamba_ssm")
+    prompts = random_prompts([13, 6])
+    assert generate(model, None, prompts, 8, stop_at_eos=False) == generate(
+        model, None, prompts, 8, stop_at_eos=False, use_efficient=False)
