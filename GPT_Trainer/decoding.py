@@ -36,14 +36,14 @@ DEFAULT_CHUNK_SIZE = 512
 class _State:
     """Per-layer cache: a dataclass whose tensor fields share the batch as their first dimension."""
 
-    def head_tensors(self) -> list[torch.Tensor]:
-        """The tensors that grow with the heads (everything but per-sequence bookkeeping)."""
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The state proper: every tensor but the per-sequence padding count of KV caches."""
         return [t for t in (getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "pad")
                 if isinstance(t, torch.Tensor)]
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors (allocated capacity included)."""
-        return sum(t.numel() * t.element_size() for t in self.head_tensors())
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
 
     @classmethod
     def cat(cls, states):

@@ -70,7 +70,7 @@ def test_two_mamba_state_does_not_grow_with_context():
             decoder.step(torch.tensor([5]), states)
             sizes[attention_type, n] = state_nbytes(states)
             for state in states:  # no state tensor is a view that keeps prompt activations alive
-                for t in state.head_tensors():
+                for t in state.state_tensors():
                     assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
             kinds = {type(s) for s in states}
             assert kinds == ({RecurrentState} if attention_type == TWO_MAMBA else {KVCache})
