@@ -251,6 +251,8 @@ def _read_arrow_file(file: str, keep_in_memory: bool):
     import pyarrow.parquet as pq
 
     if file.endswith(".parquet"):
+        if "text" not in pq.read_schema(file).names:
+            raise ValueError(f"{file} has no 'text' column (columns: {pq.read_schema(file).names})")
         return pq.read_table(file, columns=["text"], memory_map=not keep_in_memory)
     source = pa.memory_map(file) if not keep_in_memory else pa.OSFile(file)
     try:

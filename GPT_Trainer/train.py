@@ -245,6 +245,8 @@ def main(argv=None) -> str:
             logger.wandb_run.finish()
         print(f"saved the model at step {trainer.step} to {os.path.abspath(args.model_save_path)}", flush=True)
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be saving
+        del trainer, ddp_model  # DDP's reducer must go before its process group, or gloo teardown can hang
         dist.destroy_process_group()
     return args.model_save_path
 

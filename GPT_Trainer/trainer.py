@@ -191,15 +191,15 @@ class Trainer:
             if self.step % args.log_steps == 0:
                 loss_sum, steps, tokens_sum = self.dist.sum([window_loss, float(window_steps), float(window_tokens)])
                 elapsed = max(time.time() - window_start, 1e-9)
-                mean_loss = loss_sum / steps if steps else float("nan")
+                mean_loss = loss_sum / steps if steps else None  # None (JSON null): every step was non-finite
                 record = {
-                    "loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0)) if steps else float("nan"),
+                    "loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0)) if steps else None,
                     "lr": lr, "tokens_per_s": tokens_sum / elapsed, "time": time.time(),
                     "nonfinite_steps": self.nonfinite_steps,
                 }
                 if self.logger:
                     self.logger.log(self.step, record)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_sum / elapsed:,.0f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}" if steps else "nan", tok_s=f"{tokens_sum / elapsed:,.0f}")
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
             if args.test_loss and self.step % args.num_steps_test == 0:
                 metrics = self.evaluate()
