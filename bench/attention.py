@@ -3,10 +3,12 @@
     python bench/attention.py [--lengths 2048 8192 32768] [--tokens 32768] [--heads 16] [--dim 64]
 
 Causal, bf16, B = tokens / N. Times are triton.testing.do_bench medians in ms, forward and forward+backward,
-every contender on the same inputs in the same process. Peers are timed when importable:
+every contender on the same inputs in the same process. Peers (--peers) are timed when importable:
 fla.ops.forgetting_attn.parallel_forgetting_attn (the math of 2Mamba-E) and retention.power_retention
-deg 2 with chunk 1024 (the math of 2Mamba, linear time). Also prints the relative error of each kernel
-against the float64 reference at N = 2048. Writes JSON to bench/results/attention_<gpu>.json (or --out).
+deg 2 with chunk 1024 (the math of 2Mamba, linear time); they run last, since their first call compiles and
+autotunes for minutes. Then the relative error of each kernel against the float64 reference at N = 2048.
+The JSON (bench/results/attention_<gpu>.json or --out) is rewritten after every row, so a run cut short
+keeps what it measured; it also records the block sizes our autotuner picked.
 """
 from __future__ import annotations
 
@@ -42,21 +44,31 @@ def make_inputs(B, H, N, d, seed=0):
     return q, k, v, g, do
 
 
-def load_peers():
+def load_peers(wanted):
     peers = {}
-    try:
-        from fla.ops.forgetting_attn import parallel_forgetting_attn
+    if "fla" in wanted:
+        try:
+            from fla.ops.forgetting_attn import parallel_forgetting_attn
 
-        peers["fla forgetting_attn"] = parallel_forgetting_attn
-    except Exception as err:  # noqa: BLE001 - any import failure just drops the peer
-        print(f"fla not importable: {type(err).__name__}: {err}")
-    try:
-        from retention import power_retention
+            peers["fla forgetting_attn"] = parallel_forgetting_attn
+        except Exception as err:  # noqa: BLE001 - any import failure just drops the peer
+            print(f"fla not importable: {type(err).__name__}: {err}")
+    if "retention" in wanted:
+        try:
+            from retention import power_retention
 
-        peers["retention deg2 c1024"] = power_retention
-    except Exception as err:  # noqa: BLE001
-        print(f"retention not importable: {type(err).__name__}: {err}")
+            peers["retention deg2 c1024"] = power_retention
+        except Exception as err:  # noqa: BLE001
+            print(f"retention not importable: {type(err).__name__}: {err}")
     return peers
+
+
+def autotune_choices():
+    """The config our autotuner picked for each kernel and key (key = N bucket, d, dv, flags, dtypes)."""
+    from kernel import triton_attention as ta
+
+    kernels = {"fwd": ta._fwd_kernel, "bwd_dq": ta._bwd_dq_kernel, "bwd_dkdv": ta._bwd_dkdv_kernel}
+    return {name: {str(key): str(cfg) for key, cfg in k.cache.items()} for name, k in kernels.items()}
 
 
 def contenders(q, k, v, g, do, peers):
@@ -72,6 +84,12 @@ def contenders(q, k, v, g, do, peers):
             with sdpa_kernel(b):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out[name] = (sdpa, leaves, do)
+    if 8 * B * H * N * N * 4 <= REF_MAX_BYTES:
+        q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        g32 = g.detach().requires_grad_(True)
+        out["PyTorch reference (fp32)"] = (
+            lambda: attention_reference(q32, k32, v32, g32, power="2", normalize=True), [q32, k32, v32, g32],
+            do.float())
     # peers take [B, N, H, d]; transposed copies are made once, outside the timed region
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
     gt = g.detach().transpose(1, 2).contiguous().requires_grad_(True)
@@ -83,12 +101,6 @@ def contenders(q, k, v, g, do, peers):
         fn = peers["retention deg2 c1024"]
         out["retention deg2 c1024"] = (
             lambda: fn(qt, kt, vt, gt, deg=2, scale=d ** -0.5, chunk_size=1024), [qt, kt, vt, gt], dot)
-    if 8 * B * H * N * N * 4 <= REF_MAX_BYTES:
-        q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-        g32 = g.detach().requires_grad_(True)
-        out["PyTorch reference (fp32)"] = (
-            lambda: attention_reference(q32, k32, v32, g32, power="2", normalize=True), [q32, k32, v32, g32],
-            do.float())
     return out
 
 
@@ -142,12 +154,32 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--peers", nargs="*", default=["fla", "retention"], choices=["fla", "retention"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
-    peers = load_peers()
+    peers = load_peers(args.peers)
     rows = []
+    report = dict(
+        gpu=gpu, torch=torch.__version__, triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config=dict(tokens=args.tokens, heads=args.heads, dim=args.dim, dtype="bfloat16", causal=True,
+                    decay="g = -softplus(randn - 2)"),
+        timings=rows,
+    )
+    out = args.out or Path(__file__).parent / "results" / f"attention_{gpu.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        report["autotune"] = autotune_choices()
+        out.write_text(json.dumps(report, indent=2))
+
+    errors = errors_at(2048, args.heads, args.dim, peers)
+    report["rel_error_vs_float64_N2048_B1"] = errors
+    save()
+    for name, errs in errors.items():
+        print(f"error vs float64 {name:26s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     for N in args.lengths:
         B = max(1, args.tokens // N)
         q, k, v, g, do = make_inputs(B, args.heads, N, args.dim)
@@ -155,22 +187,11 @@ def main():
             fwd = time_ms(fn, leaves, dout, backward=False)
             fwd_bwd = time_ms(fn, leaves, dout, backward=True)
             rows.append(dict(kernel=name, N=N, B=B, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+            save()
             print(f"N={N:6d} B={B:3d} {name:26s} fwd {fwd or math.nan:8.3f} ms  fwd+bwd {fwd_bwd or math.nan:8.3f} ms",
                   flush=True)
         del q, k, v, g, do
         torch.cuda.empty_cache()
-    errors = errors_at(2048, args.heads, args.dim, peers)
-
-    report = dict(
-        gpu=gpu, torch=torch.__version__, triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        config=dict(tokens=args.tokens, heads=args.heads, dim=args.dim, dtype="bfloat16", causal=True,
-                    decay="g = -softplus(randn - 2)"),
-        timings=rows, rel_error_vs_float64_N2048_B1=errors,
-    )
-    out = args.out or Path(__file__).parent / "results" / f"attention_{gpu.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
 
     print(f"\n{gpu}; causal bf16, H={args.heads}, d={args.dim}, B*N={args.tokens}; ms (x SDPA-flash time)")
     names = list(dict.fromkeys(r["kernel"] for r in rows))

@@ -36,20 +36,20 @@ MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(1.4426950408889634)  # exponents run in log2 units (exp2 is the native instruction)
 
 
-def _configs(shapes):
+def _configs(gpu, interpreter):
     """Autotuning candidates as (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config in the interpreter."""
-    if INTERPRET:
-        shapes = shapes[-1:]
+    shapes = [interpreter] if INTERPRET else gpu
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# The last entry of each list is what the CPU interpreter runs: small, unequal blocks so that tests at
-# N = 17 or 100 cross block edges in both loops.
-# Forward and dq: BLOCK_M (queries) must be a multiple of BLOCK_N (keys); dkdv: the reverse.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 16, 4, 1)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (32, 16, 4, 1)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (16, 32, 4, 1)])
-_KEY = ["N_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY"]
+# Forward and dq: BLOCK_M (queries) must be a multiple of BLOCK_N (keys); dkdv: the reverse. The interpreter's
+# blocks are small and unequal so that tests at N = 17 or 100 cross block edges in both loops.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 16, 4, 1))
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)], (32, 16, 4, 1))
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3)], (16, 32, 4, 1))
+# N_BUCKET and BH_BUCKET: powers of two above N and B * H, so that one tuning serves a range of shapes;
+# the kernels never read them, and do_not_specialize keeps them from causing recompiles.
+_KEY = ["N_BUCKET", "BH_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY"]
 
 
 @triton.jit
@@ -108,8 +108,8 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
-@triton.jit
-def _fwd_kernel(Q, K, V, A, O, STAT, N, N_BUCKET, scale,
+@triton.jit(do_not_specialize=_KEY[:2])
+def _fwd_kernel(Q, K, V, A, O, STAT, N, N_BUCKET, BH_BUCKET, scale,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -226,8 +226,8 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, 
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, scale,
+@triton.jit(do_not_specialize=_KEY[:2])
+def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, BH_BUCKET, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -303,8 +303,8 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, s
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, DK, DV_OUT, DA, N, N_BUCKET, scale,
+@triton.jit(do_not_specialize=_KEY[:2])
+def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, DK, DV_OUT, DA, N, N_BUCKET, BH_BUCKET, scale,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
                      WDTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -374,10 +374,10 @@ class _TritonAttention(torch.autograd.Function):
         o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
         stat = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
         meta = _meta(q, v, power, normalize, g)
-        n_bucket = triton.next_power_of_2(N)
-        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, N, n_bucket, scale, **meta)
+        buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
+        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, N, *buckets, scale, **meta)
         ctx.save_for_backward(q, k, v, a, o, stat)
-        ctx.meta, ctx.scale, ctx.n_bucket = meta, scale, n_bucket
+        ctx.meta, ctx.scale, ctx.buckets = meta, scale, buckets
         ctx.g_dtype = None if g is None else g.dtype
         return o
 
@@ -391,10 +391,10 @@ class _TritonAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         da_q = torch.empty_like(stat)
         da_k = torch.empty_like(stat)
-        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, stat, delta, dq, da_q, N, ctx.n_bucket,
+        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, stat, delta, dq, da_q, N, *ctx.buckets,
                                                     scale, **meta)
         _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, stat, delta, dk, dv, da_k, N,
-                                                      ctx.n_bucket, scale, **meta)
+                                                      *ctx.buckets, scale, **meta)
         dg = None
         if meta["HAS_DECAY"]:
             da = da_q.double() + da_k.double()

@@ -111,6 +111,18 @@ def test_large_cumulative_decay_keeps_precision():
     _compare(inputs, 1e-4, fp32_escape=False)
 
 
+@pytest.mark.parametrize("power,normalize", [("2", True), ("exp", True), ("1", False)])
+def test_half_precision_inputs(power, normalize):
+    # fp16 in, fp16 o, dq, dk, dv (g stays fp32). The interpreter cannot emulate bf16 (numpy has no bf16),
+    # so bf16 is covered by the GPU tests only.
+    inputs = Inputs(1, 2, 40, 16, power=power, normalize=normalize, decay="mixed", dtype=torch.float16)
+    got = inputs.run("triton")
+    ref = inputs.run("torch", torch.float64)
+    for name, x, r, dtype in zip(NAMES, got, ref, [torch.float16] * 4 + [torch.float32]):
+        assert x.dtype == dtype
+        assert _rel(x, r) <= 2e-3, f"{name}: rel err {_rel(x, r):.2e}, seed {inputs.seed}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "power,normalize,decay,d,dtype",
