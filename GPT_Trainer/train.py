@@ -148,7 +148,10 @@ def setup_distributed(args) -> Distributed:
     else:
         device = torch.device("cpu")
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return Distributed(rank=rank, world_size=world_size, device=device)
 
 

@@ -1,0 +1,115 @@
+"""Training throughput (tokens/s) of the `small` model per attention type and sequence length on one GPU.
+
+One step = bf16-autocast forward + backward + AdamW update with activation checkpointing, as train.py
+runs it; the same number of tokens per step at every length. A few warm-up steps (Triton compilation),
+then the timed steps between CUDA events. Prints a table and writes JSON under bench/results/.
+
+    python bench/train_throughput.py [--seq_lens 2048 8192] [--types softmax 2mamba 2mamba-e mamba]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from GPT_Trainer.modeling import get_model
+from GPT_Trainer.trainer import token_loss
+
+TYPES = {
+    "softmax": "softmax",
+    "2mamba": "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2",
+    "2mamba-e": "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2",
+    "mamba": "mamba",
+}
+
+
+def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
+    torch.manual_seed(0)
+    model = get_model(args.model_size, seq_len, args.vocab_size, attention_type).cuda().train()
+    model.set_activation_checkpointing(args.activation_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-7, weight_decay=0.01)
+    tokens = torch.randint(3, args.vocab_size, (batch, seq_len + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1]).logits
+        loss, _ = token_loss(logits, tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        loss = step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        loss = step()
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    return {
+        "tokens_per_s": batch * seq_len * args.steps / seconds, "step_ms": 1e3 * seconds / args.steps,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": loss.item(),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq_lens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--types", nargs="+", choices=list(TYPES), default=list(TYPES))
+    parser.add_argument("--tokens_per_step", type=int, default=16384, help="batch = tokens_per_step / seq_len")
+    parser.add_argument("--model_size", default="small")
+    parser.add_argument("--vocab_size", type=int, default=32000, help="Llama-2's")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/train_throughput.py needs a CUDA GPU")
+
+    rows = []
+    for seq_len in args.seq_lens:
+        batch = max(1, args.tokens_per_step // seq_len)
+        for name in args.types:
+            row = {"type": name, "attention_type": TYPES[name], "seq_len": seq_len, "batch": batch}
+            try:
+                row.update(measure(TYPES[name], seq_len, batch, args))
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as err:  # one broken type must not hide the others' numbers
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    gpu = torch.cuda.get_device_name()
+    result = {
+        "benchmark": "train_throughput", "gpu": gpu, "torch": torch.__version__, "host": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"train_throughput_{gpu.replace(' ', '_')}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\n{args.model_size} model, bf16, {'with' if args.activation_checkpointing else 'without'} activation "
+          f"checkpointing, {args.tokens_per_step} tokens/step, {gpu}")
+    print(f"{'type':<10} {'seq':>6} {'batch':>5} {'tokens/s':>12} {'ms/step':>9} {'peak GiB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['type']:<10} {r['seq_len']:>6} {r['batch']:>5}  {r['error'][:60]}")
+        else:
+            print(f"{r['type']:<10} {r['seq_len']:>6} {r['batch']:>5} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
+                  f"{r['peak_mem_gib']:>9.1f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
