@@ -2,7 +2,8 @@
 
     python bench/attention.py [--lengths 2048 8192 32768] [--tokens 32768] [--heads 16] [--dim 64]
 
-Causal, bf16, B = tokens / N. Times are triton.testing.do_bench medians in ms, forward and forward+backward,
+Causal, bf16, B = tokens / N. Ours: the quadratic Triton kernels for 2Mamba, 2Mamba-E and linear+decay, and
+the linear-time chunked form of 2Mamba (kernel/triton_chunked.py). Times are triton.testing.do_bench medians in ms, forward and forward+backward,
 every contender on the same inputs in the same process. Peers (--peers) are timed when importable:
 fla.ops.forgetting_attn.parallel_forgetting_attn (the math of 2Mamba-E) and retention.power_retention
 deg 2 with chunk 1024 (the math of 2Mamba, linear time); they run last, since their first call compiles and
@@ -28,12 +29,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel.attention import attention  # noqa: E402
 from kernel.reference import attention_reference  # noqa: E402
+from kernel.triton_chunked import chunked_squared_attention  # noqa: E402
 
 OURS = {  # name -> (power, normalize); all with decay
     "2Mamba (ours)": ("2", True),
     "2Mamba-E (ours)": ("exp", True),
     "linear+decay (ours)": ("1", False),
 }
+CHUNKED = "2Mamba chunked C=256 (ours)"  # the linear-time form, same math as "2Mamba (ours)"
 REF_MAX_BYTES = 48e9  # the materialised fp32 reference holds several [B, H, N, N] tensors
 
 
@@ -71,7 +74,7 @@ def autotune_choices():
     return {name: {str(key): str(cfg) for key, cfg in k.cache.items()} for name, k in kernels.items()}
 
 
-def contenders(q, k, v, g, do, peers):
+def own_contenders(q, k, v, g, do):
     """name -> (callable returning o, the leaves to clear between runs, the output gradient)."""
     B, H, N, d = q.shape
     leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
@@ -79,6 +82,7 @@ def contenders(q, k, v, g, do, peers):
     for name, (power, normalize) in OURS.items():
         out[name] = (lambda p=power, n=normalize: attention(q, k, v, g, power=p, normalize=n, backend="triton"),
                      leaves, do)
+    out[CHUNKED] = (lambda: chunked_squared_attention(q, k, v, g, chunk=256, backend="triton"), leaves, do)
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
         def sdpa(b=backend):
             with sdpa_kernel(b):
@@ -87,21 +91,21 @@ def contenders(q, k, v, g, do, peers):
     if 8 * B * H * N * N * 4 <= REF_MAX_BYTES:
         q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
         g32 = g.detach().requires_grad_(True)
-        out["PyTorch reference (fp32)"] = (
+        out["PyTorch ref. 2Mamba fp32"] = (
             lambda: attention_reference(q32, k32, v32, g32, power="2", normalize=True), [q32, k32, v32, g32],
             do.float())
-    # peers take [B, N, H, d]; transposed copies are made once, outside the timed region
-    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
-    gt = g.detach().transpose(1, 2).contiguous().requires_grad_(True)
-    dot = do.transpose(1, 2).contiguous()
-    if "fla forgetting_attn" in peers:
-        fn = peers["fla forgetting_attn"]
-        out["fla forgetting_attn"] = (lambda: fn(qt, kt, vt, gt, scale=d ** -0.5), [qt, kt, vt, gt], dot)
-    if "retention deg2 c1024" in peers and N % 1024 == 0:
-        fn = peers["retention deg2 c1024"]
-        out["retention deg2 c1024"] = (
-            lambda: fn(qt, kt, vt, gt, deg=2, scale=d ** -0.5, chunk_size=1024), [qt, kt, vt, gt], dot)
     return out
+
+
+def peer_contenders(q, k, v, g, do, peers):
+    """The same for the peers, which take [B, N, H, d]: transposed copies are made here, outside the timing."""
+    d = q.shape[-1]
+    qt, kt, vt, gt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v, g))
+    kwargs = {"fla forgetting_attn": dict(scale=d ** -0.5),
+              "retention deg2 c1024": dict(deg=2, scale=d ** -0.5, chunk_size=1024)}
+    return {name: (lambda fn=fn, kw=kwargs[name]: fn(qt, kt, vt, gt, **kw), [qt, kt, vt, gt],
+                   do.transpose(1, 2).contiguous())
+            for name, fn in peers.items() if name != "retention deg2 c1024" or q.shape[2] % 1024 == 0}
 
 
 def time_ms(fn, leaves, do, backward):
@@ -121,29 +125,40 @@ def rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def errors_at(N, H, d, peers):
-    """Relative error vs float64 of o and each gradient, for our kernels and the peers of the same math."""
+PEER_MATH = {"fla forgetting_attn": ("exp", True), "retention deg2 c1024": ("2", True)}
+
+
+def errors_at(N, H, d, peers=None):
+    """Relative error vs float64 of o and each gradient: our kernels, or (peers given) the peers."""
     q, k, v, g, do = make_inputs(1, H, N, d, seed=1)
-    result = {}
 
     def grads(fn, tensors, dout):
         leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
         o = fn(*leaves)
         return [o.detach()] + list(torch.autograd.grad(o, leaves, dout.to(o.dtype)))
 
-    for name, (power, normalize) in OURS.items():
-        ref = grads(lambda *t: attention_reference(*t, power=power, normalize=normalize),
-                    [t.double() for t in (q, k, v, g)], do.double())
-        got = grads(lambda *t: attention(*t, power=power, normalize=normalize, backend="triton"), [q, k, v, g], do)
-        result[name] = {n: rel(x, r) for n, x, r in zip(("o", "dq", "dk", "dv", "dg"), got, ref)}
-        peer = {"exp": "fla forgetting_attn", "2": "retention deg2 c1024"}.get(power) if normalize else None
-        if peer in peers and N % 1024 == 0:
-            fn = peers[peer]
-            kwargs = dict(scale=d ** -0.5) if power == "exp" else dict(deg=2, scale=d ** -0.5, chunk_size=1024)
-            tq, tk, tv, tg = (t.transpose(1, 2).contiguous() for t in (q, k, v, g))
-            got = grads(lambda *t: fn(*t, **kwargs), [tq, tk, tv, tg], do.transpose(1, 2).contiguous())
-            got = [x.transpose(1, 2) for x in got]
-            result[peer] = {n: rel(x, r) for n, x, r in zip(("o", "dq", "dk", "dv", "dg"), got, ref)}
+    def reference(power, normalize):
+        return grads(lambda *t: attention_reference(*t, power=power, normalize=normalize),
+                     [t.double() for t in (q, k, v, g)], do.double())
+
+    def errors(got, ref):
+        return {n: rel(x, r) for n, x, r in zip(("o", "dq", "dk", "dv", "dg"), got, ref)}
+
+    result = {}
+    if peers is None:
+        for name, (power, normalize) in OURS.items():
+            ref = reference(power, normalize)
+            got = grads(lambda *t: attention(*t, power=power, normalize=normalize, backend="triton"),
+                        [q, k, v, g], do)
+            result[name] = errors(got, ref)
+            if power == "2":
+                got = grads(lambda *t: chunked_squared_attention(*t, chunk=256, backend="triton"), [q, k, v, g], do)
+                result[CHUNKED] = errors(got, ref)
+        return result
+    for name, (fn, leaves, dout) in peer_contenders(q, k, v, g, do, peers).items():
+        o = fn()
+        got = [o.detach()] + list(torch.autograd.grad(o, leaves, dout.to(o.dtype)))
+        result[name] = errors([x.transpose(1, 2) for x in got], reference(*PEER_MATH[name]))
     return result
 
 
@@ -154,6 +169,7 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--error-length", type=int, default=2048, help="N of the float64 error check (B = 1)")
     parser.add_argument("--peers", nargs="*", default=["fla", "retention"], choices=["fla", "retention"])
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -175,29 +191,35 @@ def main():
         report["autotune"] = autotune_choices()
         out.write_text(json.dumps(report, indent=2))
 
-    errors = errors_at(2048, args.heads, args.dim, peers)
-    report["rel_error_vs_float64_N2048_B1"] = errors
+    error_key = f"rel_error_vs_float64_N{args.error_length}_B1"
+    report[error_key] = errors_at(args.error_length, args.heads, args.dim)
     save()
-    for name, errs in errors.items():
-        print(f"error vs float64 {name:26s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
-    for N in args.lengths:
-        B = max(1, args.tokens // N)
-        q, k, v, g, do = make_inputs(B, args.heads, N, args.dim)
-        for name, (fn, leaves, dout) in contenders(q, k, v, g, do, peers).items():
-            fwd = time_ms(fn, leaves, dout, backward=False)
-            fwd_bwd = time_ms(fn, leaves, dout, backward=True)
-            rows.append(dict(kernel=name, N=N, B=B, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
-            save()
-            print(f"N={N:6d} B={B:3d} {name:26s} fwd {fwd or math.nan:8.3f} ms  fwd+bwd {fwd_bwd or math.nan:8.3f} ms",
-                  flush=True)
-        del q, k, v, g, do
-        torch.cuda.empty_cache()
+    for name, errs in report[error_key].items():
+        print(f"error vs float64 {name:28s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    # ours and SDPA at every length first, the peers (minutes of compiling) after
+    for make_contenders in (own_contenders, lambda *t: peer_contenders(*t, peers)):
+        for N in args.lengths:
+            B = max(1, args.tokens // N)
+            q, k, v, g, do = make_inputs(B, args.heads, N, args.dim)
+            for name, (fn, leaves, dout) in make_contenders(q, k, v, g, do).items():
+                fwd = time_ms(fn, leaves, dout, backward=False)
+                fwd_bwd = time_ms(fn, leaves, dout, backward=True)
+                rows.append(dict(kernel=name, N=N, B=B, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+                save()
+                print(f"N={N:6d} B={B:3d} {name:28s} fwd {fwd or math.nan:8.3f} ms  "
+                      f"fwd+bwd {fwd_bwd or math.nan:8.3f} ms", flush=True)
+            del q, k, v, g, do
+            torch.cuda.empty_cache()
+    if peers:
+        report[error_key].update(errors_at(args.error_length, args.heads, args.dim, peers))
+        save()
+    errors = report[error_key]
 
     print(f"\n{gpu}; causal bf16, H={args.heads}, d={args.dim}, B*N={args.tokens}; ms (x SDPA-flash time)")
     names = list(dict.fromkeys(r["kernel"] for r in rows))
-    print(f"{'kernel':26s}" + "".join(f" | N={N:<6d} fwd        fwd+bwd      " for N in args.lengths))
+    print(f"{'kernel':28s}" + "".join(f" | N={N:<6d} fwd        fwd+bwd      " for N in args.lengths))
     for name in names:
-        line = f"{name:26s}"
+        line = f"{name:28s}"
         for N in args.lengths:
             base = next((r for r in rows if r["N"] == N and r["kernel"] == "SDPA flash"), None)
             cell = next((r for r in rows if r["N"] == N and r["kernel"] == name), None)
@@ -211,9 +233,9 @@ def main():
         fla = next((r for r in rows if r["N"] == N and r["kernel"] == "fla forgetting_attn"), None)
         if ours and fla and ours["fwd_bwd_ms"] and fla["fwd_bwd_ms"]:
             print(f"N={N}: fla forgetting_attn / 2Mamba-E fwd+bwd = {fla['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x")
-    print("\nrelative error vs float64 at N=2048, B=1 (o dq dk dv dg):")
+    print(f"\nrelative error vs float64 at N={args.error_length}, B=1 (o dq dk dv dg):")
     for name, errs in errors.items():
-        print(f"  {name:26s} " + " ".join(f"{errs[n]:.1e}" for n in ("o", "dq", "dk", "dv", "dg")))
+        print(f"  {name:28s} " + " ".join(f"{errs[n]:.1e}" for n in ("o", "dq", "dk", "dv", "dg")))
     print(f"wrote {out}")
 
 

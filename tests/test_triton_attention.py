@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kernel.attention import attention
 from kernel.reference import attention_reference
+from kernel.triton_chunked import chunked_squared_attention
 
 POWERS = ["1", "2", "exp"]
 NAMES = ["o", "dq", "dk", "dv", "dg"]
@@ -42,11 +43,11 @@ class Inputs:
         self.do = rand(B, H, N, d).to(device=device, dtype=dtype)
         self.kw = dict(power=power, normalize=normalize)
 
-    def run(self, backend, dtype=None):
-        """o and the gradients, with the inputs cast to dtype (None: as drawn)."""
+    def run(self, backend, dtype=None, op=attention):
+        """o and the gradients of op, with the inputs cast to dtype (None: as drawn)."""
         leaves = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in self.tensors]
         g = None if self.g is None else self.g.detach().to(dtype or self.g.dtype).requires_grad_(True)
-        o = attention(*leaves, g, backend=backend, **self.kw)
+        o = op(*leaves, g, backend=backend, **self.kw)
         wrt = leaves + ([g] if g is not None else [])
         grads = torch.autograd.grad(o, wrt, self.do.to(o.dtype))
         return [o.detach()] + list(grads)
@@ -56,8 +57,8 @@ def _rel(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
 
-def _compare(inputs, tol, fp32_escape=True):
-    got = inputs.run("triton")
+def _compare(inputs, tol, fp32_escape=True, op=attention):
+    got = inputs.run("triton", op=op)
     ref = inputs.run("torch", torch.float64)
     ref32 = inputs.run("torch", torch.float32)
     # Exact zeros in the reference (dq at N = 1 with normalisation) are met only up to rounding: allow an
@@ -121,6 +122,40 @@ def test_half_precision_inputs(power, normalize):
     for name, x, r, dtype in zip(NAMES, got, ref, [torch.float16] * 4 + [torch.float32]):
         assert x.dtype == dtype
         assert _rel(x, r) <= 2e-3, f"{name}: rel err {_rel(x, r):.2e}, seed {inputs.seed}"
+
+
+def test_odd_head_dims_and_strided_inputs():
+    # d = 24 and dv = 40 (not powers of two), q and k transposed views of [B, N, H, d] storage
+    B, H, N = 2, 3, 45
+    inputs = Inputs(B, H, N, 24, power="2", normalize=True, decay="mixed")
+    q, k, _ = inputs.tensors
+    inputs.tensors = [q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2),
+                      torch.randn(B, H, N, 40, dtype=torch.float64).float()]
+    inputs.do = torch.randn(B, H, N, 40)
+    assert not inputs.tensors[0].is_contiguous()
+    _compare(inputs, 1e-4)
+
+
+def _chunked(chunk):
+    return lambda *args, power, **kw: chunked_squared_attention(*args, chunk=chunk, **kw)
+
+
+@pytest.mark.parametrize("N,chunk", [(1, 8), (70, 16), (64, 32)])
+@pytest.mark.parametrize("decay", [None, "mixed"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunked_linear_time_form(normalize, decay, N, chunk):
+    _compare(Inputs(1, 2, N, 16, power="2", normalize=normalize, decay=decay), 1e-4, op=_chunked(chunk))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gpu_chunked_linear_time_form(normalize):
+    inputs = Inputs(1, 4, 2048, 64, power="2", normalize=normalize, decay="mixed", device="cuda",
+                    dtype=torch.bfloat16)
+    got = inputs.run("triton", op=_chunked(256))
+    ref = inputs.run("torch", torch.float64)
+    for name, x, r in zip(NAMES, got, ref):
+        assert _rel(x, r) <= 1e-2, f"{name}: rel err {_rel(x, r):.2e}, seed {inputs.seed}"
 
 
 @pytest.mark.gpu
