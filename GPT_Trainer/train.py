@@ -22,7 +22,7 @@ from GPT_Trainer.data import (
     BUILTIN, HUB_DATASETS, RandomSampler, check_dataset_arg, default_tokenizer_name, load_text_dataset, load_tokenizer,
 )
 from GPT_Trainer.LlamaDecoderLayerClean import attention_config
-from GPT_Trainer.modeling import MODEL_SIZES, get_model, load_model, read_config
+from GPT_Trainer.modeling import MODEL_SIZES, get_model, load_model, load_training_config, read_config
 from GPT_Trainer.trainer import RUN_CONFIG_FILE, Distributed, MetricsLogger, Trainer, linear_warmup_decay
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -177,8 +177,13 @@ def write_run_config(args, wandb_id, dist_info: Distributed, vocab_size: int, st
 
 
 def resolve_tokenizer(args):
-    if args.tokenizer is None and args.load_checkpoint and os.path.isfile(os.path.join(args.checkpoint_path, "tokenizer_config.json")):
-        return load_tokenizer(args.checkpoint_path)
+    """--tokenizer; else on resume the checkpoint's own (or, for the authors' checkpoints that only pickled
+    theirs, the default for the dataset they trained on); else the default for --dataset."""
+    if args.tokenizer is None and args.load_checkpoint:
+        if os.path.isfile(os.path.join(args.checkpoint_path, "tokenizer_config.json")):
+            return load_tokenizer(args.checkpoint_path)
+        trained_on = (load_training_config(args.checkpoint_path) or {}).get("dataset", args.dataset)
+        return load_tokenizer(default_tokenizer_name(trained_on))
     return load_tokenizer(args.tokenizer or default_tokenizer_name(args.dataset))
 
 
@@ -189,10 +194,10 @@ def build_model(args, vocab_size: int, device: torch.device):
     saved = read_config(args.checkpoint_path, vocab_size)
     if saved.attention_type != args.attention_type:
         raise ValueError(f"{args.checkpoint_path} holds a {saved.attention_type!r} model, not {args.attention_type!r}")
-    model = load_model(args.checkpoint_path, device).train()
-    if model.config.vocab_size < vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's embedding only {model.config.vocab_size}")
-    return model
+    if saved.vocab_size != vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's embedding {saved.vocab_size}: "
+                         "pass the tokenizer the checkpoint was trained with (--tokenizer)")
+    return load_model(args.checkpoint_path, device).train()
 
 
 def main(argv=None) -> str:

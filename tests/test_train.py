@@ -70,6 +70,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     for a, b in zip(full, part):
         for key in ("loss", "lr", "test_loss"):
             assert a.get(key) == b.get(key), (a, b)
+    with pytest.raises(ValueError, match="holds a 'squared"):
+        train.main(tiny_args(tmp_path / "part", "softmax", num_steps=6, num_steps_early_stop=7, load_checkpoint=True))
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
