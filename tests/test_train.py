@@ -137,3 +137,31 @@ def test_help_lists_every_seed_flag(capsys):
                  "--no-test_loss", "--load_checkpoint", "--checkpoint_path", "--tokenizer", "--wandb_mode",
                  "--no-activation_checkpointing", "--keep_dataset_in_mem", "--model_max_length", "--seed"):
         assert flag in text
+
+
+def test_wandb_run_id_is_recorded_and_resumed(tmp_path, monkeypatch):
+    """wandb is optional and not installed here: a stand-in module records what train.py asks of it."""
+    inits, logged = [], []
+
+    class FakeRun:
+        id = "abc123"
+
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            pass
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(train, "_wandb_installed", lambda: True)
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(run_dir, num_steps=4, num_steps_early_stop=2, wandb_mode="offline", test_loss=False))
+    assert inits[0]["mode"] == "offline" and inits[0]["id"] is None and inits[0]["name"] == "run"
+    assert [step for step, _ in logged] == [1, 2] and "loss" in logged[0][1]
+    assert json.loads((run_dir / trainer.RUN_CONFIG_FILE).read_text())["wandb_id"] == "abc123"
+    assert torch.load(run_dir / "config.pt", weights_only=True)["wandb_id"] == "abc123"
+    train.main(tiny_args(run_dir, num_steps=4, num_steps_early_stop=4, wandb_mode="offline", test_loss=False,
+                         load_checkpoint=True))
+    assert inits[1]["id"] == "abc123" and inits[1]["resume"] == "allow"
