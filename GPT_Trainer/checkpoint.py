@@ -149,8 +149,11 @@ def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
 
     optimizer_file = os.path.join(path, OPTIMIZER_FILE)
     if os.path.isfile(optimizer_file):
-        saved = _load(optimizer_file)
-        mismatch = _optimizer_fits(saved, optimizer)
+        try:
+            saved = _load(optimizer_file)
+            mismatch = _optimizer_fits(saved, optimizer) if isinstance(saved, dict) else "not a state dict"
+        except ValueError as err:  # unreadable without unpickling arbitrary objects
+            mismatch = str(err)
         if mismatch:
             warnings.warn(f"{optimizer_file} does not match the model ({mismatch}); starting a fresh optimizer")
         else:

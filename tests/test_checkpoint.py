@@ -144,3 +144,15 @@ def test_resume_from_an_authors_style_checkpoint(tmp_path, tokenizer):
         state = checkpoint.restore_training_state(str(run_dir), fresh_opt, fresh_sched)
     assert state.step == 4 and state.sampler is None and state.rng is None
     assert fresh_sched.get_last_lr() == pytest.approx([1e-3 * linear_warmup_decay(2, 100)(4)])
+
+
+class Pickled:
+    """Stands for an arbitrary object pickled into a foreign optimizer.pt: never unpickled."""
+
+
+def test_an_optimizer_file_that_needs_unpickling_is_refused(tmp_path, tokenizer):
+    model, optimizer, scheduler = make_run(tokenizer)
+    save(tmp_path / "run", tokenizer, model, optimizer, scheduler, 0)
+    torch.save({"state": Pickled()}, tmp_path / "run" / checkpoint.OPTIMIZER_FILE)
+    with pytest.warns(UserWarning, match="only tensors and plain values.*fresh optimizer"):
+        checkpoint.restore_training_state(str(tmp_path / "run"), optimizer, scheduler)
