@@ -104,7 +104,10 @@ def _load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"could not read {path} (only tensors and plain values are accepted): {err}") from err
+        # torch's message is long; its "Unsupported global" line names the object that would need unpickling.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
+        detail = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise ValueError(f"could not read {path} (only tensors and plain values are accepted): {detail}") from err
 
 
 def _optimizer_fits(state: dict, optimizer) -> str | None:
@@ -155,7 +158,7 @@ def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
         except ValueError as err:  # unreadable without unpickling arbitrary objects
             mismatch = str(err)
         if mismatch:
-            warnings.warn(f"{optimizer_file} does not match the model ({mismatch}); starting a fresh optimizer")
+            warnings.warn(f"{optimizer_file} cannot be used ({mismatch}); starting a fresh optimizer")
         else:
             optimizer.load_state_dict(saved)
     else:

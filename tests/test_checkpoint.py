@@ -127,7 +127,7 @@ def test_restore_and_mismatched_optimizer(tmp_path, tokenizer):
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], saved_moments)
 
     _, other_opt, other_sched = make_run(tokenizer, "softmax")  # other parameters: warn, keep a fresh optimizer
-    with pytest.warns(UserWarning, match="does not match the model"):
+    with pytest.warns(UserWarning, match="cannot be used"):
         checkpoint.restore_training_state(str(tmp_path / "run"), other_opt, other_sched)
     assert other_opt.state_dict()["state"] == {}
 
@@ -154,5 +154,5 @@ def test_an_optimizer_file_that_needs_unpickling_is_refused(tmp_path, tokenizer)
     model, optimizer, scheduler = make_run(tokenizer)
     save(tmp_path / "run", tokenizer, model, optimizer, scheduler, 0)
     torch.save({"state": Pickled()}, tmp_path / "run" / checkpoint.OPTIMIZER_FILE)
-    with pytest.warns(UserWarning, match="only tensors and plain values.*fresh optimizer"):
+    with pytest.warns(UserWarning, match="(?s)only tensors and plain values.*Pickled.*fresh optimizer"):
         checkpoint.restore_training_state(str(tmp_path / "run"), optimizer, scheduler)
