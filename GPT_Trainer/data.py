@@ -298,9 +298,11 @@ def load_local_texts(path: str, keep_in_memory: bool = False) -> Sequence[str]:
 
 def split_train_test(data: Sequence, test_per: float, seed: int = TEST_SPLIT_SEED) -> tuple[Sequence, Sequence]:
     """A seeded held-out fraction (the seed: 0.1 % with seed 123); at least one test document."""
+    if len(data) < 2:
+        raise ValueError(f"a dataset of {len(data)} document(s) cannot hold one out for testing; at least 2 are needed")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=generator).tolist()
-    num_test = min(len(data) - 1, max(1, round(test_per * len(data))))
+    num_test = min(len(data) - 1, max(1, round(test_per * len(data))))  # and at least one to train on
     return Subset(data, order[num_test:]), Subset(data, order[:num_test])
 
 
