@@ -6,7 +6,7 @@ POWER 1 (w = s), 2 (w = s^2), 3 (exp: w = e^s); NORMALIZE (divide by the row sum
 
 Forward: one program per (query block, head) walks the key blocks left of the diagonal without a mask,
 then the diagonal blocks with the causal mask (flash-attention style). It stores o and one number per
-row for the backward: 1/den (powers 1, 2) or the log2-sum-exp (exp).
+row for the backward: 1/den (powers 1, 2) or the log2-sum-exp (exp) (or 0: exp without normalisation).
 Backward, flash-attention-2 style: one kernel per key block walks the query blocks (dk, dv, the a_j part
 of da); one per query block walks the key blocks (dq, the a_i part of da). With P_ij the weight that
 multiplies v_j in o_i (w_ij / den_i when normalising) and Delta_i = dO_i . o_i:
@@ -15,6 +15,10 @@ multiplies v_j in o_i (w_ij / den_i when normalising) and Delta_i = dO_i . o_i:
   dL/ds_ij = G_ij (exp), dw_ij e^{a_i-a_j} (power 1), 2 s_ij dw_ij e^{a_i-a_j} (power 2).
 G_ii enters da_i with + and - and is left out of both sums: with strong decay dg is tiny, and the
 rounding difference between two separately computed copies of G_ii would swamp it.
+The diagonal weight is also kept apart in the forward: with strong decay (or at i = 0) o_i ~ v_i, and
+dO_i.v_i - Delta_i, the diagonal's factor in dL/ds_ii, would be a difference of two nearly equal numbers
+(then amplified by 1/s_ii for power 2). When normalising the forward also stores o_i without its diagonal
+term and 1 - P_ii, and the backward uses (1 - P_ii) dO_i.v_i - dO_i.(o_i - P_ii v_i) instead.
 
 Numerics: the cumulative decay a is summed in float64 and every tile subtracts a block-local reference
 (the first row of the block it belongs to) before going to float32, so a_i - a_j keeps full precision
@@ -69,7 +73,7 @@ def _local_decay(A, offs, a_ref, N):
 
 
 @triton.jit
-def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
+def _fwd_inner(acc, den, wdiag, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
                MASKED: tl.constexpr, WDTYPE: tl.constexpr):
@@ -92,6 +96,7 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
             w = tl.exp2(x - m_new[:, None])
             acc = acc * alpha[:, None]
             den = den * alpha
+            wdiag = wdiag * alpha
             m_i = m_new
         else:
             w = s if POWER == 1 else s * s
@@ -102,14 +107,18 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
                 w *= tl.exp2(logdec)
             elif MASKED:
                 w = tl.where(offs_m[:, None] >= offs_n[None, :], w, 0.0)
+        if MASKED:  # the diagonal weight is kept apart (see the module docstring)
+            on_diag = offs_m[:, None] == offs_n[None, :]
+            wdiag += tl.sum(tl.where(on_diag, w, 0.0), 1)
+            w = tl.where(on_diag, 0.0, w)
         den += tl.sum(w, 1)
         acc = tl.dot(w.to(WDTYPE), v.to(WDTYPE), acc)
-    return acc, den, m_i
+    return acc, den, wdiag, m_i
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _fwd_kernel(Q, K, V, A, O, STAT, N, N_BUCKET, BH_BUCKET, scale,
+def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -120,8 +129,10 @@ def _fwd_kernel(Q, K, V, A, O, STAT, N, N_BUCKET, BH_BUCKET, scale,
     K += bh * N * D
     V += bh * N * DV
     O += bh * N * DV
+    O_OFF += bh * N * DV
     A += bh * N
     STAT += bh * N
+    FRAC += bh * N
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q, offs_m, tl.arange(0, BLOCK_D), N, D)
@@ -133,41 +144,67 @@ def _fwd_kernel(Q, K, V, A, O, STAT, N, N_BUCKET, BH_BUCKET, scale,
         qa = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
+    wdiag = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
-                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
-    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
-                               tl.minimum(start_m + BLOCK_M, N),
-                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
+    acc, den, wdiag, m_i = _fwd_inner(acc, den, wdiag, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
+                                      D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
+    acc, den, wdiag, m_i = _fwd_inner(acc, den, wdiag, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
+                                      tl.minimum(start_m + BLOCK_M, N),
+                                      D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
+    # acc, den: off-diagonal sums; the diagonal term w_ii v_i joins here
+    offs_dv = tl.arange(0, BLOCK_DV)
+    total_den = den + wdiag
+    total = acc + wdiag[:, None] * _load_rows(V, offs_m, offs_dv, N, DV).to(tl.float32)
     if POWER == 3:
         if NORMALIZE:
-            o = acc / den[:, None]
-            stat = m_i + tl.log2(den)
+            inv = 1.0 / total_den
+            stat = m_i + tl.log2(total_den)
         else:
-            o = acc * tl.exp2(m_i)[:, None]
+            inv = tl.exp2(m_i)
             stat = tl.zeros([BLOCK_M], tl.float32)
     else:
         if NORMALIZE:
-            stat = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))  # zero row sum: o = 0, not NaN
-            o = acc * stat[:, None]
+            inv = tl.where(total_den == 0.0, 0.0, 1.0 / tl.where(total_den == 0.0, 1.0, total_den))  # o = 0, not NaN
+            stat = inv
         else:
-            stat = tl.full([BLOCK_M], 1.0, tl.float32)
-            o = acc
-    offs_dv = tl.arange(0, BLOCK_DV)
+            inv = tl.full([BLOCK_M], 1.0, tl.float32)
+            stat = inv
     o_mask = (offs_m[:, None] < N) & (offs_dv[None, :] < DV)
-    tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], o.to(O.dtype.element_ty), mask=o_mask)
+    o_offs = offs_m[:, None] * DV + offs_dv[None, :]
+    tl.store(O + o_offs, (total * inv[:, None]).to(O.dtype.element_ty), mask=o_mask)
     tl.store(STAT + offs_m, stat, mask=offs_m < N)
+    if NORMALIZE:
+        tl.store(O_OFF + o_offs, (acc * inv[:, None]).to(O_OFF.dtype.element_ty), mask=o_mask)
+        tl.store(FRAC + offs_m, den * inv, mask=offs_m < N)
 
 
 @triton.jit
-def _bwd_tile(s, logdec, stat, delta, dov, diff, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
+def _row_stats(DELTA, FRAC, ROFF, offs, N, NORMALIZE: tl.constexpr):
+    """delta, frac, roff of some query rows (zeros without normalisation, where they are not used)."""
+    if NORMALIZE:
+        mask = offs < N
+        return (tl.load(DELTA + offs, mask=mask, other=0.0), tl.load(FRAC + offs, mask=mask, other=0.0),
+                tl.load(ROFF + offs, mask=mask, other=0.0))
+    zero = tl.zeros(offs.shape, tl.float32)
+    return zero, zero, zero
+
+
+@triton.jit
+def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
               HAS_DECAY: tl.constexpr, MASKED: tl.constexpr):
     """Elementwise backward of one tile, in either orientation (all operands broadcast to the tile).
 
     s: scores; logdec: log2 of the decay a_i - a_j; stat: the forward's per-row number; delta: dO_i . o_i;
-    dov: dO_i . v_j; diff: i - j. Returns P (the weight of v_j in o_i), G = w dL/dw without the diagonal,
-    and dL/ds.
+    dov: dO_i . v_j; diff: i - j; frac, roff: 1 - P_ii and dO_i . (o_i - P_ii v_i) from the forward's
+    off-diagonal sums. Returns P (the weight of v_j in o_i), G = w dL/dw without the diagonal, and dL/ds.
     """
+    if NORMALIZE:
+        dp = dov - delta
+        if MASKED:
+            # dO_i.v_i - dO_i.o_i = (1 - P_ii) dO_i.v_i - dO_i.(o_i - P_ii v_i) without the cancellation
+            dp = tl.where(diff == 0, frac * dov - roff, dp)
+    else:
+        dp = dov
     if POWER == 3:
         x = s * LOG2E
         if HAS_DECAY:
@@ -175,7 +212,6 @@ def _bwd_tile(s, logdec, stat, delta, dov, diff, POWER: tl.constexpr, NORMALIZE:
         if MASKED:
             x = tl.where(diff >= 0, x, float("-inf"))
         p = tl.exp2(x - stat)
-        dp = dov - delta if NORMALIZE else dov
         g = p * dp
         ds = g
     else:
@@ -186,12 +222,10 @@ def _bwd_tile(s, logdec, stat, delta, dov, diff, POWER: tl.constexpr, NORMALIZE:
         else:
             e = 1.0
         if NORMALIZE:
-            dp = dov - delta
             dw = dp * stat
             se = s * e * stat
         else:
-            dp = dov
-            dw = dov
+            dw = dp
             se = s * e
         p = se if POWER == 1 else s * se
         g = p * dp
@@ -202,7 +236,7 @@ def _bwd_tile(s, logdec, stat, delta, dov, diff, POWER: tl.constexpr, NORMALIZE:
 
 
 @triton.jit
-def _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, lo, hi,
+def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, lo, hi,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
               HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
@@ -218,8 +252,8 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, 
             logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
         else:
             logdec = 0.0
-        p, g, ds = _bwd_tile(s, logdec, stat[:, None], delta[:, None], dov, offs_m[:, None] - offs_n[None, :],
-                             POWER, NORMALIZE, HAS_DECAY, MASKED)
+        p, g, ds = _bwd_tile(s, logdec, stat[:, None], delta[:, None], frac[:, None], roff[:, None], dov,
+                             offs_m[:, None] - offs_n[None, :], POWER, NORMALIZE, HAS_DECAY, MASKED)
         dq = tl.dot(ds.to(WDTYPE), k.to(WDTYPE), dq)
         da += tl.sum(g, 1)
     return dq, da
@@ -227,7 +261,7 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, BH_BUCKET, scale,
+def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, N_BUCKET, BH_BUCKET, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -241,6 +275,8 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, BH_BUCKET, 
     A += bh * N
     STAT += bh * N
     DELTA += bh * N
+    FRAC += bh * N
+    ROFF += bh * N
     DA += bh * N
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -248,10 +284,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, BH_BUCKET, 
     q = _load_rows(Q, offs_m, offs_d, N, D)
     do = _load_rows(DO, offs_m, tl.arange(0, BLOCK_DV), N, DV)
     stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
-    if NORMALIZE:
-        delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
-    else:
-        delta = tl.zeros([BLOCK_M], tl.float32)
+    delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE)
     if HAS_DECAY:
         a_ref = tl.load(A + start_m)
         qa = _local_decay(A, offs_m, a_ref, N)
@@ -260,9 +293,9 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, BH_BUCKET, 
         qa = tl.zeros([BLOCK_M], tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     da = tl.zeros([BLOCK_M], tl.float32)
-    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
+    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
                        D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, False, WDTYPE)
-    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, offs_m, K, V, A, a_ref, N, scale, start_m,
+    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, start_m,
                        tl.minimum(start_m + BLOCK_M, N),
                        D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, True, WDTYPE)
     dq_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
@@ -271,7 +304,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, DQ, DA, N, N_BUCKET, BH_BUCKET, 
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, scale, lo, hi,
+def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale, lo, hi,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
                 HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
@@ -284,18 +317,15 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, s
         q = _load_rows(Q, offs_m, offs_d, N, D)
         do = _load_rows(DO, offs_m, offs_dv, N, DV)
         stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
-        if NORMALIZE:
-            delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
-        else:
-            delta = tl.zeros([BLOCK_M], tl.float32)
+        delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE)
         s = tl.dot(k, tl.trans(q)) * scale
         dov = tl.dot(v, tl.trans(do))
         if HAS_DECAY:
             logdec = _local_decay(A, offs_m, a_ref, N)[None, :] - ka[:, None]
         else:
             logdec = 0.0
-        p, g, ds = _bwd_tile(s, logdec, stat[None, :], delta[None, :], dov, offs_m[None, :] - offs_n[:, None],
-                             POWER, NORMALIZE, HAS_DECAY, MASKED)
+        p, g, ds = _bwd_tile(s, logdec, stat[None, :], delta[None, :], frac[None, :], roff[None, :], dov,
+                             offs_m[None, :] - offs_n[:, None], POWER, NORMALIZE, HAS_DECAY, MASKED)
         dv = tl.dot(p.to(WDTYPE), do.to(WDTYPE), dv)
         dk = tl.dot(ds.to(WDTYPE), q.to(WDTYPE), dk)
         da -= tl.sum(g, 1)
@@ -304,7 +334,7 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, s
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, DK, DV_OUT, DA, N, N_BUCKET, BH_BUCKET, scale,
+def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N, N_BUCKET, BH_BUCKET, scale,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
                      WDTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -320,6 +350,8 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, DK, DV_OUT, DA, N, N_BUCKET, B
     A += bh * N
     STAT += bh * N
     DELTA += bh * N
+    FRAC += bh * N
+    ROFF += bh * N
     DA += bh * N
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -337,10 +369,10 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, DK, DV_OUT, DA, N, N_BUCKET, B
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     da = tl.zeros([BLOCK_N], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, N)
-    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, scale,
+    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              start_n, diag_end, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
                              HAS_DECAY, True, WDTYPE)
-    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, a_ref, N, scale,
+    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              diag_end, N, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
                              HAS_DECAY, False, WDTYPE)
     dk_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
@@ -373,28 +405,35 @@ class _TritonAttention(torch.autograd.Function):
         a = torch.cumsum(g.to(torch.float64), dim=-1) if g is not None else q.new_empty(1, dtype=torch.float64)
         o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
         stat = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        # o without its diagonal term and 1 - P_ii, for the backward (see _bwd_tile); only when normalising
+        o_off = torch.empty_like(o) if normalize else o
+        frac = torch.empty_like(stat) if normalize else stat
         meta = _meta(q, v, power, normalize, g)
         buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
-        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, N, *buckets, scale, **meta)
-        ctx.save_for_backward(q, k, v, a, o, stat)
+        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, *buckets, scale, **meta)
+        ctx.save_for_backward(q, k, v, a, o, stat, o_off, frac)
         ctx.meta, ctx.scale, ctx.buckets = meta, scale, buckets
         ctx.g_dtype = None if g is None else g.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, a, o, stat = ctx.saved_tensors
+        q, k, v, a, o, stat, o_off, frac = ctx.saved_tensors
         meta, scale = ctx.meta, ctx.scale
         B, H, N, _ = q.shape
         do = do.to(q.dtype).contiguous()
-        delta = (do.float() * o.float()).sum(-1) if meta["NORMALIZE"] else stat
+        if meta["NORMALIZE"]:
+            delta = (do.float() * o.float()).sum(-1)
+            roff = (do.float() * o_off.float()).sum(-1)
+        else:
+            delta = roff = stat
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         da_q = torch.empty_like(stat)
         da_k = torch.empty_like(stat)
-        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, stat, delta, dq, da_q, N, *ctx.buckets,
-                                                    scale, **meta)
-        _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, stat, delta, dk, dv, da_k, N,
-                                                      *ctx.buckets, scale, **meta)
+        rows = (stat, delta, frac, roff)
+        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, *ctx.buckets, scale, **meta)
+        _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, *ctx.buckets, scale,
+                                                      **meta)
         dg = None
         if meta["HAS_DECAY"]:
             da = da_q.double() + da_k.double()

@@ -3,8 +3,9 @@
 Every check compares o and the gradients of q, k, v and g with attention_reference run on float64 copies,
 on fresh random inputs (the seed is in the failure message). On the CPU the kernels run in fp32; the bound
 is max(tol, 10 x the error of the same reference run in float32), because some inputs are ill-conditioned
-for any fp32 code: with strong decay or saturated exp, o_i ~ v_i and dL/dq_i comes from the cancellation
-dO_i.v_i - dO_i.o_i, which float32 PyTorch autograd suffers just the same.
+for any fp32 code: with a saturated exp, o_i ~ v_j for one j < i and dL/dq_i comes from the cancellation
+dO_i.v_j - dO_i.o_i, which float32 PyTorch autograd suffers just the same. (The kernels avoid it for the
+diagonal term, the case of strong decay; test_extreme_decay checks that with no allowance.)
 """
 import os
 
@@ -86,7 +87,13 @@ def test_matches_reference(power, normalize, decay, N, d):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("power", POWERS)
 def test_extreme_decay(power, normalize, decay):
-    _compare(Inputs(1, 2, 64, 16, power=power, normalize=normalize, decay=decay), 1e-4)
+    # At -20 every row is its diagonal plus e^-20 corrections. The kernels keep the diagonal term apart, so
+    # they must meet the bound with no allowance for the fp32 reference, whose dq is off by 10-100x there.
+    # k is pulled towards q so that no s_ii is ~0, which would make the row ill-conditioned for any code.
+    inputs = Inputs(1, 2, 64, 16, power=power, normalize=normalize, decay=decay)
+    q, k, v = inputs.tensors
+    inputs.tensors = [q, (q + k) / 2, v]
+    _compare(inputs, 1e-3, fp32_escape=False)
 
 
 @pytest.mark.parametrize("decay", [None, "mixed"])
