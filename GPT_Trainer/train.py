@@ -23,7 +23,7 @@ from GPT_Trainer.data import (
 )
 from GPT_Trainer.LlamaDecoderLayerClean import attention_config
 from GPT_Trainer.modeling import MODEL_SIZES, get_model, load_model, load_training_config, read_config
-from GPT_Trainer.trainer import RUN_CONFIG_FILE, Distributed, MetricsLogger, Trainer, linear_warmup_decay
+from GPT_Trainer.trainer import METRICS_FILE, RUN_CONFIG_FILE, Distributed, MetricsLogger, Trainer, linear_warmup_decay
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -197,7 +197,15 @@ def build_model(args, vocab_size: int, device: torch.device):
     if saved.vocab_size != vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's embedding {saved.vocab_size}: "
                          "pass the tokenizer the checkpoint was trained with (--tokenizer)")
-    return load_model(args.checkpoint_path, device).train()
+    model = load_model(args.checkpoint_path, device).train()
+    # Record what the checkpoint holds, not the flags' defaults (e.g. resuming the authors' medium models).
+    held = {"model_size": (load_training_config(args.checkpoint_path) or {}).get("model_size", args.model_size),
+            "model_max_length": model.config.max_position_embeddings}
+    changed = {k: v for k, v in held.items() if v != getattr(args, k)}
+    if changed:
+        warnings.warn(f"{args.checkpoint_path} holds a model with {changed}; using that instead of the flags")
+        vars(args).update(changed)
+    return model
 
 
 def main(argv=None) -> str:
@@ -233,8 +241,9 @@ def main(argv=None) -> str:
     logger = None
     if dist_info.is_main:
         checkpoint.recover_run_dir(args.model_save_path)
-        appending = args.load_checkpoint and os.path.isfile(os.path.join(args.model_save_path, "metrics.jsonl"))
-        if not args.load_checkpoint and os.path.isfile(os.path.join(args.model_save_path, "metrics.jsonl")):
+        has_log = os.path.isfile(os.path.join(args.model_save_path, METRICS_FILE))
+        appending = args.load_checkpoint and has_log
+        if has_log and not args.load_checkpoint:
             warnings.warn(f"{args.model_save_path} holds an earlier run; its log and checkpoint will be replaced")
         wandb_run = open_wandb(args, wandb_id, dist_info)
         wandb_id = wandb_run.id if wandb_run is not None else wandb_id

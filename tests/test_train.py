@@ -162,6 +162,8 @@ def test_wandb_run_id_is_recorded_and_resumed(tmp_path, monkeypatch):
     assert [step for step, _ in logged] == [1, 2] and "loss" in logged[0][1]
     assert json.loads((run_dir / trainer.RUN_CONFIG_FILE).read_text())["wandb_id"] == "abc123"
     assert torch.load(run_dir / "config.pt", weights_only=True)["wandb_id"] == "abc123"
-    train.main(tiny_args(run_dir, num_steps=4, num_steps_early_stop=4, wandb_mode="offline", test_loss=False,
-                         load_checkpoint=True))
+    with pytest.warns(UserWarning, match="holds a model with {'model_size': 'tiny'}"):  # a flag left at its default
+        train.main(tiny_args(run_dir, num_steps=4, num_steps_early_stop=4, wandb_mode="offline", test_loss=False,
+                             load_checkpoint=True, model_size="small"))
     assert inits[1]["id"] == "abc123" and inits[1]["resume"] == "allow"
+    assert json.loads((run_dir / trainer.RUN_CONFIG_FILE).read_text())["model_size"] == "tiny"
