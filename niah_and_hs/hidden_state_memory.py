@@ -27,6 +27,7 @@ from GPT_Trainer.decoding import layer_decoder  # noqa: E402
 from GPT_Trainer.LlamaDecoderLayerClean import (  # noqa: E402
     TWO_MAMBA, AttentionConfig, GenericAttention, SoftmaxAttention, attention_config,
 )
+from niah_and_hs.plotting import save_svg_and_png  # noqa: E402
 
 LINEAR = AttentionConfig(power="1", norm_type="sm_norm", use_in_conv=True, in_conv_dim=2, A_mask_type="neg_softplus")
 LABELS = ("Softmax (KV cache)", "2Mamba", "Linear")
@@ -88,12 +89,7 @@ def plot(lengths, measured, d: int, out_base: str):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
-    paths = [f"{out_base}.svg", f"{out_base}.png"]
-    for path in paths:
-        fig.savefig(path, dpi=200)
-    plt.close(fig)
-    return paths
+    return save_svg_and_png(fig, out_base)
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
+from niah_and_hs.plotting import save_svg_and_png  # noqa: E402
 
 # Figure 8 of the paper: accuracy per dataset context_length (characters); ~ tokens from the paper's axis.
 PAPER_LENGTHS = [1024, 2048, 4096, 8192, 16384]
@@ -72,12 +73,7 @@ def plot_heatmap(labels, columns, values, out_base, title="Needle in a haystack 
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="proportion correct")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_base)), exist_ok=True)
-    paths = [f"{out_base}.svg", f"{out_base}.png"]
-    for path in paths:
-        fig.savefig(path, dpi=200)
-    plt.close(fig)
-    return paths
+    return save_svg_and_png(fig, out_base)
 
 
 def main(argv=None):
