@@ -46,11 +46,13 @@ def _configs(gpu, interpreter):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# Forward and dq: BLOCK_M (queries) must be a multiple of BLOCK_N (keys); dkdv: the reverse. The interpreter's
-# blocks are small and unequal so that tests at N = 17 or 100 cross block edges in both loops.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 16, 4, 1))
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)], (32, 16, 4, 1))
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3)], (16, 32, 4, 1))
+# Forward and dq: BLOCK_M (queries) must be a multiple of BLOCK_N (keys); dkdv: the reverse. The GPU lists
+# hold configs that compile for sm_90 without register spills at d = 64 (checked offline with the compiler's
+# resource report, see bench/NOTES.md). The interpreter's blocks are small and unequal so that tests at
+# N = 17 or 100 cross block edges in both loops.
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)], (32, 16, 4, 1))
+_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3)], (32, 16, 4, 1))
+_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)], (16, 32, 4, 1))
 # N_BUCKET and BH_BUCKET: powers of two above N and B * H, so that one tuning serves a range of shapes;
 # the kernels never read them, and do_not_specialize keeps them from causing recompiles.
 _KEY = ["N_BUCKET", "BH_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY"]
@@ -73,7 +75,7 @@ def _local_decay(A, offs, a_ref, N):
 
 
 @triton.jit
-def _fwd_inner(acc, den, wdiag, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
+def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
                MASKED: tl.constexpr, WDTYPE: tl.constexpr):
@@ -89,31 +91,28 @@ def _fwd_inner(acc, den, wdiag, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo
             if HAS_DECAY:
                 x += qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
             if MASKED:
-                x = tl.where(offs_m[:, None] >= offs_n[None, :], x, float("-inf"))
-            # Key 0 is visible to every row, so m_i is finite after the first block and never -inf - -inf.
+                x = tl.where(offs_m[:, None] > offs_n[None, :], x, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(x, 1))
-            alpha = tl.exp2(m_i - m_new)
-            w = tl.exp2(x - m_new[:, None])
+            m_use = m_new
+            if MASKED:  # a row with no key left of the diagonal yet keeps m = -inf: avoid -inf - -inf
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            w = tl.exp2(x - m_use[:, None])
             acc = acc * alpha[:, None]
             den = den * alpha
-            wdiag = wdiag * alpha
             m_i = m_new
         else:
             w = s if POWER == 1 else s * s
             if HAS_DECAY:
                 logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
                 if MASKED:  # before exp2: above the diagonal a_i - a_j > 0 could overflow
-                    logdec = tl.where(offs_m[:, None] >= offs_n[None, :], logdec, float("-inf"))
+                    logdec = tl.where(offs_m[:, None] > offs_n[None, :], logdec, float("-inf"))
                 w *= tl.exp2(logdec)
             elif MASKED:
-                w = tl.where(offs_m[:, None] >= offs_n[None, :], w, 0.0)
-        if MASKED:  # the diagonal weight is kept apart (see the module docstring)
-            on_diag = offs_m[:, None] == offs_n[None, :]
-            wdiag += tl.sum(tl.where(on_diag, w, 0.0), 1)
-            w = tl.where(on_diag, 0.0, w)
+                w = tl.where(offs_m[:, None] > offs_n[None, :], w, 0.0)
         den += tl.sum(w, 1)
         acc = tl.dot(w.to(WDTYPE), v.to(WDTYPE), acc)
-    return acc, den, wdiag, m_i
+    return acc, den, m_i
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
@@ -136,6 +135,8 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q, offs_m, tl.arange(0, BLOCK_D), N, D)
+    # s_ii from the rows of q and k themselves (before the loop, while few registers are live)
+    s_diag = tl.sum(q.to(tl.float32) * _load_rows(K, offs_m, tl.arange(0, BLOCK_D), N, D).to(tl.float32), 1) * scale
     if HAS_DECAY:
         a_ref = tl.load(A + start_m)
         qa = _local_decay(A, offs_m, a_ref, N)
@@ -144,14 +145,23 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
         qa = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
-    wdiag = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    acc, den, wdiag, m_i = _fwd_inner(acc, den, wdiag, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
-                                      D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
-    acc, den, wdiag, m_i = _fwd_inner(acc, den, wdiag, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
-                                      tl.minimum(start_m + BLOCK_M, N),
-                                      D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
-    # acc, den: off-diagonal sums; the diagonal term w_ii v_i joins here
+    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
+                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
+    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
+                               tl.minimum(start_m + BLOCK_M, N),
+                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
+    # acc, den: sums strictly left of the diagonal; the diagonal term w_ii v_i (decay 1) joins here
+    if POWER == 3:
+        x_diag = s_diag * LOG2E
+        m_new = tl.maximum(m_i, x_diag)
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        den = den * alpha
+        wdiag = tl.exp2(x_diag - m_new)
+        m_i = m_new
+    else:
+        wdiag = s_diag if POWER == 1 else s_diag * s_diag
     offs_dv = tl.arange(0, BLOCK_DV)
     total_den = den + wdiag
     total = acc + wdiag[:, None] * _load_rows(V, offs_m, offs_dv, N, DV).to(tl.float32)
@@ -182,11 +192,14 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
 def _row_stats(DELTA, FRAC, ROFF, offs, N, NORMALIZE: tl.constexpr):
     """delta, frac, roff of some query rows (zeros without normalisation, where they are not used)."""
     if NORMALIZE:
-        mask = offs < N
-        return (tl.load(DELTA + offs, mask=mask, other=0.0), tl.load(FRAC + offs, mask=mask, other=0.0),
-                tl.load(ROFF + offs, mask=mask, other=0.0))
-    zero = tl.zeros(offs.shape, tl.float32)
-    return zero, zero, zero
+        delta = tl.load(DELTA + offs, mask=offs < N, other=0.0)
+        frac = tl.load(FRAC + offs, mask=offs < N, other=0.0)
+        roff = tl.load(ROFF + offs, mask=offs < N, other=0.0)
+    else:
+        delta = tl.zeros_like(offs).to(tl.float32)
+        frac = delta
+        roff = delta
+    return delta, frac, roff
 
 
 @triton.jit

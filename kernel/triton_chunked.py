@@ -12,6 +12,9 @@ taken in float64, so each factor is <= 1 and nothing overflows.
 Cost per head: O(N C d) inside chunks, O(N D dv) for the states and queries, and O((N/C)^2 D dv) for
 the chunk-to-chunk sum, done as one matrix product (fine while N/C is in the hundreds). Everything is
 PyTorch autograd around the Triton attention and kron kernels, so gradients reach q, k, v and g.
+The normalisation o = num / den is differentiated by autograd, so this form does not have the quadratic
+kernel's protection of the diagonal term: a row dominated by its own key (the first token, strong decay)
+gets dL/dq_i from a cancellation, rounding noise amplified by 1 / s_ii for tiny s_ii.
 """
 from __future__ import annotations
 
