@@ -26,10 +26,9 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel.attention import attention  # noqa: E402
-from kernel.reference import attention_reference  # noqa: E402
-from kernel.triton_chunked import chunked_squared_attention  # noqa: E402
+from kernel.attention import attention
+from kernel.reference import attention_reference
+from kernel.triton_chunked import chunked_squared_attention
 
 OURS = {  # name -> (power, normalize); all with decay
     "2Mamba (ours)": ("2", True),

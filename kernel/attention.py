@@ -1,6 +1,8 @@
 """The public attention-core op: one entry point, dispatching to Triton on CUDA and to the reference elsewhere."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .reference import attention_reference, check_attention_args
@@ -9,9 +11,12 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """"auto" means Triton for CUDA tensors and the PyTorch reference otherwise."""
+    """"auto" means Triton for CUDA tensors and the PyTorch reference otherwise; the environment variable
+    TWOMAMBA_ATTENTION_BACKEND ("triton" or "torch") overrides "auto", e.g. to train through the reference."""
+    if backend == "auto":
+        backend = os.environ.get("TWOMAMBA_ATTENTION_BACKEND", "auto")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} (argument or TWOMAMBA_ATTENTION_BACKEND)")
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     return backend
