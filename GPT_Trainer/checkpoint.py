@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from GPT_Trainer.modeling import load_training_config
+from GPT_Trainer.modeling import load_plain, load_training_config
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -100,16 +100,6 @@ class ResumeState:
     nonfinite_steps: int
 
 
-def _load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        # torch's message is long; its "Unsupported global" line names the object that would need unpickling.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
-        detail = next((line for line in lines if "Unsupported global" in line), lines[0])
-        raise ValueError(f"could not read {path} (only tensors and plain values are accepted): {detail}") from err
-
-
 def _optimizer_fits(state: dict, optimizer) -> str | None:
     """Why the saved optimizer state cannot belong to these parameters, or None when it fits."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -140,7 +130,7 @@ def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
     recover_run_dir(path)
     config = load_training_config(path) or {}
     state_file = os.path.join(path, STATE_FILE)
-    state = _load(state_file) if os.path.isfile(state_file) else {}
+    state = load_plain(state_file) if os.path.isfile(state_file) else {}
     missing = []
     if "step" in state:
         step = int(state["step"])
@@ -153,7 +143,7 @@ def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
     optimizer_file = os.path.join(path, OPTIMIZER_FILE)
     if os.path.isfile(optimizer_file):
         try:
-            saved = _load(optimizer_file)
+            saved = load_plain(optimizer_file)
             mismatch = _optimizer_fits(saved, optimizer) if isinstance(saved, dict) else "not a state dict"
         except ValueError as err:  # unreadable without unpickling arbitrary objects
             mismatch = str(err)
@@ -168,7 +158,7 @@ def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
     restored_scheduler = False
     if os.path.isfile(scheduler_file):
         try:
-            scheduler.load_state_dict(_load(scheduler_file))
+            scheduler.load_state_dict(load_plain(scheduler_file))
             restored_scheduler = scheduler.last_epoch == step
         except (KeyError, TypeError, ValueError) as err:
             warnings.warn(f"{scheduler_file} does not fit our schedule ({err})")

@@ -144,27 +144,33 @@ def _weight_files(path: str) -> list[str]:
     raise FileNotFoundError(f"no model weights in {path}: expected model.safetensors (or its index, or pytorch_model.bin)")
 
 
+def load_plain(path: str):
+    """torch.load with weights_only=True: tensors and plain values only, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        # torch's message is long; its "Unsupported global" line names the object that would need unpickling.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
+        detail = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise ValueError(f"could not read {path} (only tensors and plain values are accepted): {detail}") from err
+
+
 def load_state_dict_file(file: str) -> dict[str, torch.Tensor]:
     """Tensors of one weights file; never unpickles objects."""
-    try:
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if not file.endswith(".safetensors"):
+        return load_plain(file)
+    from safetensors.torch import load_file
 
-            return load_file(file)
-        return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return load_file(file)
     except Exception as err:  # a truncated or foreign file: name it
         raise ValueError(f"could not read model weights from {file}: {err}") from err
 
 
 def load_training_config(path: str) -> dict | None:
-    """The seed's config.pt (a plain dict), loaded with weights_only=True; None when absent."""
+    """The seed's config.pt (a plain dict); None when absent."""
     file = os.path.join(path, "config.pt")
-    if not os.path.isfile(file):
-        return None
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read {file} (only plain dicts of numbers/strings are accepted): {err}") from err
+    return load_plain(file) if os.path.isfile(file) else None
 
 
 def read_config(path: str, vocab_size: int | None) -> TwoMambaConfig:
