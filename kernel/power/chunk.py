@@ -145,15 +145,16 @@ def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size
 
     b = torch.cumsum(gl, dim=-1)  # in-chunk cumulative decay, float64
     L = b[..., -1]
-    fq = _features((q * scale).reshape(B, H, n, C, d), power, backend)
-    fk = _features(k.reshape(B, H, n, C, d), power, backend)
+    # [B H n, C, features] blocks, so each product below is one batched matmul on contiguous operands
+    fq = _features((q * scale).reshape(B * H * n, C, d), power, backend)
+    fk = _features(k.reshape(B * H * n, C, d), power, backend)
     D = fk.shape[-1]
-    key_decay = torch.exp(L[..., None] - b).to(v1.dtype)
-    u = torch.einsum("bhncD,bhnce->bhnDe", fk, v1.reshape(B, H, n, C, E) * key_decay[..., None])
+    key_decay = torch.exp(L[..., None] - b).to(v1.dtype).reshape(B * H * n, C, 1)
+    u = fk.transpose(1, 2) @ (v1.reshape(B * H * n, C, E) * key_decay)
     h0 = None if initial_state is None else F.pad(initial_state, (0, E - dv - 1)).reshape(B * H, D * E)
     states, final = state_scan(u.reshape(B * H, n, D * E), L.reshape(B * H, n), h0, states_dtype=fq.dtype,
                                backend=backend)
-    inter = torch.einsum("bhncD,bhnDe->bhnce", fq, states.reshape(B, H, n, D, E)).to(compute)
+    inter = (fq @ states.reshape(B * H * n, D, E)).reshape(B, H, n, C, E).to(compute)
     total = intra + inter * torch.exp(b).to(compute)[..., None]
     return total.reshape(B, H, n * C, E)[:, :, :N, :dv + 1], final.reshape(B, H, D, E)[..., :dv + 1]
 
