@@ -39,15 +39,18 @@ def _kron_fwd_kernel(X, Y, M, D: tl.constexpr, E: tl.constexpr, BLOCK_ROWS: tl.c
 
 
 @triton.jit
-def _kron_bwd_kernel(X, DY, DX, M, D: tl.constexpr, E: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _kron_bwd_kernel(X, DY, DX, M, R, stride_dy_batch, stride_dy_row, stride_dy_entry, D: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dy is read as [M / R, R, E] with any strides (the products that feed it often leave it transposed)."""
     rows, cols, rmask, x = _row_block(X, M, D, BLOCK_ROWS, BLOCK_D)
+    dy_rows = DY + (rows // R) * stride_dy_batch + (rows % R) * stride_dy_row
     dx = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
     for i in range(D):
         xi = tl.load(X + rows * D + i, mask=rmask, other=0.0).to(tl.float32)
         start = i * D - i * (i - 1) // 2 - i
         mask = rmask[:, None] & ((cols >= i) & (cols < D))[None, :]
-        dy = tl.load(DY + rows[:, None] * E + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_rows[:, None] + (start + cols[None, :]) * stride_dy_entry, mask=mask,
+                     other=0.0).to(tl.float32)
         dxi = tl.sum(dy * x * tl.where(cols == i, 2.0, SQRT2)[None, :], axis=1)
         dx += tl.where(cols[None, :] > i, SQRT2 * dy * xi[:, None], 0.0)
         dx += tl.where(cols[None, :] == i, dxi[:, None], 0.0)
@@ -75,11 +78,11 @@ class _TritonKron(torch.autograd.Function):
         (x2,) = ctx.saved_tensors
         m, d = x2.shape
         e = d * (d + 1) // 2
-        dy2 = dy.reshape(-1, e).contiguous()
+        dy3 = dy.reshape(-1, dy.shape[-2] if dy.dim() > 1 else 1, e)  # a view whenever dy's batch dims allow
         dx = torch.empty_like(x2)
         if m:
-            _kron_bwd_kernel[(triton.cdiv(m, BLOCK_ROWS),)](x2, dy2, dx, m, D=d, E=e, BLOCK_ROWS=BLOCK_ROWS,
-                                                            BLOCK_D=triton.next_power_of_2(d))
+            _kron_bwd_kernel[(triton.cdiv(m, BLOCK_ROWS),)](x2, dy3, dx, m, dy3.shape[1], *dy3.stride(), D=d,
+                                                            BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(d))
         return dx.reshape(ctx.x_shape)
 
 
