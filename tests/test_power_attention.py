@@ -220,3 +220,20 @@ def test_gpu_recurrent_step(power):
     ref, ref_state = power_attention_naive(q, k, v, g, power=power, output_final_state=True)
     assert rel_err(o, ref[:, :, -1:]) < 1e-4
     assert rel_err(s, ref_state) < 1e-4
+
+
+@interpreter
+@pytest.mark.parametrize("T,C,d,E", [(2, 5, 8, 16), (1, 21, 16, 7), (3, 16, 12, 33)])
+def test_fused_feature_products(T, C, d, E):
+    """phi(a)^T b and phi(a) M with phi formed on chip == the materialised kron products, with gradients."""
+    from kernel.power.features import feature_apply, feature_outer
+
+    gen = torch.Generator().manual_seed(15)
+    nf = d * (d + 1) // 2
+    a, b = torch.randn(T, C, d, generator=gen), torch.randn(T, C, E, generator=gen)
+    m = torch.randn(T, nf, E, generator=gen)
+    for fn, args in ((feature_outer, (a, b)), (feature_apply, (a, m))):
+        outs, gs = grads(lambda *t: fn(*t, power="2", fused=True), args)
+        routs, rgs = grads(lambda *t: fn(*t, power="2", fused=False), [t.double() for t in args])
+        for x, r in zip(outs + gs, routs + rgs):
+            assert rel_err(x, r) < 1e-5
