@@ -21,7 +21,7 @@ from .recurrent import recurrent_power_attention, recurrent_step
 ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
 # "auto" uses the chunked form from this many tokens on; measured on an H200 with bench/attention.py
 # (forward + backward, bf16, H = 16, d = 64), see bench/NOTES.md.
-CHUNK_CROSSOVER = 8192
+CHUNK_CROSSOVER = 16384
 CHUNK_SIZE = 128
 
 __all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "ALGORITHMS"]
