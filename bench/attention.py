@@ -3,7 +3,8 @@
     python bench/attention.py [--lengths 2048 8192 32768] [--tokens 32768] [--heads 16] [--dim 64]
 
 Causal, bf16, B = tokens / N. Ours: the quadratic Triton kernels for 2Mamba, 2Mamba-E and linear+decay, and
-the linear-time chunked form of 2Mamba (kernel/triton_chunked.py). Times are triton.testing.do_bench medians in ms, forward and forward+backward,
+kernel.power_attention's linear-time chunked form of 2Mamba at several chunk sizes (--chunk-sizes) and its
+"auto" choice. Times are triton.testing.do_bench medians in ms, forward and forward+backward,
 every contender on the same inputs in the same process. Peers (--peers) are timed when importable:
 fla.ops.forgetting_attn.parallel_forgetting_attn (the math of 2Mamba-E) and retention.power_retention
 deg 2 with chunk 1024 (the math of 2Mamba, linear time); they run last, since their first call compiles and
@@ -28,14 +29,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernel.attention import attention
 from kernel.reference import attention_reference
-from kernel.triton_chunked import chunked_squared_attention
+from kernel.power import CHUNK_SIZE, power_attention
 
 OURS = {  # name -> (power, normalize); all with decay
     "2Mamba (ours)": ("2", True),
     "2Mamba-E (ours)": ("exp", True),
     "linear+decay (ours)": ("1", False),
 }
-CHUNKED = "2Mamba chunked C=256 (ours)"  # the linear-time form, same math as "2Mamba (ours)"
+CHUNK_SIZES = [CHUNK_SIZE]  # chunk sizes of the linear-time form timed (same math as "2Mamba (ours)"); --chunk-sizes
+
+
+def chunked_name(C):
+    return f"2Mamba chunk C={C} (ours)"
 REF_MAX_BYTES = 48e9  # the materialised fp32 reference holds several [B, H, N, N] tensors
 
 
@@ -81,7 +86,9 @@ def own_contenders(q, k, v, g, do):
     for name, (power, normalize) in OURS.items():
         out[name] = (lambda p=power, n=normalize: attention(q, k, v, g, power=p, normalize=n, backend="triton"),
                      leaves, do)
-    out[CHUNKED] = (lambda: chunked_squared_attention(q, k, v, g, chunk=256, backend="triton"), leaves, do)
+    for C in CHUNK_SIZES:
+        out[chunked_name(C)] = (lambda C=C: power_attention(q, k, v, g, algorithm="chunk", chunk_size=C), leaves, do)
+    out["2Mamba auto (ours)"] = (lambda: power_attention(q, k, v, g), leaves, do)
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
         def sdpa(b=backend):
             with sdpa_kernel(b):
@@ -151,14 +158,29 @@ def errors_at(N, H, d, peers=None):
                         [q, k, v, g], do)
             result[name] = errors(got, ref)
             if power == "2":
-                got = grads(lambda *t: chunked_squared_attention(*t, chunk=256, backend="triton"), [q, k, v, g], do)
-                result[CHUNKED] = errors(got, ref)
+                for C in CHUNK_SIZES:
+                    got = grads(lambda *t: power_attention(*t, algorithm="chunk", chunk_size=C), [q, k, v, g], do)
+                    result[chunked_name(C)] = errors(got, ref)
         return result
     for name, (fn, leaves, dout) in peer_contenders(q, k, v, g, do, peers).items():
         o = fn()
         got = [o.detach()] + list(torch.autograd.grad(o, leaves, dout.to(o.dtype)))
         result[name] = errors([x.transpose(1, 2) for x in got], reference(*PEER_MATH[name]))
     return result
+
+
+def profile_chunk(N, B, H, d):
+    """Kernel time by op of one forward+backward of the chunked form (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, g, do = make_inputs(B, H, N, d)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
+    for i in range(2):
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            power_attention(*leaves, algorithm="chunk", chunk_size=CHUNK_SIZES[0]).backward(do)
+            torch.cuda.synchronize()
+    print(f"\nprofile: chunked fwd+bwd, N={N} B={B} C={CHUNK_SIZES[0]}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
 
 
 def main():
@@ -170,7 +192,12 @@ def main():
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--error-length", type=int, default=2048, help="N of the float64 error check (B = 1)")
     parser.add_argument("--peers", nargs="*", default=["fla", "retention"], choices=["fla", "retention"])
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=CHUNK_SIZES,
+                        help="chunk sizes of the linear-time form to time")
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
+                        help="also print a torch.profiler table of one chunked fwd+bwd at this N (B = tokens / N)")
     args = parser.parse_args()
+    CHUNK_SIZES[:] = args.chunk_sizes
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
@@ -209,6 +236,8 @@ def main():
                       f"fwd+bwd {fwd_bwd or math.nan:8.3f} ms", flush=True)
             del q, k, v, g, do
             torch.cuda.empty_cache()
+    if args.profile:
+        profile_chunk(args.profile, max(1, args.tokens // args.profile), args.heads, args.dim)
     if peers:
         report[error_key].update(errors_at(args.error_length, args.heads, args.dim, peers))
         save()

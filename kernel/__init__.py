@@ -2,6 +2,7 @@
 from .attention import attention
 from .conv import causal_conv1d
 from .kron import kron
+from .power import power_attention
 from .reference import attention_reference
 
-__all__ = ["attention", "attention_reference", "causal_conv1d", "kron"]
+__all__ = ["attention", "attention_reference", "causal_conv1d", "kron", "power_attention"]

@@ -1,0 +1,74 @@
+"""Power attention with state in and out: one op, three algorithms (docs/math.md#linear-time-form).
+
+    quadratic  the N x N Triton kernel (kernel.attention), exact diagonal handling; O(N^2)
+    chunk      quadratic inside chunks, a float32 state passed between them; O(N)   (chunk.py)
+    recurrent  token by token; a fused one-token Triton step for decoding           (recurrent.py)
+    naive      the token loop in plain PyTorch, the float64 ground truth             (naive.py)
+
+The state of a head is one tensor M = [S, z] of shape [D, dv + 1] (float32; float64 for float64 inputs):
+S = sum_j e^{a_N - a_j} phi(k_j) v_j^T and z = sum_j e^{a_N - a_j} phi(k_j), with phi(x) = x for power
+"1" (D = d) and kron(x) for power "2" (D = d (d + 1) / 2), phi of the unscaled keys. A zero state is an
+empty context, so a sequence split anywhere with the state passed on gives the output of one call.
+"""
+from __future__ import annotations
+
+from ..attention import attention
+from ..reference import check_attention_args
+from .chunk import chunk_power_attention, state_scan
+from .naive import normalized, power_attention_naive, state_size
+from .recurrent import recurrent_power_attention, recurrent_step
+
+ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
+# "auto" uses the chunked form from this many tokens on; measured on an H200 with bench/attention.py
+# (forward + backward, bf16, H = 16, d = 64), see bench/NOTES.md.
+CHUNK_CROSSOVER = 8192
+CHUNK_SIZE = 128
+
+__all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "ALGORITHMS"]
+
+
+def _check_state(state, q, v, power, name="initial_state"):
+    B, H, _, d = q.shape
+    shape = (B, H, state_size(d, power), v.shape[-1] + 1)
+    if tuple(state.shape) != shape:
+        raise ValueError(f"{name} must be [B, H, D, dv + 1] = {shape} for power {power!r}, got {tuple(state.shape)}")
+
+
+def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, initial_state=None,
+                    output_final_state=False, algorithm="auto", chunk_size=CHUNK_SIZE, backend="auto"):
+    """Causal power attention, o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij), with state in and out.
+
+    q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] (<= 0) or None; power "1"
+    (w = s), "2" (w = s^2) or "exp" (w = e^s), s = scale * q.k, scale 1/sqrt(d) by default.
+    initial_state: a state returned by an earlier call (any algorithm) or None (empty context).
+    Returns o in q's dtype, or (o, final_state) with output_final_state=True. Power "exp" has no finite
+    state and runs the quadratic kernel only. backend ("auto", "triton", "torch") picks the kernels.
+    """
+    scale = check_attention_args(q, k, v, g, power, scale)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    stateful = initial_state is not None or output_final_state
+    if power == "exp":
+        if stateful or algorithm not in ("auto", "quadratic"):
+            raise ValueError("power 'exp' has no finite state: only algorithm 'quadratic' (or 'auto') without "
+                             "initial_state/output_final_state; decode it with a KV cache")
+        return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend)
+    if initial_state is not None:
+        _check_state(initial_state, q, v, power)
+    N = q.shape[2]
+    if algorithm == "auto":
+        algorithm = "recurrent" if N == 1 and stateful else "chunk" if N >= CHUNK_CROSSOVER else "quadratic"
+    if algorithm == "recurrent":
+        return recurrent_power_attention(q, k, v, g, power=power, normalize=normalize, scale=scale,
+                                         initial_state=initial_state, output_final_state=output_final_state,
+                                         backend=backend)
+    if algorithm == "quadratic" and not stateful:
+        return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend)
+    # the quadratic algorithm with a state is the chunked one with a single chunk
+    total, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, initial_state=initial_state,
+                                         chunk_size=N if algorithm == "quadratic" else chunk_size,
+                                         backend=backend)
+    o = normalized(total, normalize).to(q.dtype)
+    return (o, final) if output_final_state else o

@@ -1,0 +1,162 @@
+"""Chunked linear-time power attention (docs/math.md#linear-time-form), state in and out.
+
+The sequence is cut into chunks of C tokens. With b the cumulative log decay inside a chunk (b_t sums g
+from the chunk's first token to t, so b <= 0 and L = b_last is the chunk's total decay) and M_c = [S, z]
+the state entering chunk c ([D, dv + 1], float32):
+    [num_t, den_t] = intra_t + e^{b_t} phi(scale q_t)^T M_c
+    intra_t        = sum_{j <= t in the chunk} e^{b_t - b_j} w(q_t, k_j) [v_j, 1]    (the quadratic kernel)
+    M_{c+1}        = e^{L_c} M_c + U_c,   U_c = sum_{j in c} e^{L_c - b_j} phi(k_j) [v_j, 1]^T
+The states M_c come from one sequential pass over the chunks (a Triton kernel on the GPU, forward and
+backward), not from a product over all chunk pairs. Every exponent is a difference inside one chunk, so
+each factor is <= 1 and nothing overflows at any length; b is summed in float64.
+Everything else is matrix products and the Triton attention/kron kernels, so autograd reaches q, k, v,
+g and the initial state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
+from ..attention import attention, resolve_backend
+from ..kron import kron
+
+SCAN_BLOCK = 1024
+
+
+@triton.jit
+def _scan_fwd_kernel(U, LOGD, H0, STATES, FINAL, n, M, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+    """STATES[c] = state entering chunk c; FINAL = state after the last chunk. One program per (head, block)."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    if HAS_H0:
+        h = tl.load(H0 + bh * M + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK], tl.float32)
+    for c in range(n):
+        row = (bh * n + c) * M
+        tl.store(STATES + row + offs, h.to(STATES.dtype.element_ty), mask=mask)
+        u = tl.load(U + row + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.exp(tl.load(LOGD + bh * n + c)) * h + u
+    tl.store(FINAL + bh * M + offs, h, mask=mask)
+
+
+@triton.jit
+def _scan_bwd_kernel(STATES, LOGD, DSTATES, DFINAL, DU, DLOGD, DH0, n, M, NBLOCKS,
+                     HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Reverse pass: dU_c = dM_{c+1}; dL_c = e^{L_c} <dM_{c+1}, M_c> (one partial sum per block)."""
+    bh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    if HAS_DFINAL:
+        dh = tl.load(DFINAL + bh * M + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dh = tl.zeros([BLOCK], tl.float32)
+    for i in range(n):
+        c = n - 1 - i
+        row = (bh * n + c) * M
+        tl.store(DU + row + offs, dh.to(DU.dtype.element_ty), mask=mask)
+        decay = tl.exp(tl.load(LOGD + bh * n + c))
+        h = tl.load(STATES + row + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DLOGD + (bh * n + c) * NBLOCKS + blk, decay * tl.sum(dh * h, axis=0))
+        dh = decay * dh + tl.load(DSTATES + row + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DH0 + bh * M + offs, dh, mask=mask)
+
+
+class _TritonStateScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, log_decay, h0, states_dtype):
+        BH, n, M = u.shape
+        states = torch.empty(BH, n, M, dtype=states_dtype, device=u.device)
+        final = torch.empty(BH, M, dtype=torch.float32, device=u.device)
+        grid = (BH, triton.cdiv(M, SCAN_BLOCK))
+        _scan_fwd_kernel[grid](u, log_decay, h0 if h0 is not None else u, states, final, n, M,
+                               HAS_H0=h0 is not None, BLOCK=SCAN_BLOCK)
+        ctx.save_for_backward(states, log_decay)
+        ctx.has_h0 = h0 is not None
+        ctx.u_dtype = u.dtype
+        return states, final
+
+    @staticmethod
+    def backward(ctx, dstates, dfinal):
+        states, log_decay = ctx.saved_tensors
+        BH, n, M = states.shape
+        nblocks = triton.cdiv(M, SCAN_BLOCK)
+        dstates = torch.zeros_like(states) if dstates is None else dstates.contiguous()
+        du = torch.empty(BH, n, M, dtype=ctx.u_dtype, device=states.device)
+        dlog_parts = torch.empty(BH, n, nblocks, dtype=torch.float32, device=states.device)
+        dh0 = torch.empty(BH, M, dtype=torch.float32, device=states.device)
+        _scan_bwd_kernel[(BH, nblocks)](states, log_decay, dstates,
+                                        dfinal.float().contiguous() if dfinal is not None else states,
+                                        du, dlog_parts, dh0, n, M, nblocks,
+                                        HAS_DFINAL=dfinal is not None, BLOCK=SCAN_BLOCK)
+        return du, dlog_parts.sum(-1), dh0 if ctx.has_h0 else None, None
+
+
+def state_scan(u, log_decay, h0=None, *, states_dtype=None, backend="auto"):
+    """M_0 = h0 (or 0), M_{c+1} = e^{log_decay_c} M_c + u_c over the chunk axis, accumulated in float32.
+
+    u: [BH, n, M] (any float dtype); log_decay: [BH, n] (<= 0); h0: [BH, M] or None. Returns states
+    [BH, n, M] (the state entering each chunk, in states_dtype, float32 by default) and the final state
+    [BH, M] (float32). Float64 inputs stay float64 throughout. Differentiable.
+    """
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if resolve_backend(backend, u) == "torch" or compute == torch.float64:
+        h = u.new_zeros(u.shape[0], u.shape[2], dtype=compute) if h0 is None else h0.to(compute)
+        states = []
+        for c in range(u.shape[1]):
+            states.append(h)
+            h = torch.exp(log_decay[:, c, None]).to(compute) * h + u[:, c].to(compute)
+        states = torch.stack(states, dim=1)
+        return states.to(states_dtype or compute), h
+    return _TritonStateScan.apply(u.contiguous(), log_decay.float().contiguous(),
+                                  None if h0 is None else h0.float().contiguous(), states_dtype or torch.float32)
+
+
+def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size, backend="auto"):
+    """Un-normalised [num, den] ([B, H, N, dv + 1], float32 or float64) and the final state.
+
+    q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] or None; initial_state: [B, H, D, dv + 1] or None.
+    """
+    B, H, N, d = q.shape
+    dv = v.shape[-1]
+    C = max(1, min(chunk_size, N))
+    pad = (-N) % C
+    n = (N + pad) // C
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # [v, 1] padded with zero columns to a multiple of 16 (aligned rows for the tensor-core products)
+    E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
+    v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
+    # padded keys are 0 (no weight, no state), padded decays 0 (no decay); padded queries are cut off
+    q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
+    gl = torch.zeros(B, H, n, C, dtype=torch.float64, device=q.device) if g is None else \
+        F.pad(g, (0, pad)).to(torch.float64).reshape(B, H, n, C)
+
+    def chunks(t):
+        return t.reshape(B, H * n, C, t.shape[-1])
+
+    intra = attention(chunks(q), chunks(k), chunks(v1), None if g is None else gl.reshape(B, H * n, C),
+                      power=power, normalize=False, scale=scale, backend=backend)
+    intra = intra.reshape(B, H, n, C, E).to(compute)
+
+    b = torch.cumsum(gl, dim=-1)  # in-chunk cumulative decay, float64
+    L = b[..., -1]
+    fq = _features((q * scale).reshape(B, H, n, C, d), power, backend)
+    fk = _features(k.reshape(B, H, n, C, d), power, backend)
+    D = fk.shape[-1]
+    key_decay = torch.exp(L[..., None] - b).to(v1.dtype)
+    u = torch.einsum("bhncD,bhnce->bhnDe", fk, v1.reshape(B, H, n, C, E) * key_decay[..., None])
+    h0 = None if initial_state is None else F.pad(initial_state, (0, E - dv - 1)).reshape(B * H, D * E)
+    states, final = state_scan(u.reshape(B * H, n, D * E), L.reshape(B * H, n), h0, states_dtype=fq.dtype,
+                               backend=backend)
+    inter = torch.einsum("bhncD,bhnDe->bhnce", fq, states.reshape(B, H, n, D, E)).to(compute)
+    total = intra + inter * torch.exp(b).to(compute)[..., None]
+    return total.reshape(B, H, n * C, E)[:, :, :N, :dv + 1], final.reshape(B, H, D, E)[..., :dv + 1]
+
+
+def _features(x, power, backend):
+    return x if power == "1" else kron(x, backend=backend)

@@ -1,0 +1,98 @@
+"""Recurrent power attention: the one-token decode step as one fused Triton kernel.
+
+For a single new token (per head): M <- e^g M + phi(k) [v, 1]^T, [num, den] = phi(scale q)^T M, updated
+in place. One program per (head, block of state columns) walks the D feature rows in blocks, forming
+phi(k) and phi(q) on the fly from the index tables of kron (docs/math.md#linear-time-form). Longer inputs
+and CPU tensors use the token loop of naive.py.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
+from ..attention import resolve_backend
+from .naive import normalized, power_attention_naive
+
+BLOCK_D = 64
+BLOCK_E = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_tables(d: int, power: str, device: torch.device):
+    """(i_e, j_e, c_e): feature e of phi(x) is c_e x[i_e] x[j_e] (power "2") or x[i_e] (power "1")."""
+    if power == "1":
+        i = torch.arange(d)
+        return i.to(torch.int32).to(device), i.to(torch.int32).to(device), torch.ones(d, device=device)
+    i, j = torch.triu_indices(d, d)
+    c = torch.where(i == j, 1.0, math.sqrt(2.0))
+    return i.to(torch.int32).to(device), j.to(torch.int32).to(device), c.to(device)
+
+
+@triton.jit
+def _step_kernel(Q, K, V, G, STATE, OUT, I, J, C, scale, D, E, d: tl.constexpr, dv: tl.constexpr,
+                 SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    v1 = tl.load(V + bh * dv + cols, mask=cols < dv, other=1.0).to(tl.float32)
+    v1 = tl.where(cols < dv, v1, 1.0)
+    decay = 1.0
+    if HAS_DECAY:
+        decay = tl.exp(tl.load(G + bh).to(tl.float32))
+    acc = tl.zeros([BLOCK_E], tl.float32)
+    for r0 in range(0, D, BLOCK_D):
+        rows = r0 + tl.arange(0, BLOCK_D)
+        rmask = rows < D
+        i = tl.load(I + rows, mask=rmask, other=0)
+        c = tl.load(C + rows, mask=rmask, other=0.0)
+        fq = tl.load(Q + bh * d + i, mask=rmask, other=0.0).to(tl.float32) * scale * c
+        fk = tl.load(K + bh * d + i, mask=rmask, other=0.0).to(tl.float32) * c
+        if SQUARE:
+            j = tl.load(J + rows, mask=rmask, other=0)
+            fq *= tl.load(Q + bh * d + j, mask=rmask, other=0.0).to(tl.float32) * scale
+            fk *= tl.load(K + bh * d + j, mask=rmask, other=0.0).to(tl.float32)
+        ptrs = STATE + bh * D * E + rows[:, None] * E + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        m = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v1[None, :]
+        tl.store(ptrs, m, mask=mask)
+        acc += tl.sum(fq[:, None] * m, axis=0)
+    tl.store(OUT + bh * E + cols, acc, mask=cmask)
+
+
+def recurrent_step(q, k, v, g, state, *, power, scale):
+    """One token on the GPU: updates `state` ([B, H, D, dv + 1], float32, contiguous) in place and returns
+    the un-normalised [num, den] ([B, H, 1, dv + 1], float32)."""
+    B, H, _, d = q.shape
+    dv = v.shape[-1]
+    D, E = state.shape[-2:]
+    out = torch.empty(B, H, 1, E, dtype=torch.float32, device=q.device)
+    i, j, c = _feature_tables(d, power, q.device)
+    grid = (B * H, triton.cdiv(E, BLOCK_E))
+    _step_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else q,
+                       state, out, i, j, c, float(scale), D, E, d=d, dv=dv, SQUARE=power == "2",
+                       HAS_DECAY=g is not None, BLOCK_D=BLOCK_D, BLOCK_E=BLOCK_E)
+    return out
+
+
+def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_state, output_final_state,
+                              backend="auto"):
+    """Token-by-token power attention (inference: no gradients through the fused step)."""
+    use_kernel = (q.shape[2] == 1 and resolve_backend(backend, q) == "triton" and q.dtype != torch.float64
+                  and not torch.is_grad_enabled())
+    if not use_kernel:
+        return power_attention_naive(q, k, v, g, power=power, normalize=normalize, scale=scale,
+                                     initial_state=initial_state, output_final_state=output_final_state)
+    B, H, _, d = q.shape
+    D = d if power == "1" else d * (d + 1) // 2
+    if initial_state is None:
+        state = torch.zeros(B, H, D, v.shape[-1] + 1, dtype=torch.float32, device=q.device)
+    else:
+        state = initial_state.float().contiguous().clone()
+    total = recurrent_step(q, k, v, g, state, power=power, scale=scale)
+    o = normalized(total, normalize).to(q.dtype)
+    return (o, state) if output_final_state else o

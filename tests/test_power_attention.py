@@ -1,0 +1,221 @@
+"""kernel.power_attention: every algorithm against float64 references, forward and every gradient.
+
+References: attention_reference (the N x N form, float64) for outputs without state, and the float64
+token recurrence of kernel/power/naive.py for states; naive itself is checked against the N x N form.
+The Triton kernels (state scan, one-token step, and the attention/kron kernels inside the chunked form)
+run here under the interpreter on CPU tensors; on CUDA machines the gpu tests cover them.
+"""
+import pytest
+import torch
+
+from kernel import attention_reference, power_attention
+from kernel.power import power_attention_naive, state_scan, state_size
+
+interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test on CPU tensors")
+
+
+def make_inputs(seed, B, H, N, d, dv, *, decay=1.0, positive=False, dtype=torch.float64, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, x, generator=gen, dtype=torch.float64) for x in (d, d, dv))
+    if positive:  # power 1 with normalisation needs keys and queries whose scores keep one sign
+        q, k = q.abs(), k.abs()
+    g = -torch.rand(B, H, N, generator=gen, dtype=torch.float64) * decay
+    return tuple(t.to(dtype=dtype, device=device) for t in (q, k, v, g))
+
+
+def random_state(seed, B, H, d, dv, power, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.rand(B, H, state_size(d, power), dv + 1, generator=gen, dtype=torch.float64)
+    return s.to(dtype)
+
+
+def grads(fn, tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(123)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+               for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad for t in tensors]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("power,normalize", [("1", False), ("1", True), ("2", False), ("2", True)])
+def test_naive_matches_quadratic_reference(power, normalize):
+    q, k, v, g = make_inputs(1, 2, 2, 19, 8, 5, positive=normalize and power == "1")
+    for gg in (g, None):
+        ref = attention_reference(q, k, v, gg, power=power, normalize=normalize)
+        out = power_attention_naive(q, k, v, gg, power=power, normalize=normalize)
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("power", ["1", "2"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("algorithm,chunk", [("chunk", 16), ("chunk", 5), ("quadratic", 16), ("recurrent", 16)])
+def test_algorithms_float64(power, normalize, algorithm, chunk):
+    """Every algorithm with a state in and out == the float64 recurrence, forward and all gradients."""
+    B, H, N, d, dv = 2, 2, 37, 8, 6
+    q, k, v, g = make_inputs(2, B, H, N, d, dv, positive=normalize and power == "1")
+    s0 = random_state(3, B, H, d, dv, power)
+
+    def run(q, k, v, g, s0):
+        return power_attention(q, k, v, g, power=power, normalize=normalize, initial_state=s0,
+                               output_final_state=True, algorithm=algorithm, chunk_size=chunk, backend="torch")
+
+    def ref(q, k, v, g, s0):
+        return power_attention_naive(q, k, v, g, power=power, normalize=normalize, initial_state=s0,
+                                     output_final_state=True)
+
+    outs, gs = grads(run, (q, k, v, g, s0))
+    routs, rgs = grads(ref, (q, k, v, g, s0))
+    for a, b in zip(outs + gs, routs + rgs):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("power", ["1", "2"])
+def test_split_anywhere_equals_one_call(power):
+    B, H, N, d, dv = 1, 2, 41, 8, 4
+    q, k, v, g = make_inputs(4, B, H, N, d, dv, decay=0.5)
+    whole, final = power_attention(q, k, v, g, power=power, output_final_state=True, algorithm="chunk",
+                                   chunk_size=16, backend="torch")
+    for cuts in ([1], [16, 17], [5, 6, 30, 40]):
+        state, pieces, start = None, [], 0
+        for i, end in enumerate(cuts + [N]):
+            algorithm = ("quadratic", "chunk", "recurrent")[i % 3]
+            o, state = power_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                       g[:, :, start:end], power=power, initial_state=state,
+                                       output_final_state=True, algorithm=algorithm, chunk_size=16,
+                                       backend="torch")
+            pieces.append(o)
+            start = end
+        torch.testing.assert_close(torch.cat(pieces, dim=2), whole, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(state, final, rtol=1e-9, atol=1e-10)
+
+
+def test_extreme_decay_and_no_decay():
+    """Decays from 0 to -1e4 per token: the chunked form keeps every exponent a difference inside a chunk."""
+    B, H, N, d, dv = 1, 2, 50, 8, 4
+    q, k, v, g = make_inputs(5, B, H, N, d, dv)
+    g = g * torch.tensor([1e-6, 1e4], dtype=torch.float64)[None, :, None]
+    for gg in (g, None):
+        ref = attention_reference(q, k, v, gg, power="2")
+        out, state = power_attention(q, k, v, gg, power="2", output_final_state=True, algorithm="chunk",
+                                     chunk_size=16, backend="torch")
+        assert torch.isfinite(state).all()
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_zero_rows_give_zero():
+    q, k, v, g = make_inputs(6, 1, 1, 20, 4, 3)
+    k[:, :, :7] = 0  # the first 7 rows see only zero keys: normaliser 0
+    out = power_attention(q, k, v, g, power="2", algorithm="chunk", chunk_size=8, backend="torch")
+    assert torch.equal(out[:, :, :7], torch.zeros_like(out[:, :, :7]))
+    assert torch.isfinite(out).all()
+
+
+def test_bad_arguments():
+    q, k, v, g = make_inputs(7, 1, 1, 4, 4, 3)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        power_attention(q, k, v, g, algorithm="parallel")
+    with pytest.raises(ValueError, match="no finite state"):
+        power_attention(q, k, v, g, power="exp", output_final_state=True)
+    with pytest.raises(ValueError, match="initial_state must be"):
+        power_attention(q, k, v, g, initial_state=torch.zeros(1, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="chunk_size"):
+        power_attention(q, k, v, g, algorithm="chunk", chunk_size=0)
+
+
+@interpreter
+@pytest.mark.parametrize("power", ["1", "2"])
+@pytest.mark.parametrize("has_state", [True, False])
+def test_chunk_triton_interpreter(power, has_state):
+    """The chunked form through the Triton kernels (fp32) against the float64 recurrence, all gradients."""
+    B, H, N, d, dv = 1, 2, 21, 8, 6
+    q, k, v, g = make_inputs(8, B, H, N, d, dv, decay=2.0)
+    s0 = random_state(9, B, H, d, dv, power) if has_state else None
+
+    def run(dtype, fn, **kw):
+        def call(q, k, v, g, *s):
+            return fn(q, k, v, g, power=power, initial_state=s[0] if s else None, output_final_state=True, **kw)
+        tensors = [t.to(dtype) for t in (q, k, v, g)] + ([s0.to(dtype)] if has_state else [])
+        return grads(call, tensors)
+
+    outs, gs = run(torch.float32, power_attention, algorithm="chunk", chunk_size=8, backend="triton")
+    routs, rgs = run(torch.float64, power_attention_naive)
+    for a, b in zip(outs + gs, routs + rgs):
+        assert rel_err(a, b) < 2e-5
+
+
+@interpreter
+def test_state_scan_triton_matches_torch():
+    gen = torch.Generator().manual_seed(10)
+    u = torch.randn(3, 5, 2100, generator=gen)
+    log_decay = -torch.rand(3, 5, generator=gen) * 3
+    h0 = torch.randn(3, 2100, generator=gen)
+    outs, gs = grads(lambda u, l, h: state_scan(u, l, h, backend="triton"), (u, log_decay, h0))
+    routs, rgs = grads(lambda u, l, h: state_scan(u, l, h, backend="torch"), (u.double(), log_decay.double(),
+                                                                              h0.double()))
+    for a, b in zip(outs + gs, routs + rgs):
+        assert rel_err(a, b) < 1e-6
+
+
+@interpreter
+@pytest.mark.parametrize("power", ["1", "2"])
+def test_recurrent_step_kernel(power):
+    """Decoding token by token with the fused Triton step == the chunked form over the whole sequence."""
+    B, H, N, d, dv = 2, 2, 6, 8, 6
+    q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))
+    ref, ref_state = power_attention_naive(q.double(), k.double(), v.double(), g.double(), power=power,
+                                           output_final_state=True)
+    state, outs = None, []
+    with torch.no_grad():
+        for t in range(N):
+            o, state = power_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], g[:, :, t:t + 1],
+                                       power=power, initial_state=state, output_final_state=True,
+                                       backend="triton")
+            outs.append(o)
+    assert rel_err(torch.cat(outs, dim=2), ref) < 1e-5
+    assert rel_err(state, ref_state) < 1e-5
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("power", ["1", "2"])
+@pytest.mark.parametrize("N", [1000, 4133])
+def test_gpu_chunk_bf16(power, N):
+    """Real shapes on the GPU in bf16: o and every gradient within 1e-2 of float64 (relative norm)."""
+    B, H, d, dv = 2, 4, 64, 64
+    q, k, v, g = make_inputs(12, B, H, N, d, dv, decay=0.2, positive=power == "1")
+    s0 = random_state(13, B, H, d, dv, power) * 0.1
+
+    def call(fn, dtype, device, **kw):
+        def f(q, k, v, g, s):
+            return fn(q, k, v, g, power=power, initial_state=s, output_final_state=True, **kw)
+        ts = [t.to(device=device, dtype=dtype) for t in (q, k, v)] + [g.to(device), s0.to(device)]
+        return grads(f, ts)
+
+    outs, gs = call(power_attention, torch.bfloat16, "cuda", algorithm="chunk")
+    routs, rgs = call(power_attention_naive, torch.float64, "cuda")
+    for a, b in zip(outs + gs, routs + rgs):
+        assert rel_err(a, b) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("power", ["1", "2"])
+def test_gpu_recurrent_step(power):
+    B, H, N, d, dv = 3, 4, 40, 64, 64
+    q, k, v, g = (t.cuda() for t in make_inputs(14, B, H, N, d, dv, decay=0.3, positive=power == "1"))
+    _, state = power_attention(q[:, :, :-1].float(), k[:, :, :-1].float(), v[:, :, :-1].float(), g[:, :, :-1],
+                               power=power, output_final_state=True, algorithm="chunk")
+    with torch.no_grad():
+        o, s = power_attention(q[:, :, -1:].float(), k[:, :, -1:].float(), v[:, :, -1:].float(), g[:, :, -1:],
+                               power=power, initial_state=state, output_final_state=True)
+    ref, ref_state = power_attention_naive(q, k, v, g, power=power, output_final_state=True)
+    assert rel_err(o, ref[:, :, -1:]) < 1e-4
+    assert rel_err(s, ref_state) < 1e-4
