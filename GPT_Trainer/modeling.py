@@ -188,9 +188,9 @@ class TwoMambaForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=None,
                                       logits_to_keep=None, next_sequence_length=None, is_first_iteration=False,
                                       **kwargs):
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in ("output_attentions", "output_hidden_states"))
-        if unsupported or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            raise ValueError(f"TwoMambaForCausalLM.generate does not support {unsupported or 'output_attentions/output_hidden_states'}")
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        if unsupported:  # e.g. output_attentions=True: there are no attention maps to return
+            raise ValueError(f"TwoMambaForCausalLM.generate does not support {unsupported}")
         if next_sequence_length is not None:
             input_ids = input_ids[:, -next_sequence_length:]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
@@ -200,8 +200,8 @@ class TwoMambaForCausalLM(PreTrainedModel, GenerationMixin):
         return inputs
 
 
-AutoConfig.register(TwoMambaConfig.model_type, TwoMambaConfig)
-AutoModelForCausalLM.register(TwoMambaConfig, TwoMambaForCausalLM)
+AutoConfig.register(TwoMambaConfig.model_type, TwoMambaConfig, exist_ok=True)
+AutoModelForCausalLM.register(TwoMambaConfig, TwoMambaForCausalLM, exist_ok=True)
 
 
 def make_config(model_size: str, model_max_length: int, vocab_size: int, attention_type: str,

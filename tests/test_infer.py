@@ -232,6 +232,8 @@ def test_bad_arguments_are_reported():
         model.generate(ids, max_new_tokens=2, token_type_idz=ids)
     with pytest.raises(ValueError, match="only supports"):
         model.generate(ids, max_new_tokens=2, num_beams=2)
+    with pytest.raises(ValueError, match="does not support"):
+        model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
 
 
 @pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA])
