@@ -443,20 +443,21 @@ class Mamba2(nn.Module):
         d_mlp = self.d_mlp
         return torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.d_state, self.nheads], dim=-1)
 
-    def forward(self, h, cache: RecurrentState | None = None):
+    def forward(self, h, entry: RecurrentState | None = None):
+        """h [B, N, d_model]; entry: this block's cache entry (conv rows and SSD state), continued and updated."""
         z0, x0, z, xbc, dt = self.split(self.in_proj(h))
-        xbc = F.silu(cached_causal_conv(xbc, self.conv1d.weight, None, None if cache is None else cache.conv))
+        xbc = F.silu(cached_causal_conv(xbc, self.conv1d.weight, None, None if entry is None else entry.conv))
         x, bmat, cmat = torch.split(xbc, [self.d_ssm, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(1, 2)  # [B, nheads, N]
         g = -torch.exp(self.A_log.float())[None, :, None] * dt
         # The SSD scan is linear attention with q = C, k = B, v = dt*x, decay dt*A, unnormalised, scale 1.
         q, k, v = cmat.unsqueeze(1), bmat.unsqueeze(1), (x.unsqueeze(1) * dt[..., None]).to(x.dtype)
         op = functools.partial(power_attention, power="1", normalize=False, scale=1.0)
-        if cache is None:
+        if entry is None:
             y = op(q, k, v, g)
         else:
-            y, state = op(q, k, v, g, initial_state=cache.state, output_final_state=True)
-            cache.state.copy_(state)
+            y, state = op(q, k, v, g, initial_state=entry.state, output_final_state=True)
+            entry.state.copy_(state)
         y = y.squeeze(1).to(h.dtype) + x * self.D.to(h.dtype)
         y = self.norm(y * F.silu(z))  # gated RMSNorm, the gate before the norm
         return self.out_proj(torch.cat([F.silu(z0) * x0, y.to(z0.dtype)], dim=-1))

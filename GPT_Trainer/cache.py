@@ -124,7 +124,7 @@ class TwoMambaCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        sizes = {(e.state if isinstance(e, RecurrentState) else e.k if isinstance(e, KVState) else e.ssm).shape[0]
+        sizes = {next(t for t in vars(e).values() if isinstance(t, torch.Tensor)).shape[0]
                  for e in self.layers if e is not None}
         return sizes.pop() if sizes else -1
 
