@@ -170,7 +170,10 @@ class TwoMambaForCausalLM(PreTrainedModel, GenerationMixin):
         if n == 1 and cache is not None and cache.seen_tokens > 0:
             return None
         padding = attention_mask[:, -n:].bool()
-        return None if bool(padding.all()) else padding
+        unpadded, left_only = torch.stack([padding.all(), (padding[:, 1:] >= padding[:, :-1]).all()]).tolist()
+        if not left_only:
+            raise ValueError("attention_mask may only mark left padding (zeros before a row's first token)")
+        return None if unpadded else padding
 
     # generate() support: the cache is the model's own, created with room for prompt + new tokens
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):

@@ -228,6 +228,8 @@ def test_bad_arguments_are_reported():
         model(ids, return_dict=False)
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="only mark left padding"):
+        model(ids, attention_mask=torch.tensor([[1, 0, 1]]))
     with pytest.raises(ValueError, match="not used by the model"):
         model.generate(ids, max_new_tokens=2, token_type_idz=ids)
     with pytest.raises(ValueError, match="only supports"):
