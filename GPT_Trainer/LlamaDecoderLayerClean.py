@@ -337,15 +337,19 @@ def rotary_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
 
 
-def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def rotary_cos_sin(freqs: torch.Tensor, offset: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [n, d] of the rotation angles of positions offset, offset+1, ... (float32)."""
+    pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
+    angles = (pos[:, None] * freqs.float()[None, :]).repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved-pair RoPE (channels (0,1), (2,3), ... rotate together) on x [B, H, N, d]."""
-    n = x.shape[-2]
-    pos = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)
-    angles = (pos[:, None] * freqs.float()[None, :]).repeat_interleave(2, dim=-1)  # [N, d]
     x_f = x.float()
     pairs = x_f.unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (x_f * angles.cos() + rotated * angles.sin()).to(x.dtype)
+    return (x_f * cos + rotated * sin).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -355,8 +359,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.freqs = nn.Parameter(rotary_frequencies(dim), requires_grad=False)
 
-    def forward(self, x, offset: int = 0):
-        return apply_rotary(x, self.freqs, offset)
+    def forward(self, q, k, offset: int = 0):
+        """q and k [B, H, N, d] rotated for positions offset, offset+1, ... (one angle table for both)."""
+        cos, sin = rotary_cos_sin(self.freqs, offset, q.shape[-2], q.device)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class SoftmaxAttention(nn.Module):
@@ -379,7 +385,7 @@ class SoftmaxAttention(nn.Module):
         """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions offset, offset+1, ..."""
         b, n, _ = h.shape
         q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv_proj(h).chunk(3, -1))
-        return self.rotary_emb(q, offset), self.rotary_emb(k, offset), v
+        return (*self.rotary_emb(q, k, offset), v)
 
     def finish(self, o):
         b, _, n, _ = o.shape
