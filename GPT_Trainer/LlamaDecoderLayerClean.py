@@ -167,16 +167,16 @@ def masked_attention(q, k, v, *, valid=None, decay=None, normalize=True, scale=N
     n, length = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = None
-    if n > 1 or valid is not None or decay is not None:
+    if decay is not None:
+        a_q, a_k = decay
+        bias = (a_q[..., :, None] - a_k[..., None, :]).float()  # [B, H, n, L]
+    if n > 1 or valid is not None:  # one unpadded query sees every key: no mask
         q_pos = torch.arange(length - n, length, device=q.device)[:, None]
         k_pos = torch.arange(length, device=q.device)
         allowed = k_pos <= q_pos  # [n, L]
         if valid is not None:
             allowed = allowed & (valid[:, None, None, :] | (k_pos == q_pos))  # [B, 1, n, L]
-        bias = torch.zeros(allowed.shape, device=q.device)
-        if decay is not None:
-            a_q, a_k = decay
-            bias = bias + (a_q[..., :, None] - a_k[..., None, :]).float()
+        bias = torch.zeros(allowed.shape, device=q.device) if bias is None else bias
         bias = bias.masked_fill(~allowed, float("-inf"))
     if normalize:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
