@@ -84,6 +84,23 @@ def test_generate_ragged_batch_matches_each_prompt_alone_recomputed(attention_ty
         assert_logits_close(torch.stack([step[row] for step in out.logits]), full)
 
 
+@pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA])
+@torch.no_grad()
+def test_generate_continues_a_cache_and_repeats_prompts(attention_type):
+    """A cache passed to generate twice continues where it stopped (the second call feeds only the new
+    tokens); num_return_sequences expands the batch before the cache fills; the CPU never captures graphs."""
+    model = tiny_model(attention_type)
+    ids = torch.tensor(random_prompts([5, 5]))
+    options = dict(do_sample=False, pad_token_id=0, eos_token_id=[])
+    cache = model.new_cache()
+    first = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, past_key_values=cache, **options)
+    both = model.generate(first, attention_mask=torch.ones_like(first), max_new_tokens=3, past_key_values=cache, **options)
+    assert torch.equal(both, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **options))
+    sampled = model.generate(ids, max_new_tokens=4, do_sample=True, num_return_sequences=3, pad_token_id=0)
+    assert sampled.shape == (6, 9)
+    assert model.new_cache(16, batch_size=2).step_graph is None
+
+
 def test_state_size_does_not_grow_with_context():
     """2Mamba's cache has one size for any context (S, z, conv rows); the softmax KV cache grows by 2 N d."""
     sizes = {}
