@@ -17,6 +17,8 @@ from GPT_Trainer.cache import KVState, MambaSSMState, TwoMambaCache
 
 
 class GraphStep:
+    """The captured step: the model's decoder stack and lm_head over `batch` tokens on `cache`'s entries."""
+
     def __init__(self, model, cache: TwoMambaCache, batch: int):
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
 
@@ -47,9 +49,7 @@ class GraphStep:
     def capture_if_supported(cls, model, cache: TwoMambaCache, batch: int) -> GraphStep | None:
         """Allocate every layer's entry in `cache` and capture the step; None (and an untouched cache) when a
         layer keeps a KV cache."""
-        dtype = next(model.parameters()).dtype
-        probe = torch.empty(batch, 1, device=model.device, dtype=dtype)
-        entries = [layer.self_attn.new_cache(batch, probe.device, dtype, 1) for layer in model.model.layers]
+        entries = [layer.self_attn.new_cache(batch, model.device, model.dtype, 1) for layer in model.model.layers]
         if any(isinstance(entry, KVState) for entry in entries):
             return None
         cache.layers = entries
