@@ -1,14 +1,12 @@
 """Triton forward and backward of kron(x), the symmetric second-order feature map (see kernel/kron.py).
 
-Forward: y[r, e] = c_e x[r, i_e] x[r, j_e] over (row block, entry block) tiles; (i_e, j_e, c_e) come
-from small index tables. Backward: with U[i, j] = dy[e(i, j)] c_e for i <= j, dx = (U + U^T) x, i.e.
-dx[r, t] = sum_j dy[r, e(min(t, j), max(t, j))] f[t, j] x[r, j] with f = c off the diagonal and 2 on it.
-The backward walks j and gathers one column of (U + U^T) per step from the (cached) row of dy.
+phi(x) lists x_i x_j for i <= j row by row (i outer), cross terms scaled by sqrt 2, so the entries of one
+i are contiguous: e = e(i) + (j - i) with e(i) = i d - i (i - 1) / 2. Both kernels hold a block of rows of
+x in registers and walk i, touching one contiguous segment of phi per step (coalesced, no index tables).
+Backward: dx_i = sum_{j >= i} f_ij dy_ij x_j (f = 2 on the diagonal, sqrt 2 off it) and, for j > i,
+dx_j += sqrt 2 dy_ij x_i.
 """
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 import triton
@@ -16,54 +14,48 @@ import triton.language as tl
 
 from . import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 
-BLOCK_ROWS = 16
-BLOCK_ENTRIES = 128
-
-
-@functools.lru_cache(maxsize=None)
-def _tables(d: int, device: torch.device):
-    """(i_e, j_e, c_e) per output entry, and the [d, d] tables e(min, max) and f used by the backward."""
-    i, j = torch.triu_indices(d, d)
-    c = torch.where(i == j, 1.0, math.sqrt(2.0))
-    entry = torch.empty(d, d, dtype=torch.int32)
-    entry[i, j] = torch.arange(i.numel(), dtype=torch.int32)
-    entry[j, i] = entry[i, j]
-    factor = torch.full((d, d), math.sqrt(2.0))
-    factor.fill_diagonal_(2.0)
-    return tuple(t.contiguous().to(device) for t in (i.to(torch.int32), j.to(torch.int32), c, entry, factor))
+BLOCK_ROWS = 32
+SQRT2 = tl.constexpr(1.4142135623730951)
 
 
 @triton.jit
-def _kron_fwd_kernel(X, I, J, C, Y, M, D: tl.constexpr, E: tl.constexpr,
-                     BLOCK_ROWS: tl.constexpr, BLOCK_ENTRIES: tl.constexpr):
+def _row_block(X, M, D: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    ents = tl.program_id(1) * BLOCK_ENTRIES + tl.arange(0, BLOCK_ENTRIES)
-    emask = ents < E
-    i = tl.load(I + ents, mask=emask, other=0)
-    j = tl.load(J + ents, mask=emask, other=0)
-    c = tl.load(C + ents, mask=emask, other=0.0)
-    mask = (rows[:, None] < M) & emask[None, :]
-    xi = tl.load(X + rows[:, None] * D + i[None, :], mask=mask, other=0.0).to(tl.float32)
-    xj = tl.load(X + rows[:, None] * D + j[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + rows[:, None] * E + ents[None, :], (xi * xj * c[None, :]).to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _kron_bwd_kernel(X, DY, ENTRY, F, DX, M, D: tl.constexpr, E: tl.constexpr,
-                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
     rmask = rows < M
-    t = tl.arange(0, BLOCK_D)
-    tmask = t < D
-    mask = rmask[:, None] & tmask[None, :]
+    x = tl.load(X + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & (cols[None, :] < D), other=0.0)
+    return rows, cols, rmask, x.to(tl.float32)
+
+
+@triton.jit
+def _kron_fwd_kernel(X, Y, M, D: tl.constexpr, E: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, cols, rmask, x = _row_block(X, M, D, BLOCK_ROWS, BLOCK_D)
+    for i in range(D):
+        xi = tl.load(X + rows * D + i, mask=rmask, other=0.0).to(tl.float32)
+        start = i * D - i * (i - 1) // 2 - i  # so that entry (i, j) sits at start + j
+        y = xi[:, None] * x * tl.where(cols == i, 1.0, SQRT2)[None, :]
+        mask = rmask[:, None] & ((cols >= i) & (cols < D))[None, :]
+        tl.store(Y + rows[:, None] * E + start + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kron_bwd_kernel(X, DY, DX, M, R, stride_dy_batch, stride_dy_row, stride_dy_entry, D: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dy is read as [M / R, R, E] with any strides (the products that feed it often leave it transposed)."""
+    rows, cols, rmask, x = _row_block(X, M, D, BLOCK_ROWS, BLOCK_D)
+    dy_rows = DY + (rows // R) * stride_dy_batch + (rows % R) * stride_dy_row
     dx = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
-    for j in range(D):
-        e = tl.load(ENTRY + t * D + j, mask=tmask, other=0)
-        f = tl.load(F + t * D + j, mask=tmask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * E + e[None, :], mask=mask, other=0.0).to(tl.float32)
-        xj = tl.load(X + rows * D + j, mask=rmask, other=0.0).to(tl.float32)
-        dx += dy * f[None, :] * xj[:, None]
-    tl.store(DX + rows[:, None] * D + t[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    for i in range(D):
+        xi = tl.load(X + rows * D + i, mask=rmask, other=0.0).to(tl.float32)
+        start = i * D - i * (i - 1) // 2 - i
+        mask = rmask[:, None] & ((cols >= i) & (cols < D))[None, :]
+        dy = tl.load(dy_rows[:, None] + (start + cols[None, :]) * stride_dy_entry, mask=mask,
+                     other=0.0).to(tl.float32)
+        dxi = tl.sum(dy * x * tl.where(cols == i, 2.0, SQRT2)[None, :], axis=1)
+        dx += tl.where(cols[None, :] > i, SQRT2 * dy * xi[:, None], 0.0)
+        dx += tl.where(cols[None, :] == i, dxi[:, None], 0.0)
+    tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty),
+             mask=rmask[:, None] & (cols[None, :] < D))
 
 
 class _TritonKron(torch.autograd.Function):
@@ -73,11 +65,10 @@ class _TritonKron(torch.autograd.Function):
         e = d * (d + 1) // 2
         x2 = x.reshape(-1, d).contiguous()
         m = x2.shape[0]
-        i, j, c, _, _ = _tables(d, x.device)
         y = torch.empty(m, e, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(m, BLOCK_ROWS), triton.cdiv(e, BLOCK_ENTRIES))
         if m:
-            _kron_fwd_kernel[grid](x2, i, j, c, y, m, D=d, E=e, BLOCK_ROWS=BLOCK_ROWS, BLOCK_ENTRIES=BLOCK_ENTRIES)
+            _kron_fwd_kernel[(triton.cdiv(m, BLOCK_ROWS),)](x2, y, m, D=d, E=e, BLOCK_ROWS=BLOCK_ROWS,
+                                                            BLOCK_D=triton.next_power_of_2(d))
         ctx.save_for_backward(x2)
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], e)
@@ -87,13 +78,11 @@ class _TritonKron(torch.autograd.Function):
         (x2,) = ctx.saved_tensors
         m, d = x2.shape
         e = d * (d + 1) // 2
-        dy2 = dy.reshape(-1, e).contiguous()
-        _, _, _, entry, factor = _tables(d, x2.device)
+        dy3 = dy.reshape(-1, dy.shape[-2] if dy.dim() > 1 else 1, e)  # a view whenever dy's batch dims allow
         dx = torch.empty_like(x2)
         if m:
-            _kron_bwd_kernel[(triton.cdiv(m, BLOCK_ROWS),)](x2, dy2, entry, factor, dx, m, D=d, E=e,
-                                                            BLOCK_ROWS=BLOCK_ROWS,
-                                                            BLOCK_D=triton.next_power_of_2(d))
+            _kron_bwd_kernel[(triton.cdiv(m, BLOCK_ROWS),)](x2, dy3, dx, m, dy3.shape[1], *dy3.stride(), D=d,
+                                                            BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(d))
         return dx.reshape(ctx.x_shape)
 
 

@@ -46,3 +46,12 @@ def test_kron_inner_product_is_squared_dot():
 @pytest.mark.parametrize("d", [16, 64, 128])
 def test_kron_gpu(dtype, d):
     _check(_rand(2, 4, 1000, d, dtype=dtype, device="cuda"), 1e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_kron_backward_reads_transposed_gradients():
+    """The chunked form hands kron's backward a transposed gradient; it is read in place, not copied."""
+    x = _rand(3, 10, 8).requires_grad_(True)
+    dy_t = _rand(3, 36, 10)  # [batch, entries, rows] storage, used as [batch, rows, entries]
+    (dx,) = torch.autograd.grad(kron(x, backend="triton"), x, dy_t.transpose(1, 2))
+    (ref,) = torch.autograd.grad(kron_reference(x.double()), x, dy_t.transpose(1, 2).double())
+    assert _rel(dx, ref) < 1e-5

@@ -23,10 +23,11 @@ def make_inputs(seed, B, H, N, d, dv, *, decay=1.0, positive=False, dtype=torch.
     return tuple(t.to(dtype=dtype, device=device) for t in (q, k, v, g))
 
 
-def random_state(seed, B, H, d, dv, power, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    s = torch.rand(B, H, state_size(d, power), dv + 1, generator=gen, dtype=torch.float64)
-    return s.to(dtype)
+def random_state(seed, B, H, d, dv, power, dtype=torch.float64, n=12):
+    """A state as a real context leaves it: the recurrence over n random tokens (a random tensor would not
+    be one: its normaliser phi(q).z could be negative or cancel)."""
+    q, k, v, g = make_inputs(seed, B, H, n, d, dv, decay=0.1, positive=power == "1")
+    return power_attention_naive(q, k, v, g, power=power, output_final_state=True)[1].to(dtype)
 
 
 def grads(fn, tensors):
@@ -192,7 +193,7 @@ def test_gpu_chunk_bf16(power, N):
     """Real shapes on the GPU in bf16: o and every gradient within 1e-2 of float64 (relative norm)."""
     B, H, d, dv = 2, 4, 64, 64
     q, k, v, g = make_inputs(12, B, H, N, d, dv, decay=0.2, positive=power == "1")
-    s0 = random_state(13, B, H, d, dv, power) * 0.1
+    s0 = random_state(13, B, H, d, dv, power)
 
     def call(fn, dtype, device, **kw):
         def f(q, k, v, g, s):
@@ -219,3 +220,20 @@ def test_gpu_recurrent_step(power):
     ref, ref_state = power_attention_naive(q, k, v, g, power=power, output_final_state=True)
     assert rel_err(o, ref[:, :, -1:]) < 1e-4
     assert rel_err(s, ref_state) < 1e-4
+
+
+@interpreter
+@pytest.mark.parametrize("T,C,d,E", [(2, 5, 8, 16), (1, 21, 16, 7), (3, 16, 12, 33)])
+def test_fused_feature_products(T, C, d, E):
+    """phi(a)^T b and phi(a) M with phi formed on chip == the materialised kron products, with gradients."""
+    from kernel.power.features import feature_apply, feature_outer
+
+    gen = torch.Generator().manual_seed(15)
+    nf = d * (d + 1) // 2
+    a, b = torch.randn(T, C, d, generator=gen), torch.randn(T, C, E, generator=gen)
+    m = torch.randn(T, nf, E, generator=gen)
+    for fn, args in ((feature_outer, (a, b)), (feature_apply, (a, m))):
+        outs, gs = grads(lambda *t: fn(*t, power="2", fused=True), args)
+        routs, rgs = grads(lambda *t: fn(*t, power="2", fused=False), [t.double() for t in args])
+        for x, r in zip(outs + gs, routs + rgs):
+            assert rel_err(x, r) < 1e-5

@@ -9,8 +9,8 @@ the state entering chunk c ([D, dv + 1], float32):
 The states M_c come from one sequential pass over the chunks (a Triton kernel on the GPU, forward and
 backward), not from a product over all chunk pairs. Every exponent is a difference inside one chunk, so
 each factor is <= 1 and nothing overflows at any length; b is summed in float64.
-Everything else is matrix products and the Triton attention/kron kernels, so autograd reaches q, k, v,
-g and the initial state.
+Everything else is the fused feature products of features.py (phi formed on chip), the quadratic kernel and
+a few elementwise ops, so autograd reaches q, k, v, g and the initial state.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import attention, resolve_backend
-from ..kron import kron
+from .features import feature_apply, feature_outer
 
 SCAN_BLOCK = 1024
 
@@ -145,18 +145,18 @@ def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size
 
     b = torch.cumsum(gl, dim=-1)  # in-chunk cumulative decay, float64
     L = b[..., -1]
-    fq = _features((q * scale).reshape(B, H, n, C, d), power, backend)
-    fk = _features(k.reshape(B, H, n, C, d), power, backend)
-    D = fk.shape[-1]
-    key_decay = torch.exp(L[..., None] - b).to(v1.dtype)
-    u = torch.einsum("bhncD,bhnce->bhnDe", fk, v1.reshape(B, H, n, C, E) * key_decay[..., None])
+    # [B H n, C, .] blocks; phi is formed on chip by the fused products (features.py) on the GPU
+    fused = resolve_backend(backend, q) == "triton" and compute == torch.float32
+    a_q = (q * scale).reshape(B * H * n, C, d)
+    a_k = k.reshape(B * H * n, C, d)
+    key_decay = torch.exp(L[..., None] - b).to(v1.dtype).reshape(B * H * n, C, 1)
+    u = feature_outer(a_k, v1.reshape(B * H * n, C, E) * key_decay, power=power, fused=fused)
+    D = u.shape[1]
     h0 = None if initial_state is None else F.pad(initial_state, (0, E - dv - 1)).reshape(B * H, D * E)
-    states, final = state_scan(u.reshape(B * H, n, D * E), L.reshape(B * H, n), h0, states_dtype=fq.dtype,
+    states, final = state_scan(u.reshape(B * H, n, D * E), L.reshape(B * H, n), h0, states_dtype=q.dtype,
                                backend=backend)
-    inter = torch.einsum("bhncD,bhnDe->bhnce", fq, states.reshape(B, H, n, D, E)).to(compute)
+    inter = feature_apply(a_q, states.reshape(B * H * n, D, E), power=power, fused=fused)
+    inter = inter.reshape(B, H, n, C, E).to(compute)
     total = intra + inter * torch.exp(b).to(compute)[..., None]
     return total.reshape(B, H, n * C, E)[:, :, :N, :dv + 1], final.reshape(B, H, D, E)[..., :dv + 1]
 
-
-def _features(x, power, backend):
-    return x if power == "1" else kron(x, backend=backend)

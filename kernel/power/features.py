@@ -1,0 +1,194 @@
+"""The two products of the chunked form with the symmetric feature map phi, fused so phi never hits HBM.
+
+For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d + 1) / 2 features):
+    feature_outer(a, b) = phi(a)^T b        [T, D, E]   (chunk states from keys, d state from queries)
+    feature_apply(a, M) = phi(a) M           [T, C, E]   (queries read a state, d values from d state)
+The two are adjoint, so their gradients are each other plus one kernel for d a:
+    d/da of sum_t phi(a_t)^T G_t with G = M dy_t^T, i.e. the kron backward of G (feature_grad below).
+Each Triton program keeps a [C, d] tile of a on chip and walks i = 0..d-1: the entries of phi with first
+index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a contiguous segment of D
+starting at e(i) = i d - i (i - 1) / 2, so step i is one [C, d] x [d, E] product on tensor cores with the
+rows j < i masked. CPU tensors and the "torch" backend materialise phi with kron_reference instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
+from ..kron import kron_reference
+
+SQRT2 = tl.constexpr(1.4142135623730951)
+
+
+@triton.jit
+def _segment(i, D: tl.constexpr):
+    """Offset such that feature (i, j), j >= i, is row start + j of the state."""
+    return i * D - i * (i - 1) // 2 - i
+
+
+@triton.jit
+def _outer_kernel(A, B, OUT, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+    t_ = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    c = tl.arange(0, BLOCK_C)
+    j = tl.arange(0, BLOCK_D)
+    cmask = c < C
+    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D), other=0.0)
+    b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E), other=0.0)
+    a = a.to(tl.float32)
+    for ii in range(BLOCK_I):
+        i = tl.program_id(1) * BLOCK_I + ii
+        ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask & (i < D), other=0.0).to(tl.float32)
+        p = a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :]
+        if IEEE:
+            out = tl.dot(tl.trans(p.to(b.dtype)), b, input_precision="ieee")
+        else:
+            out = tl.dot(tl.trans(p.to(b.dtype)), b)
+        rows = _segment(i, D) + j
+        mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E)
+        tl.store(OUT + t_ * NF * E + rows[:, None] * E + e[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_kernel(A, M, OUT, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    t_ = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    j = tl.arange(0, BLOCK_D)
+    cmask = c < C
+    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
+                other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
+    for i in range(D):
+        ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
+        p = tl.where((j >= i)[None, :], a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :], 0.0)
+        rows = _segment(i, D) + j
+        m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :],
+                    mask=((j >= i) & (j < D))[:, None] & (e[None, :] < E), other=0.0)
+        if IEEE:
+            acc += tl.dot(p.to(m.dtype), m, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(m.dtype), m)
+    tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
+             mask=cmask[:, None] & (e[None, :] < E))
+
+
+@triton.jit
+def _grad_kernel(A, M, DY, DA, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    t_ = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    e = tl.arange(0, BLOCK_E)
+    j = tl.arange(0, BLOCK_D)
+    cmask = c < C
+    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
+                other=0.0).to(tl.float32)
+    dy = tl.load(DY + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E), other=0.0)
+    da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    for i in range(D):
+        ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
+        rows = _segment(i, D) + j
+        m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :],
+                    mask=((j >= i) & (j < D))[:, None] & (e[None, :] < E), other=0.0)
+        if IEEE:
+            g = tl.dot(dy, tl.trans(m), input_precision="ieee")  # [C, d]: d loss / d phi_(i, j), 0 for j < i
+        else:
+            g = tl.dot(dy, tl.trans(m))
+        da_i = tl.sum(g * a * tl.where(j == i, 2.0, SQRT2)[None, :], axis=1)
+        da += tl.where(j[None, :] > i, SQRT2 * g * ai[:, None], 0.0)
+        da += tl.where(j[None, :] == i, da_i[:, None], 0.0)
+    tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da.to(DA.dtype.element_ty),
+             mask=cmask[:, None] & (j[None, :] < D))
+
+
+BLOCK_I = 8
+
+
+def _blocks(C, d, E):
+    return max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(E))
+
+
+def _outer(a, b):
+    T, C, d = a.shape
+    E = b.shape[-1]
+    nf = d * (d + 1) // 2
+    out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
+    bc, bd, _ = _blocks(C, d, E)
+    block_e = min(64, max(16, triton.next_power_of_2(E)))
+    grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(E, block_e))
+    _outer_kernel[grid](a, b, out, C, E, D=d, NF=nf, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=block_e, BLOCK_I=BLOCK_I,
+                        IEEE=a.dtype == torch.float32, num_warps=8)
+    return out
+
+
+def _apply(a, m, out_dtype):
+    T, C, d = a.shape
+    E = m.shape[-1]
+    out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
+    _, bd, _ = _blocks(C, d, E)
+    block_c = 64 if C > 32 else max(16, triton.next_power_of_2(C))
+    block_e = min(64, max(16, triton.next_power_of_2(E)))
+    grid = (T, triton.cdiv(C, block_c), triton.cdiv(E, block_e))
+    _apply_kernel[grid](a, m, out, C, E, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=bd, BLOCK_E=block_e,
+                        IEEE=a.dtype == torch.float32)
+    return out
+
+
+def _grad(a, m, dy):
+    T, C, d = a.shape
+    E = m.shape[-1]
+    da = torch.empty_like(a)
+    _, bd, be = _blocks(C, d, E)
+    block_c = 64 if C > 32 else max(16, triton.next_power_of_2(C))
+    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, D=d, NF=m.shape[1],
+                                               BLOCK_C=block_c, BLOCK_D=bd, BLOCK_E=be,
+                                               IEEE=a.dtype == torch.float32, num_warps=8)
+    return da
+
+
+class _FeatureOuter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _outer(a, b)
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, b = ctx.saved_tensors
+        dout = dout.to(b.dtype).contiguous()
+        return _grad(a, dout, b), _apply(a, dout, b.dtype)
+
+
+class _FeatureApply(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, m):
+        ctx.save_for_backward(a, m)
+        return _apply(a, m, torch.float32)
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, m = ctx.saved_tensors
+        dout = dout.to(m.dtype).contiguous()
+        return _grad(a, m, dout), _outer(a, dout)
+
+
+def feature_outer(a, b, *, power: str, fused: bool):
+    """phi(a)^T b per block: a [T, C, d], b [T, C, E] -> [T, D, E]; phi(a) = a for power "1"."""
+    if power == "1":
+        return a.transpose(1, 2) @ b
+    if fused:
+        return _FeatureOuter.apply(a.contiguous(), b.to(a.dtype).contiguous())
+    return kron_reference(a).transpose(1, 2) @ b
+
+
+def feature_apply(a, m, *, power: str, fused: bool):
+    """phi(a) m per block: a [T, C, d], m [T, D, E] -> [T, C, E]; phi(a) = a for power "1"."""
+    if power == "1":
+        return a @ m
+    if fused:
+        return _FeatureApply.apply(a.contiguous(), m.to(a.dtype).contiguous())
+    return kron_reference(a) @ m
