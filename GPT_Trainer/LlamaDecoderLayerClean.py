@@ -1,10 +1,14 @@
 """The attention types of the paper (the `configs` dictionary) and the Llama decoder layer that hosts them.
 
 Every type except `softmax` and `mamba` is one generic block (`GenericAttention`) driven by an
-`AttentionConfig` built from its `configs` entry; SPEC section 3 gives the math step by step.
+`AttentionConfig` built from its `configs` entry. Every block owns its decoding cache (GPT_Trainer/cache.py):
+`new_cache` allocates it and `forward(h, cache, padding)` reads and updates it, so prefill (the forward
+over a prompt) and a step (the forward over one token) are the same code; docs/inference.md describes what
+each type keeps.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -13,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernel import attention, causal_conv1d
+from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
+from kernel import attention, causal_conv1d, power_attention
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ _OUT = dict(norm_type="output_norm")
 _NEG_CONV2 = dict(norm_type="output_norm", A_mask_type="neg_softplus", use_in_conv=True, in_conv_dim=2)
 _NEG_CONV2_DT = dict(_NEG_CONV2, value_disc_dtype="dt")
 
-# The 28 attention types of the paper, exactly as the seed names them (SPEC section 3).
+# The 28 attention types of the paper, exactly as the seed names them (README.md, "Attention types").
 configs: dict[str, dict] = {
     "softmax": {"type": "softmax"},
     "mamba": {"type": "mamba"},
@@ -136,16 +141,66 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class GenericAttention(nn.Module):
-    """The parameterised linear / squared / exp attention block (SPEC section 3.1).
+def cached_causal_conv(x, weight, bias=None, conv_state=None):
+    """Causal depthwise conv of x [B, N, C] continuing after the rows in conv_state [B, k-1, C] (zeros = the
+    conv's zero padding), which then holds the last k-1 input rows. Without a state: the plain conv."""
+    if conv_state is None:
+        return causal_conv1d(x, weight, bias)
+    window = torch.cat([conv_state, x], dim=1)
+    if x.shape[1] == 1:  # one token: a dot product with the window
+        y = torch.einsum("bkc,ck->bc", window, weight[:, 0].to(x.dtype))[:, None]
+        y = y if bias is None else y + bias.to(x.dtype)
+    else:
+        y = causal_conv1d(window, weight, bias)[:, conv_state.shape[1]:]
+    conv_state.copy_(window[:, window.shape[1] - conv_state.shape[1]:])
+    return y
 
-    The forward pass is split into `project` (everything before the attention core) and `finish`
-    (everything after it), so recurrent decoding can reuse both around its own core.
+
+def masked_attention(q, k, v, *, valid=None, decay=None, normalize=True, scale=None):
+    """Attention of the n newest of L tokens over all L (a KV cache, or a left-padded batch).
+
+    q [B, H, n, d]; k, v [B, H, L, d]; valid [B, L] bool, False at left padding (a padding query sees only
+    itself, so every row stays finite); decay (a_q [B, H, n], a_k [B, H, L]) cumulative log decays in float64,
+    adding a_i - a_j to the score. normalize: softmax over the keys; otherwise the exp-type weights
+    exp(s + a_i - a_j) without normalisation.
+    """
+    n, length = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bias = None
+    if decay is not None:
+        a_q, a_k = decay
+        bias = (a_q[..., :, None] - a_k[..., None, :]).float()  # [B, H, n, L]
+    if n > 1 or valid is not None:  # one unpadded query sees every key: no mask
+        q_pos = torch.arange(length - n, length, device=q.device)[:, None]
+        k_pos = torch.arange(length, device=q.device)
+        allowed = k_pos <= q_pos  # [n, L]
+        if valid is not None:
+            allowed = allowed & (valid[:, None, None, :] | (k_pos == q_pos))  # [B, 1, n, L]
+        bias = torch.zeros(allowed.shape, device=q.device) if bias is None else bias
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    if normalize:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
+    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
+    if bias is not None:
+        scores = scores + bias
+    return (scores.exp() @ v.float()).to(q.dtype)
+
+
+def _zero_padding(x, padding):
+    """x [B, N, ...] with the rows at left padding (padding [B, N] False) set to 0."""
+    return x if padding is None else x.masked_fill(~padding.view(*padding.shape, *([1] * (x.dim() - 2))), 0)
+
+
+class GenericAttention(nn.Module):
+    """The parameterised linear / squared / exp attention block (README.md, "Attention types").
+
+    Powers 1 and 2 run kernel.power_attention, whose state is the block's cache; the exp types have no
+    finite state and keep a KV cache.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, cfg: AttentionConfig):
+    def __init__(self, hidden_size: int, num_heads: int, cfg: AttentionConfig, layer_idx: int = 0):
         super().__init__()
-        self.cfg, self.num_heads = cfg, num_heads
+        self.cfg, self.num_heads, self.layer_idx = cfg, num_heads, layer_idx
         self.head_dim = hidden_size // num_heads
         inner = num_heads * self.head_dim
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
@@ -179,6 +234,22 @@ class GenericAttention(nn.Module):
         if hasattr(self, "D"):
             self.D.fill_(1.0)
 
+    @property
+    def normalize(self) -> bool:
+        return self.cfg.norm_type == "sm_norm"
+
+    def new_cache(self, batch: int, device, dtype, capacity: int):
+        """This block's empty cache entry for `batch` sequences (`capacity`: KV slots allocated up front)."""
+        cfg, d = self.cfg, self.head_dim
+        conv = None
+        if cfg.use_in_conv:
+            conv = torch.zeros(batch, cfg.in_conv_dim - 1, self.conv1d.in_channels, device=device, dtype=dtype)
+        if cfg.power == "exp":
+            return KVState.empty(batch, self.num_heads, d, d, capacity, device, dtype,
+                                 decayed=cfg.A_mask_type != "none", conv=conv)
+        features = d * (d + 1) // 2 if cfg.power == "2" else d
+        return RecurrentState(conv, torch.zeros(batch, self.num_heads, features, d + 1, device=device))
+
     def _heads(self, x):  # [B, N, H*d] -> [B, H, N, d]
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
@@ -209,9 +280,6 @@ class GenericAttention(nn.Module):
         z = F.silu(self.z_gate_proj(h)) if cfg.use_z_out_gate else None
         return q, k, v, g, d_res, z
 
-    def core(self, q, k, v, g):
-        return attention(q, k, v, g, power=self.cfg.power, normalize=self.cfg.norm_type == "sm_norm")
-
     def finish(self, o, d_res, z):
         """o: [B, H, N, d] core output -> [B, N, D_model]."""
         if d_res is not None:
@@ -224,28 +292,64 @@ class GenericAttention(nn.Module):
             o = self.out_norm(o)
         return self.o_proj(o)
 
-    def forward(self, h):
+    def forward(self, h, cache=None, padding=None):
+        """h [B, N, D_model]; cache: a TwoMambaCache continued by these N tokens; padding [B, N] bool, False at
+        left padding (those tokens leave no trace in the output of the others nor in the cache)."""
+        entry = None if cache is None else cache.entry(self.layer_idx, self, h)
+        h = _zero_padding(h, padding)  # zero pre-conv rows: the conv sees the zero padding of a shorter prompt
         qkv = self.qkv_proj(h)
         if self.cfg.use_in_conv:
-            qkv = causal_conv1d(qkv, self.conv1d.weight, self.conv1d.bias)
+            qkv = cached_causal_conv(qkv, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.conv)
         q, k, v, g, d_res, z = self.project(h, qkv)
-        o = _maybe_checkpoint(self.checkpoint_core, self.core, q, k, v, g)
+        if self.cfg.power == "exp":
+            o = self._kv_core(q, k, v, g, entry, padding)
+        else:
+            if padding is not None:
+                k = k.masked_fill(~padding[:, None, :, None], 0)
+            o = self._state_core(q, k, v, g, entry)
         return self.finish(o.to(h.dtype), d_res, z)
+
+    def _state_core(self, q, k, v, g, entry):
+        """Powers 1 and 2; padding keys are zero, so they add nothing to the state."""
+        op = functools.partial(power_attention, power=self.cfg.power, normalize=self.normalize)
+        if entry is None:
+            return _maybe_checkpoint(self.checkpoint_core, op, q, k, v, g)
+        o, state = op(q, k, v, g, initial_state=entry.state, output_final_state=True)
+        entry.state.copy_(state)
+        return o
+
+    def _kv_core(self, q, k, v, g, entry, padding):
+        """The exp types: the training op over a whole unpadded sequence, else attention over the KV cache."""
+        a = None if g is None else g.double().cumsum(-1)
+        keys, values, a_keys, valid = k, v, a, padding
+        if entry is not None:
+            if a is not None:
+                a = a + entry.last_a()
+            keys, values, a_keys, valid = entry.append(k, v, a, padding)
+        if keys.shape[2] == q.shape[2] and valid is None:
+            op = functools.partial(attention, power="exp", normalize=self.normalize)
+            return _maybe_checkpoint(self.checkpoint_core and entry is None, op, q, k, v, g)
+        return masked_attention(q, keys, values, valid=valid, decay=None if a is None else (a, a_keys),
+                                normalize=self.normalize)
 
 
 def rotary_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
 
 
-def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def rotary_cos_sin(freqs: torch.Tensor, offset: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [n, d] of the rotation angles of positions offset, offset+1, ... (float32)."""
+    pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
+    angles = (pos[:, None] * freqs.float()[None, :]).repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved-pair RoPE (channels (0,1), (2,3), ... rotate together) on x [B, H, N, d]."""
-    n = x.shape[-2]
-    pos = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)
-    angles = (pos[:, None] * freqs.float()[None, :]).repeat_interleave(2, dim=-1)  # [N, d]
     x_f = x.float()
     pairs = x_f.unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (x_f * angles.cos() + rotated * angles.sin()).to(x.dtype)
+    return (x_f * cos + rotated * sin).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -255,27 +359,33 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.freqs = nn.Parameter(rotary_frequencies(dim), requires_grad=False)
 
-    def forward(self, x, offset: int = 0):
-        return apply_rotary(x, self.freqs, offset)
+    def forward(self, q, k, offset: int = 0):
+        """q and k [B, H, N, d] rotated for positions offset, offset+1, ... (one angle table for both)."""
+        cos, sin = rotary_cos_sin(self.freqs, offset, q.shape[-2], q.device)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal softmax attention with interleaved RoPE (SPEC section 3.2)."""
+    """Causal softmax attention with interleaved RoPE and a KV cache; a token's RoPE position is its cache slot
+    (left padding included), which leaves every query-key distance, hence every score, unchanged."""
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.num_heads, self.head_dim, self.layer_idx = num_heads, hidden_size // num_heads, layer_idx
         inner = num_heads * self.head_dim
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim)
         self.checkpoint_core = False
 
+    def new_cache(self, batch: int, device, dtype, capacity: int):
+        return KVState.empty(batch, self.num_heads, self.head_dim, self.head_dim, capacity, device, dtype, decayed=False)
+
     def project(self, h, offset: int = 0):
         """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions offset, offset+1, ..."""
         b, n, _ = h.shape
         q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv_proj(h).chunk(3, -1))
-        return self.rotary_emb(q, offset), self.rotary_emb(k, offset), v
+        return (*self.rotary_emb(q, k, offset), v)
 
     def finish(self, o):
         b, _, n, _ = o.shape
@@ -285,9 +395,15 @@ class SoftmaxAttention(nn.Module):
     def core(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def forward(self, h):
-        q, k, v = self.project(h)
-        return self.finish(_maybe_checkpoint(self.checkpoint_core, self.core, q, k, v))
+    def forward(self, h, cache=None, padding=None):
+        entry = None if cache is None else cache.entry(self.layer_idx, self, h)
+        q, k, v = self.project(h, 0 if entry is None else entry.length)
+        keys, values, valid = k, v, padding
+        if entry is not None:
+            keys, values, _, valid = entry.append(k, v, None, padding)
+        if keys.shape[2] == q.shape[2] and valid is None:
+            return self.finish(_maybe_checkpoint(self.checkpoint_core and entry is None, self.core, q, k, v))
+        return self.finish(masked_attention(q, keys, values, valid=valid))
 
 
 def _mamba_dt_bias_init(n: int, dt_min=0.001, dt_max=0.1, floor=1e-4) -> torch.Tensor:
@@ -298,7 +414,7 @@ def _mamba_dt_bias_init(n: int, dt_min=0.001, dt_max=0.1, floor=1e-4) -> torch.T
 
 class Mamba2(nn.Module):
     """Pure-PyTorch Mamba-2 block with mamba_ssm.Mamba2's parameter names and math, for the seed's settings
-    (d_conv 2, expand 1, one SSM head of width d_ssm, ngroups 1, gated RMSNorm, no biases; SPEC section 3.3)."""
+    (d_conv 2, expand 1, one SSM head of width d_ssm, ngroups 1, gated RMSNorm, no biases)."""
 
     def __init__(self, d_model: int, d_ssm: int, d_state: int = 128, d_conv: int = 2):
         super().__init__()
@@ -325,31 +441,32 @@ class Mamba2(nn.Module):
     def d_mlp(self) -> int:
         return (self.in_proj.out_features - 2 * self.d_ssm - 2 * self.d_state - self.nheads) // 2
 
+    def new_cache(self, batch: int, device, dtype, capacity: int) -> RecurrentState:
+        conv = torch.zeros(batch, self.conv1d.kernel_size[0] - 1, self.conv1d.in_channels, device=device, dtype=dtype)
+        return RecurrentState(conv, torch.zeros(batch, self.nheads, self.d_state, self.d_ssm + 1, device=device))
+
     def split(self, zxbcdt):
         d_mlp = self.d_mlp
         return torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.d_state, self.nheads], dim=-1)
 
-    def ssm_inputs(self, xbc, dt):
-        """Post-conv xBC and raw dt -> x, B, C [B,1,N,*] and the decay log g = dt*A, dt [B,1,N]."""
+    def forward(self, h, entry: RecurrentState | None = None):
+        """h [B, N, d_model]; entry: this block's cache entry (conv rows and SSD state), continued and updated."""
+        z0, x0, z, xbc, dt = self.split(self.in_proj(h))
+        xbc = F.silu(cached_causal_conv(xbc, self.conv1d.weight, None, None if entry is None else entry.conv))
         x, bmat, cmat = torch.split(xbc, [self.d_ssm, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(1, 2)  # [B, nheads, N]
         g = -torch.exp(self.A_log.float())[None, :, None] * dt
-        return x.unsqueeze(1), bmat.unsqueeze(1), cmat.unsqueeze(1), g, dt
-
-    def output(self, y, x, z, z0, x0):
-        """y: SSM output [B,N,d_ssm]; gated RMSNorm (gate before norm), side MLP path first, out_proj."""
-        y = y + x * self.D.to(y.dtype)
-        y = self.norm(y * F.silu(z.to(y.dtype)))
+        # The SSD scan is linear attention with q = C, k = B, v = dt*x, decay dt*A, unnormalised, scale 1.
+        q, k, v = cmat.unsqueeze(1), bmat.unsqueeze(1), (x.unsqueeze(1) * dt[..., None]).to(x.dtype)
+        op = functools.partial(power_attention, power="1", normalize=False, scale=1.0)
+        if entry is None:
+            y = op(q, k, v, g)
+        else:
+            y, state = op(q, k, v, g, initial_state=entry.state, output_final_state=True)
+            entry.state.copy_(state)
+        y = y.squeeze(1).to(h.dtype) + x * self.D.to(h.dtype)
+        y = self.norm(y * F.silu(z))  # gated RMSNorm, the gate before the norm
         return self.out_proj(torch.cat([F.silu(z0) * x0, y.to(z0.dtype)], dim=-1))
-
-    def forward(self, h):
-        z0, x0, z, xbc, dt = self.split(self.in_proj(h))
-        xbc = F.silu(causal_conv1d(xbc, self.conv1d.weight))
-        x, bmat, cmat, g, dt = self.ssm_inputs(xbc, dt)
-        # The SSD scan equals linear attention with q = C, k = B, v = dt*x, decay dt*A, unnormalised, scale 1.
-        # The reference backend: the Triton kernels take equal q/k and v widths (here d_state != d_ssm).
-        y = attention(cmat, bmat, x * dt[..., None].to(x.dtype), g, power="1", normalize=False, scale=1.0, backend="torch")
-        return self.output(y.squeeze(1).to(h.dtype), x.squeeze(1), z, z0, x0)
 
 
 def _mamba_ssm_class():
@@ -361,11 +478,13 @@ def _mamba_ssm_class():
 
 
 class MambaAttention(nn.Module):
-    """The `mamba` type: Mamba-2 under the seed's name `mamba_layer`; mamba_ssm on CUDA when installed."""
+    """The `mamba` type: Mamba-2 under the seed's name `mamba_layer`; mamba_ssm on CUDA when installed
+    (decoding then uses its own inference cache and `step`)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, use_cuda_kernels: bool | None = None):
+    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, use_cuda_kernels: bool | None = None):
         super().__init__()
         head_dim = hidden_size // num_heads
+        self.layer_idx = layer_idx
         cuda_cls = _mamba_ssm_class() if use_cuda_kernels in (None, True) else None
         if use_cuda_kernels and cuda_cls is None:
             raise ImportError("use_cuda_kernels=True needs mamba_ssm (pip install mamba-ssm, CUDA only)")
@@ -374,23 +493,50 @@ class MambaAttention(nn.Module):
                 d_model=hidden_size, d_conv=2, expand=1, headdim=head_dim, d_ssm=head_dim, ngroups=1,
                 A_init_range=(1, 16), D_has_hdim=True, rmsnorm=True, norm_before_gate=False, dt_min=0.001,
                 dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=False,
-                chunk_size=256, use_mem_eff_path=True,
+                chunk_size=256, use_mem_eff_path=True, layer_idx=layer_idx,
             )
         else:
             self.mamba_layer = Mamba2(hidden_size, head_dim)
         self.checkpoint_core = False
 
-    def forward(self, h):
-        return _maybe_checkpoint(self.checkpoint_core, self.mamba_layer, h)
+    def new_cache(self, batch: int, device, dtype, capacity: int):
+        if isinstance(self.mamba_layer, Mamba2):
+            return self.mamba_layer.new_cache(batch, device, dtype, capacity)
+        return MambaSSMState(*self.mamba_layer.allocate_inference_cache(batch, capacity, dtype=dtype))
+
+    def forward(self, h, cache=None, padding=None):
+        # zero inputs at left padding: with no biases before the SSM, they add exactly nothing to the state
+        h = _zero_padding(h, padding)
+        if cache is None:
+            return _maybe_checkpoint(self.checkpoint_core, self.mamba_layer, h)
+        entry = cache.entry(self.layer_idx, self, h)
+        if isinstance(entry, RecurrentState):
+            return self.mamba_layer(h, entry)
+        return self._mamba_ssm_cached(h, entry)
+
+    def _mamba_ssm_cached(self, h, entry: MambaSSMState):
+        """mamba_ssm: its forward fills an empty cache from a prompt, its `step` advances one token."""
+        if not entry.started:
+            from mamba_ssm.utils.generation import InferenceParams
+
+            params = InferenceParams(max_seqlen=h.shape[1], max_batch_size=h.shape[0])
+            params.key_value_memory_dict[self.layer_idx] = (entry.conv, entry.ssm)
+            entry.started = True
+            return self.mamba_layer(h, inference_params=params)
+        outs = []
+        for t in range(h.shape[1]):
+            out, _, _ = self.mamba_layer.step(h[:, t:t + 1], entry.conv, entry.ssm)  # updates the states in place
+            outs.append(out)
+        return torch.cat(outs, dim=1)
 
 
-def build_attention(attention_type: str, hidden_size: int, num_heads: int) -> nn.Module:
+def build_attention(attention_type: str, hidden_size: int, num_heads: int, layer_idx: int = 0) -> nn.Module:
     cfg = attention_config(attention_type)
     if cfg == "softmax":
-        return SoftmaxAttention(hidden_size, num_heads)
+        return SoftmaxAttention(hidden_size, num_heads, layer_idx)
     if cfg == "mamba":
-        return MambaAttention(hidden_size, num_heads)
-    return GenericAttention(hidden_size, num_heads, cfg)
+        return MambaAttention(hidden_size, num_heads, layer_idx)
+    return GenericAttention(hidden_size, num_heads, cfg, layer_idx)
 
 
 class LlamaMLP(nn.Module):
@@ -413,15 +559,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hidden_size, intermediate_size, num_heads, attention_type, mlp_type="normal", eps=1e-5):
+    def __init__(self, hidden_size, intermediate_size, num_heads, attention_type, mlp_type="normal", eps=1e-5,
+                 layer_idx: int = 0):
         super().__init__()
-        self.self_attn = build_attention(attention_type, hidden_size, num_heads)
+        self.self_attn = build_attention(attention_type, hidden_size, num_heads, layer_idx)
         self.mlp = LlamaMLP(hidden_size, intermediate_size, mlp_type)
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.checkpoint_mlp = False
 
-    def forward(self, x):
-        x = x + self.self_attn(self.input_layernorm(x))
+    def forward(self, x, cache=None, padding=None):
+        x = x + self.self_attn(self.input_layernorm(x), cache, padding)
         return x + _maybe_checkpoint(self.checkpoint_mlp, self.mlp, self.post_attention_layernorm(x))
-

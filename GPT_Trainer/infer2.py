@@ -1,4 +1,7 @@
-"""Text generation from a checkpoint: efficient (recurrent state / KV cache) or full-recompute decoding.
+"""Text generation from a checkpoint through the model's own `generate` (transformers GenerationMixin).
+
+Efficient decoding (the default) keeps each layer's cache: a recurrent state or a KV cache, one cheap
+forward per new token; `--no_efficient` re-runs the whole sequence for every token (the seed's slow path).
 
 Library:  from GPT_Trainer.infer2 import generate
 CLI:      python GPT_Trainer/infer2.py --model_path models/RUN_NAME --prompt "Once upon a time" --max_new_tokens 64
@@ -6,11 +9,12 @@ CLI:      python GPT_Trainer/infer2.py --model_path models/RUN_NAME --prompt "On
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+import sys
 
 import torch
+from transformers import GenerationConfig, TextStreamer
 
-from GPT_Trainer.decoding import DEFAULT_CHUNK_SIZE, ModelDecoder, cat_states, reserve
+from GPT_Trainer.cli import UserError, run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,100 +35,59 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     return ids
 
 
-def next_token(logits, *, sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits [B, V] -> token ids [B]: argmax, or a draw from the temperature / top-k / top-p distribution."""
-    if not sample:
-        return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None:
-        if top_k < 1:
+def generation_config(max_new_tokens, *, sample=False, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                      pad_token_id=0, use_cache=True) -> GenerationConfig:
+    """Greedy decoding, or sampling at `temperature` from the top_k most likely tokens / the top_p mass (None:
+    no such cut); stops a sequence after eos_token_id unless it is None."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    options = {}
+    if sample:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0 < top_p <= 1:
+        if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token once the more likely ones already cover top_p (the most likely always stays)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        # top_k 0 switches off transformers' default cut at 50
+        options = dict(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
+    # an empty list, not None: generate would fill None in from the model's config and stop there
+    eos = [] if eos_token_id is None else eos_token_id
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos,
+                            pad_token_id=pad_token_id, use_cache=use_cache, **options)
 
 
-def _efficient_decoder(model, prompts, max_new_tokens, chunk_size):
-    """Prefill (grouped by prompt length, right-aligned) -> (first logits, advance(tokens) -> logits, order)."""
-    decoder = ModelDecoder(model, chunk_size)
-    device = next(model.parameters()).device
-    groups = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        groups[len(ids)].append(i)
-    longest = max(groups)
-    logits, states, order = [], [], []
-    for length, members in groups.items():
-        ids = torch.tensor([prompts[i] for i in members], device=device)
-        group_logits, group_states = decoder.prefill(ids, offset=longest - length)
-        logits.append(group_logits)
-        states.append(group_states)
-        order += members
-    states = cat_states(states)
-    reserve(states, max_new_tokens)
-    return torch.cat(logits), lambda tokens: decoder.step(tokens, states), order
-
-
-def _full_decoder(model, prompts):
-    """The seed's slow path: re-run the whole sequence for every new token (one sequence at a time)."""
-    device = next(model.parameters()).device
-    sequences = [list(p) for p in prompts]
-
-    @torch.no_grad()
-    def logits_now():
-        return torch.cat([model(torch.tensor([s], device=device)).logits[:, -1] for s in sequences])
-
-    def advance(tokens):
-        for seq, tok in zip(sequences, tokens.tolist()):
-            seq.append(tok)
-        return logits_now()
-
-    return logits_now(), advance, list(range(len(prompts)))
+def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, longest] with the prompts right-aligned, and their attention_mask (0 at the padding)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, sample=False, temperature=1.0, top_k=None, top_p=None,
-             use_efficient=True, stop_at_eos=True, *, generator=None, on_step=None, chunk_size=DEFAULT_CHUNK_SIZE):
+             use_efficient=True, stop_at_eos=True, *, streamer=None):
     """Continue every prompt by up to `max_new_tokens` tokens; returns the new token ids per prompt.
 
-    prompts: strings (needs `tokenizer`) or lists of token ids; lengths may differ. A sequence stops
-    after emitting EOS (kept in its output) when `stop_at_eos`. use_efficient: recurrent states / KV caches
-    (one cheap step per token); False re-runs the full sequence each step. generator: torch.Generator for
-    sampling. on_step(tokens): called after each step with the list of new ids per prompt (None once done).
+    prompts: strings (needs `tokenizer`) or lists of token ids; lengths may differ (they are left-padded
+    into one batch). A sequence stops after emitting EOS (kept in its output) when `stop_at_eos`.
+    use_efficient: the layers' caches (one cheap forward per token); False re-runs the full sequence each
+    step. Sampling draws from torch's global generator (torch.manual_seed for reproducible runs).
+    streamer: a transformers streamer (e.g. TextStreamer), batches of one prompt.
     """
     ids = encode_prompts(tokenizer, prompts)
-    if max_new_tokens <= 0:
-        return [[] for _ in ids]
     eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
-    if use_efficient:
-        logits, advance, order = _efficient_decoder(model, ids, max_new_tokens, chunk_size)
-    else:
-        logits, advance, order = _full_decoder(model, ids)
-    outputs = [[] for _ in ids]
-    done = [False] * len(ids)
-    for step in range(max_new_tokens):
-        tokens = next_token(logits, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=generator)
-        emitted = [None] * len(ids)
-        for prompt_index, tok in zip(order, tokens.tolist()):
-            if not done[prompt_index]:
-                outputs[prompt_index].append(tok)
-                emitted[prompt_index] = tok
-                done[prompt_index] = stop_at_eos and tok == eos
-        if on_step is not None:
-            on_step(emitted)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        logits = advance(tokens)
+    pad = 0 if eos is None else eos
+    config = generation_config(max_new_tokens, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_token_id=eos if stop_at_eos else None, pad_token_id=pad, use_cache=use_efficient)
+    input_ids, attention_mask = left_padded(ids, pad, model.device)
+    sequences = model.generate(input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer)
+    outputs = []
+    for row in sequences[:, input_ids.shape[1]:].tolist():
+        if stop_at_eos and eos in row:
+            row = row[:row.index(eos) + 1]
+        outputs.append(row)
     return outputs
 
 
@@ -142,11 +105,15 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
 
 
 def load_for_inference(model_path: str, device: str, dtype: str | None):
-    """(model in eval mode, its tokenizer) from a checkpoint directory."""
+    """(model in eval mode, its tokenizer) from a checkpoint directory; a missing or unreadable checkpoint
+    is a UserError naming the file."""
     from GPT_Trainer.data import load_tokenizer
     from GPT_Trainer.modeling import load_model
 
-    model = load_model(model_path, device=device, dtype=resolve_dtype(dtype, device))
+    try:
+        model = load_model(model_path, device=device, dtype=resolve_dtype(dtype, device))
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
     return model, load_tokenizer(model_path)
 
 
@@ -166,30 +133,22 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    parser.add_argument("--seed", type=int, default=None, help="seed of torch's generator, for reproducible sampling")
     args = parser.parse_args(argv)
+    try:
+        generation_config(args.max_new_tokens, sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p)
+    except ValueError as err:
+        raise UserError(f"--{err}") from err
 
     model, tokenizer = load_for_inference(args.model_path, args.device, args.dtype)
-    generator = None
     if args.seed is not None:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    generated, printed = [], ""
-
-    def stream(tokens):
-        nonlocal printed
-        if tokens[0] is not None:
-            generated.append(tokens[0])
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(text[len(printed):], end="", flush=True)
-                printed = text
-
+        torch.manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
     generate(model, tokenizer, [args.prompt], args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, use_efficient=not args.no_efficient, generator=generator,
-             on_step=stream)
-    print()
+             top_k=args.top_k, top_p=args.top_p, use_efficient=not args.no_efficient,
+             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

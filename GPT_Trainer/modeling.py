@@ -1,7 +1,10 @@
 """Llama-2 causal LM with pluggable attention; state-dict keys equal transformers.LlamaForCausalLM's.
 
-`get_model` builds a fresh model of a named size, `load_model` loads a checkpoint directory in the seed's
-layout (config.json and/or config.pt, model.safetensors) without unpickling any object.
+A registered transformers model (model_type "twomamba"): after `import GPT_Trainer.modeling`,
+`AutoModelForCausalLM.from_pretrained(run_dir)` builds it and `model.generate(...)` decodes with the
+blocks' own caches (docs/inference.md). `get_model` builds a fresh model of a named size, `load_model`
+loads a checkpoint directory in the seed's layout too (a config.json of model_type "llama" with an
+attention_type, or config.pt; model.safetensors) without unpickling any object.
 """
 from __future__ import annotations
 
@@ -13,16 +16,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LlamaConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from GPT_Trainer.cache import TwoMambaCache
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, LlamaDecoderLayer, RMSNorm, attention_config
 
 
 class TwoMambaConfig(LlamaConfig):
-    """A LlamaConfig that also carries the attention type (and the MLP type); model_type stays "llama",
-    so config.json files interchange with the seed's LlamaConfig.save_pretrained output."""
+    """LlamaConfig's fields plus the attention type and the MLP type, under its own model_type. The seed
+    saved LlamaConfig (model_type "llama") with an attention_type; `read_config` converts those on load."""
 
+    model_type = "twomamba"
     attention_type: str = TWO_MAMBA
     mlp_type: str = "normal"
 
@@ -52,30 +58,33 @@ class TwoMambaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(
                 config.hidden_size, config.intermediate_size, config.num_attention_heads, config.attention_type,
-                config.mlp_type, config.rms_norm_eps,
+                config.mlp_type, config.rms_norm_eps, layer_idx=i,
             )
-            for _ in range(config.num_hidden_layers)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, cache: TwoMambaCache | None = None, padding: torch.Tensor | None = None):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, cache, padding)
         return self.norm(x)
 
 
-class TwoMambaForCausalLM(PreTrainedModel):
+class TwoMambaForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = TwoMambaConfig
     base_model_prefix = "model"
     _keys_to_ignore_on_load_unexpected = [r"self_attn\.attn_mask$"]
     _no_split_modules = ["LlamaDecoderLayer"]
+    _is_stateful = True  # recurrent states cannot be rolled back: no assisted decoding
+    _supported_generation_modes = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
     def __init__(self, config: TwoMambaConfig):
         attention_config(config.attention_type)  # fail early, listing the valid names
         super().__init__(config)
         self.model = TwoMambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decode_with_cuda_graph = True  # generate on CUDA replays one-token steps (GPT_Trainer/cuda_graph.py)
         self.post_init()
 
     def _init_weights(self, module):
@@ -101,15 +110,101 @@ class TwoMambaForCausalLM(PreTrainedModel):
             layer.checkpoint_mlp = enabled
         return self
 
-    def forward(self, input_ids, labels=None, **unused):
-        """labels follow the Hugging Face convention (shifted inside; -100 is ignored)."""
-        logits = self.lm_head(self.model(input_ids))
+    def new_cache(self, max_length: int | None = None, batch_size: int | None = None) -> TwoMambaCache:
+        """An empty cache for `forward(..., past_key_values=cache)`; max_length: KV slots to allocate up front.
+
+        With batch_size, on CUDA and with `decode_with_cuda_graph`, a model whose layers all keep fixed-size
+        states gets its one-token step captured in a CUDA graph (GPT_Trainer/cuda_graph.py), replayed by
+        every later one-token forward on this cache (input_ids of shape [batch_size, 1])."""
+        cache = TwoMambaCache(self.config.num_hidden_layers, max_length)
+        if batch_size is not None and self.decode_with_cuda_graph and self.device.type == "cuda":
+            from GPT_Trainer.cuda_graph import GraphStep
+
+            cache.step_graph = GraphStep.capture_if_supported(self, cache, batch_size)
+        return cache
+
+    def forward(self, input_ids, attention_mask=None, past_key_values: TwoMambaCache | None = None,
+                use_cache: bool | None = None, labels=None, logits_to_keep: int = 0, return_dict: bool | None = None):
+        """The one forward of training, prefill and decoding steps.
+
+        input_ids [B, N]: the new tokens. attention_mask [B, past + N] (or [B, N]): 1 for tokens, 0 for left
+        padding (prompts of different lengths in one batch); only the new tokens' columns are read, and a
+        one-token step after a prompt is never padding. past_key_values: a TwoMambaCache these tokens
+        continue, updated in place and returned; use_cache=True starts one when none is passed.
+        labels follow the Hugging Face convention (shifted inside; -100 is ignored). logits_to_keep: only
+        the logits of the last that many tokens (0: all).
+        """
+        if return_dict is False:
+            raise ValueError("TwoMambaForCausalLM returns a CausalLMOutputWithPast; return_dict=False is not supported")
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache()
+        if past_key_values is not None and not isinstance(past_key_values, TwoMambaCache):
+            raise TypeError(f"past_key_values must be a TwoMambaCache (model.new_cache()), got {type(past_key_values).__name__}")
+        padding = self._padding(attention_mask, input_ids, past_key_values)
+        graph = None if past_key_values is None else past_key_values.step_graph
+        if graph is not None and input_ids.shape[1] == 1 and past_key_values.seen_tokens > 0:
+            logits = graph.replay(input_ids)
+        else:
+            hidden = self.model(input_ids, past_key_values, padding)
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += input_ids.shape[1]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    @staticmethod
+    def _padding(attention_mask, input_ids, cache) -> torch.Tensor | None:
+        """The new tokens' columns of attention_mask as bool [B, N], or None when nothing is padding.
+
+        Reading the mask costs one device-to-host sync; a one-token step after a prompt skips it."""
+        if attention_mask is None:
+            return None
+        batch, n = input_ids.shape
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < n:
+            raise ValueError(f"attention_mask must be [batch, past + new tokens] with 1 for tokens and 0 for left padding; "
+                             f"got shape {tuple(attention_mask.shape)} for input_ids {tuple(input_ids.shape)}")
+        if n == 1 and cache is not None and cache.seen_tokens > 0:
+            return None
+        padding = attention_mask[:, -n:].bool()
+        unpadded, left_only = torch.stack([padding.all(), (padding[:, 1:] >= padding[:, :-1]).all()]).tolist()
+        if not left_only:
+            raise ValueError("attention_mask may only mark left padding (zeros before a row's first token)")
+        return None if unpadded else padding
+
+    # generate() support: the cache is the model's own, created with room for prompt + new tokens
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, TwoMambaCache):
+                raise TypeError(f"past_key_values must be a TwoMambaCache (model.new_cache()), got {type(cache).__name__}")
+            return
+        if generation_config.cache_implementation is not None:
+            raise ValueError("TwoMambaForCausalLM keeps its own caches; cache_implementation is not supported")
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["past_key_values"] = self.new_cache(max_cache_length, batch_size * generation_config.num_return_sequences)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=None,
+                                      logits_to_keep=None, next_sequence_length=None, is_first_iteration=False,
+                                      **kwargs):
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        if unsupported:  # e.g. output_attentions=True: there are no attention maps to return
+            raise ValueError(f"TwoMambaForCausalLM.generate does not support {unsupported}")
+        if next_sequence_length is not None:
+            input_ids = input_ids[:, -next_sequence_length:]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
+                  "use_cache": use_cache}
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+
+AutoConfig.register(TwoMambaConfig.model_type, TwoMambaConfig, exist_ok=True)
+AutoModelForCausalLM.register(TwoMambaConfig, TwoMambaForCausalLM, exist_ok=True)
 
 
 def make_config(model_size: str, model_max_length: int, vocab_size: int, attention_type: str,
@@ -183,6 +278,7 @@ def read_config(path: str, vocab_size: int | None) -> TwoMambaConfig:
                 raw = json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{json_file} is not valid JSON: {err}") from err
+        raw.pop("model_type", None)  # the seed's "llama" configs convert on load
         if "attention_type" not in raw:
             if not train_cfg or "attention_type" not in train_cfg:
                 raise ValueError(f"{json_file} has no attention_type and there is no config.pt that names one")

@@ -1,8 +1,11 @@
 """Decode throughput and peak memory: softmax (KV cache) vs 2Mamba (recurrent state) after long prompts.
 
-For each attention type, prompt length and batch size: prefill a random prompt batch, then time greedy
-one-token steps (after warm-up steps) with CUDA synchronisation. Random weights: the cost of a step does
-not depend on their values. Prints a table and writes JSON.
+For each attention type, prompt length and batch size: prefill a random prompt batch (the model's forward
+over the prompt with a fresh cache), then time greedy one-token steps (the same forward over one token,
+after warm-up steps) with CUDA synchronisation, exactly as `model.generate` runs them: on CUDA the cache
+of the recurrent types comes with the step captured in a CUDA graph (GPT_Trainer/cuda_graph.py; capture
+time reported apart; --no_cuda_graph steps eagerly). Random weights: the cost of a step does not depend
+on their values. Prints a table and writes JSON.
 
     python bench/decode.py                       # small model, bf16, prompts 1K-32K, batches 1 and 32
     python bench/decode.py --device cpu --model_size tiny --prompt_lengths 64 256 --batch_sizes 1 2  # smoke run
@@ -17,7 +20,6 @@ import time
 
 import torch
 
-from GPT_Trainer.decoding import ModelDecoder, reserve, state_nbytes
 from GPT_Trainer.infer2 import DTYPES
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA
 from GPT_Trainer.modeling import get_model
@@ -30,32 +32,37 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_case(model, batch, prompt_len, new_tokens, warmup, device, chunk_size):
-    decoder = ModelDecoder(model, chunk_size)
+@torch.no_grad()
+def run_case(model, batch, prompt_len, new_tokens, warmup, device):
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    logits, states = decoder.prefill(ids)
-    reserve(states, warmup + new_tokens)
+    cache = model.new_cache(prompt_len + warmup + new_tokens, batch)
+    sync(device)
+    capture_s = time.perf_counter() - start
+    start = time.perf_counter()
+    logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
     sync(device)
     prefill_s = time.perf_counter() - start
     tokens = logits.argmax(-1)
     for _ in range(warmup):
-        tokens = decoder.step(tokens, states).argmax(-1)
+        tokens = model(tokens, past_key_values=cache).logits.argmax(-1)
     sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        tokens = decoder.step(tokens, states).argmax(-1)
+        tokens = model(tokens, past_key_values=cache).logits.argmax(-1)
     sync(device)
     decode_s = time.perf_counter() - start
     return {
         "prefill_s": round(prefill_s, 3),
         "ms_per_step": round(1000 * decode_s / new_tokens, 3),
         "tokens_per_s": round(batch * new_tokens / decode_s, 1),
-        "state_mib": round(state_nbytes(states) / 2**20, 2),
+        "state_mib": round(cache.nbytes() / 2**20, 2),
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "cuda_graph": cache.step_graph is not None,
+        "capture_s": round(capture_s, 3),
     }
 
 
@@ -67,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--new_tokens", type=int, default=32, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--chunk_size", type=int, default=512, help="prefill chunk of the recurrent types")
+    parser.add_argument("--no_cuda_graph", action="store_true", help="eager one-token steps on CUDA too")
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -81,11 +88,12 @@ def main(argv=None):
         with device:
             model = get_model(args.model_size, max(args.prompt_lengths), args.vocab_size, TYPES[label])
         model = model.to(DTYPES[args.dtype]).eval()
+        model.decode_with_cuda_graph = not args.no_cuda_graph
         for prompt_len in args.prompt_lengths:
             for batch in args.batch_sizes:
                 row = {"attention": label, "prompt_tokens": prompt_len, "batch": batch}
                 try:
-                    row.update(run_case(model, batch, prompt_len, args.new_tokens, args.warmup, device, args.chunk_size))
+                    row.update(run_case(model, batch, prompt_len, args.new_tokens, args.warmup, device))
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
                 rows.append(row)
@@ -94,18 +102,19 @@ def main(argv=None):
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "model_size": args.model_size, "dtype": args.dtype,
-        "new_tokens": args.new_tokens, "warmup": args.warmup, "chunk_size": args.chunk_size, "rows": rows,
+        "new_tokens": args.new_tokens, "warmup": args.warmup, "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n{'type':8} {'prompt':>7} {'batch':>5} {'prefill s':>9} {'ms/step':>8} {'tok/s':>9} {'state MiB':>10} {'peak GiB':>8}")
+    print(f"\n{'type':8} {'prompt':>7} {'batch':>5} {'prefill s':>9} {'ms/step':>8} {'tok/s':>9} {'state MiB':>10} "
+          f"{'peak GiB':>8} {'graph':>5}")
     for r in rows:
         if "error" in r:
             print(f"{r['attention']:8} {r['prompt_tokens']:>7} {r['batch']:>5}  {r['error']}")
         else:
             print(f"{r['attention']:8} {r['prompt_tokens']:>7} {r['batch']:>5} {r['prefill_s']:>9} {r['ms_per_step']:>8} "
-                  f"{r['tokens_per_s']:>9} {r['state_mib']:>10} {str(r['peak_gib']):>8}")
+                  f"{r['tokens_per_s']:>9} {r['state_mib']:>10} {str(r['peak_gib']):>8} {'yes' if r['cuda_graph'] else 'no':>5}")
     print(f"wrote {args.out}")
 
 

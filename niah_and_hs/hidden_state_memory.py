@@ -1,9 +1,9 @@
 """The paper's Figure 7 from measured sizes: per-head memory of the decoding state vs sequence length.
 
-Three attention layers (head dim d = 64, float32) decode a random sequence token by token through the
-decoders of GPT_Trainer/decoding.py; at each measured length the bytes of their cache tensors
-(numel * element_size, allocated capacity included) are divided by the number of heads and compared
-with the closed forms of SPEC section 5 (in numbers of float32 values):
+Three attention blocks (head dim d = 64, float32) decode a random sequence token by token, each with its
+own cache (GPT_Trainer/cache.py); at each measured length the bytes of the cache (numel * element_size;
+of a KV cache its filled slots) are divided by the number of heads and compared with the closed forms
+of docs/inference.md (in numbers of float32 values):
   softmax KV cache   2 N d
   2Mamba state       d D + D + 3d      (S, z, one pre-conv row of q, k, v; D = d(d+1)/2)
   linear state       d^2 + d + 3d      (power 1, sm_norm, same conv and decay)
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import torch  # noqa: E402
 
-from GPT_Trainer.decoding import layer_decoder  # noqa: E402
+from GPT_Trainer.cache import TwoMambaCache  # noqa: E402
 from GPT_Trainer.LlamaDecoderLayerClean import (  # noqa: E402
     TWO_MAMBA, AttentionConfig, GenericAttention, SoftmaxAttention, attention_config,
 )
@@ -34,7 +34,7 @@ LABELS = ("Softmax (KV cache)", "2Mamba", "Linear")
 
 
 def formula_values(label: str, n: int, d: int) -> int:
-    """Float32 values per head held after n tokens (SPEC section 5)."""
+    """Float32 values per head held after n tokens (docs/inference.md)."""
     features = d * (d + 1) // 2
     return {"Softmax (KV cache)": 2 * n * d, "2Mamba": d * features + features + 3 * d, "Linear": d * d + d + 3 * d}[label]
 
@@ -63,14 +63,15 @@ def measure(lengths, d: int = 64, heads: int = 2, seed: int = 0) -> dict[str, li
     tokens = torch.randn(1, lengths[-1], d * heads)
     measured = {}
     for label, attn in attention_layers(d, heads).items():
-        decoder = layer_decoder(attn.eval())
-        _, state = decoder.prefill(tokens[:, :1], offset=0)
+        attn.eval()
+        cache = TwoMambaCache(num_layers=1)
+        attn(tokens[:, :1], cache)
         sizes, n = [], 1
         for target in lengths:
             for t in range(n, target):
-                decoder.step(tokens[:, t:t + 1], state)
+                attn(tokens[:, t:t + 1], cache)
             n = target
-            sizes.append(state.nbytes() // heads)
+            sizes.append(cache.nbytes() // heads)
         measured[label] = sizes
     return measured
 

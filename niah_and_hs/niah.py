@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack (pass-key retrieval) accuracy per context length (SPEC section 8).
+"""Needle-in-a-haystack (pass-key retrieval) accuracy per context length (docs/inference.md).
 
 The seed's procedure: shuffle the row indices with numpy seed 420, drop rows with context_length >= 32768,
 keep the first --num_evals, greedy-decode 10 tokens after each prompt, take the first word of the decoded
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from GPT_Trainer.cli import UserError, run
 from GPT_Trainer.infer2 import add_model_args, encode_prompts, generate, load_for_inference
 from GPT_Trainer.passkey import passkey_example
 
@@ -140,7 +141,10 @@ def get_rows(args) -> tuple[list[dict], str]:
     if args.builtin:
         return builtin_rows(args.context_lengths, args.num_evals), "builtin"
     if args.dataset:
-        return load_local_rows(args.dataset), f"file:{args.dataset}"
+        try:
+            return load_local_rows(args.dataset), f"file:{args.dataset}"
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(str(err)) from err
     try:
         return load_hub_rows(), f"hub:{HUB_DATASET}"
     except Exception as err:  # no `datasets`, no network, no hub access: fall back to the offline generator
@@ -161,13 +165,14 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--out", default=None, help="results JSON (default niah_and_hs/results/<model dir name>.json)")
     args = parser.parse_args(argv)
-    if args.num_evals < 1 or args.batch_size < 1:
-        parser.error("--num_evals and --batch_size must be >= 1")
+    for flag in ("num_evals", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
 
     rows, source = get_rows(args)
     rows = select_rows(rows, args.num_evals)
     if not rows:
-        raise SystemExit("no NIAH rows left after dropping context_length >= 32768")
+        raise UserError("no NIAH rows left after dropping context_length >= 32768")
     model, tokenizer = load_for_inference(args.model_path, args.device, args.dtype)
     with torch.no_grad():
         tally = evaluate(model, tokenizer, rows, max_new_tokens=args.max_new_tokens,
@@ -198,4 +203,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -92,7 +92,7 @@ def test_bad_field_value_is_named():
 
 
 def spec_generic_block(block: GenericAttention, h: torch.Tensor) -> torch.Tensor:
-    """SPEC section 3.1 step by step in float64, from the block's parameters."""
+    """The generic block (README.md, "Attention types") step by step in float64, from its parameters."""
     cfg, p = block.cfg, {k: v.double() for k, v in block.named_parameters()}
     h = h.double()
     b, n, _ = h.shape

@@ -129,3 +129,20 @@ def test_infer2_cli_streams_the_same_text_in_both_modes(saved_model, capsys):
     infer2.main(["--model_path", saved_model, "--prompt", "The sky is", "--max_new_tokens", "5", "--sample",
                  "--top_p", "0.9", "--temperature", "0.7", "--seed", "0"])
     assert capsys.readouterr().out.startswith("The sky is")
+
+
+def test_entry_scripts_report_bad_input_in_one_line(saved_model, tmp_path, capsys):
+    from GPT_Trainer import infer2
+    from GPT_Trainer.cli import run
+
+    cases = [
+        (infer2.main, ["--model_path", saved_model, "--max_new_tokens", "0"], "max_new_tokens must be >= 1"),
+        (infer2.main, ["--model_path", saved_model, "--sample", "--top_p", "2"], "top_p must be in (0, 1]"),
+        (infer2.main, ["--model_path", str(tmp_path / "missing")], "checkpoint directory not found"),
+        (niah.main, ["--model_path", saved_model, "--builtin", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+        (niah.main, ["--model_path", saved_model, "--dataset", str(tmp_path / "none.jsonl")], "NIAH dataset not found"),
+    ]
+    for main, argv, message in cases:
+        assert run(main, argv, prog="script") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
