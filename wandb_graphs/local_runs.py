@@ -19,7 +19,7 @@ def load_run_history(run_dir: Path | str) -> History:
     may repeat: the later line wins, per metric (an eval line never hides the train loss of its step)."""
     path = Path(run_dir) / METRICS_FILE
     by_metric: dict[str, dict[int, float]] = {}
-    with path.open() as f:
+    with path.open(errors="replace") as f:  # stray bytes fail as a non-JSON line, not as a decode crash
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -29,9 +29,14 @@ def load_run_history(run_dir: Path | str) -> History:
                 # A run killed mid-write leaves a truncated last line; the rest of the log is still good.
                 print(f"warning: {path}:{line_no}: not JSON, skipped", file=sys.stderr)
                 continue
-            if "step" not in record:
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, float) and step.is_integer():
+                step = int(step)
+            if not isinstance(step, int) or isinstance(step, bool):
+                # Not written by our trainer (hand-edited or another tool's): one bad line must not cost the run.
+                print(f"warning: {path}:{line_no}: not a JSON object with an integer \"step\", skipped",
+                      file=sys.stderr)
                 continue
-            step = int(record["step"])
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     by_metric.setdefault(key, {})[step] = float(value)
@@ -43,8 +48,19 @@ def load_run_history(run_dir: Path | str) -> History:
 
 
 def load_run_config(run_dir: Path | str) -> dict:
+    """run_config.json as a dict; {} when absent or unreadable (reported): the run's log is still usable."""
     path = Path(run_dir) / CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as e:
+        print(f"warning: {path}:{e.lineno}: not JSON ({e.msg}), ignored", file=sys.stderr)
+        return {}
+    if not isinstance(config, dict):
+        print(f"warning: {path}: not a JSON object, ignored", file=sys.stderr)
+        return {}
+    return config
 
 
 def run_display_name(run_dir: Path | str) -> str:
