@@ -1,14 +1,14 @@
 """Needle-in-a-haystack heatmap: one row per model, one column per context length.
 
-    python niah_and_hs/niah_heatmap.py                   # the paper's Figure 8 -> niah_and_hs/results/niah_heatmap_paper
-    python niah_and_hs/niah_heatmap.py a.json b.json     # niah.py results -> niah_and_hs/results/niah_heatmap_a+b
+    python niah_and_hs/niah_heatmap.py                  # the paper's Figure 8 -> niah_and_hs/results/niah_heatmap_paper
+    python niah_and_hs/niah_heatmap.py a.json b.json    # niah.py results -> niah_and_hs/results/niah_heatmap_a+b
     python niah_and_hs/niah_heatmap.py a.json b.json --labels Softmax 2Mamba --out figures/niah
 
-Inputs are results JSON files of niah.py. Columns are the union of their context lengths (in characters, as
-the dataset defines them), each with the mean prompt length in tokens when known. Rows are labelled with the
-paper's name of the attention type (2Mamba, Softmax, ...) or, for other types, a letter explained in a key
-under the plot. Writes OUT.svg and OUT.png; without --out the name comes from the inputs, so no run
-overwrites the figure of other inputs.
+Inputs are results JSON files of niah.py (the procedure: docs/math.md#niah). Columns are the union of their
+context lengths (in characters, as the dataset defines them), each with the mean prompt length in tokens
+when known. Rows are labelled with the paper's name of the attention type (2Mamba, Softmax, ...) or, for
+other types, a letter explained in a key under the plot. Writes OUT.svg and OUT.png; without --out the name
+comes from the inputs, so no run overwrites the figure of other inputs.
 """
 from __future__ import annotations
 
