@@ -12,7 +12,7 @@ import numpy as np
 from GPT_Trainer.cli import UserError
 from niah_and_hs.plotting import output_name, type_name
 from wandb_graphs.definitions import Group, Run, local_group
-from wandb_graphs.local_runs import METRICS_FILE, History, find_runs, load_run_config, load_run_history
+from wandb_graphs.local_runs import METRICS_FILE, History, find_runs, load_run_config, load_run_history, run_dirs
 
 
 class SourceError(UserError):
@@ -28,7 +28,8 @@ class LocalSource:
         self.runs_dir = Path(runs_dir)
         if not self.runs_dir.is_dir():
             raise SourceError(f"runs directory {self.runs_dir} does not exist (set --runs_dir)")
-        self.index = find_runs(self.runs_dir)
+        self.configs = {run_dir: load_run_config(run_dir) for run_dir in run_dirs(self.runs_dir)}
+        self.index = find_runs(self.runs_dir, self.configs)
         # A mapped path is relative to the runs directory (an absolute one stays as it is).
         self.index.update({run_id: self.runs_dir / run_dir for run_id, run_dir in read_map(map_file).items()})
         self._cache: dict[Path, History] = {}
@@ -48,14 +49,12 @@ class LocalSource:
         """Every run under the runs directory, one group per setting (model size, sequence length, dataset
         of run_config.json), one line per run labelled by its attention type: no map needed."""
         by_setting: dict[tuple, list[tuple[Path, dict]]] = {}
-        run_dirs = [p for p in self.runs_dir.iterdir() if (p / METRICS_FILE).is_file()]
-        for run_dir in sorted(run_dirs, key=natural_key):
-            config = load_run_config(run_dir)
-            setting = tuple(str(config.get(key, "unknown")) for key in SETTING_KEYS)
+        for run_dir, config in sorted(self.configs.items(), key=lambda item: natural_key(item[0])):
+            setting = tuple("unknown" if config.get(key) is None else str(config[key]) for key in SETTING_KEYS)
             by_setting.setdefault(setting, []).append((run_dir, config))
         groups = []
         for (size, seq_len, dataset), members in sorted(by_setting.items()):
-            labels = [type_name(config["attention_type"]) if config.get("attention_type") else run_dir.name
+            labels = [type_name(str(config["attention_type"])) if config.get("attention_type") else run_dir.name
                       for run_dir, config in members]
             runs = []
             for label, (run_dir, _) in zip(labels, members):
