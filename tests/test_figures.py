@@ -575,6 +575,9 @@ def test_compare_draws_a_run_with_one_test_point_and_never_overwrites(tmp_path, 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert run_main("--compare", tmp_path) == 1
     one_line_error(capsys, f"my_main.py: error: no metrics.jsonl in any --compare directory ({tmp_path})")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lr": 0.1}\n')
+    assert run_main("--compare", tmp_path) == 1
+    assert "error: none of the --compare runs logged loss, test_loss, tokens_per_s" in capsys.readouterr().err
     bad = tmp_path / "defs.json"
     bad.write_text('{"defaults": {},\n "groups": [')
     assert run_main("--definitions", bad, "--list") == 1

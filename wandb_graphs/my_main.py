@@ -94,9 +94,9 @@ def render_groups(groups: list[Group], source: Source, out_dir: Path, smooth: in
         else:
             empty.append(group.name)
     if empty:
+        hint = "; --map assigns paper run ids to local run directories" if isinstance(source, LocalSource) else ""
         print(f"{len(empty)} of {len(groups)} groups have no run in {source}: skipped ({', '.join(empty[:3])}"
-              f"{', ...' if len(empty) > 3 else ''}; --list shows each group's runs, --map assigns paper run "
-              "ids to local run directories)", file=sys.stderr)
+              f"{', ...' if len(empty) > 3 else ''}; --list shows each group's runs{hint})", file=sys.stderr)
     print(f"{rendered}/{len(groups)} groups rendered into {out_dir}")
     return rendered
 
@@ -120,6 +120,8 @@ def compare(run_dirs: list[Path], out_dir: Path | None, smooth: int) -> list[Pat
             continue
         written += plot_lines(lines, out_dir / f"{stem}.svg", f"{label} vs step", "step", label,
                               smooth=smooth if smoothable else 1)
+    if not written:
+        raise UserError("none of the --compare runs logged " + ", ".join(m for m, *_ in COMPARE_PANELS))
     for path in written:
         print(f"wrote {path}")
     return written
