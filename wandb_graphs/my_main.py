@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     source = None
     if args.source == "local":
         source = LocalSource(args.runs_dir, args.map_file)
+        if not source.configs and not args.list:
+            raise UserError(f"no run under {args.runs_dir} (a run is a folder holding a {METRICS_FILE}, as "
+                            "GPT_Trainer/train.py writes it); set --runs_dir")
         groups += source.own_groups(args.definitions)
     if args.list:
         for group in groups:
