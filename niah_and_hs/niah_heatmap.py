@@ -74,6 +74,8 @@ def table_from_results(files, labels=None):
         labels = [f"{label} ({os.path.basename(str(r.get('model_path', file)).rstrip('/'))})"
                   if labels.count(label) > 1 else label for label, r, file in zip(labels, results, files)]
     lengths = sorted({int(e["context_length"]) for r in results for e in r["per_length"]})
+    if not lengths:
+        raise UserError(f"{', '.join(map(str, files))}: no accuracy to plot (empty per_length)")
     tokens = {}
     for r in results:
         for e in r["per_length"]:

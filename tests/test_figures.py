@@ -657,7 +657,8 @@ def test_heatmap_default_outputs_never_overwrite_each_other(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("content,message", [("5", "not a niah.py results file"), ('{"per_length": [',
                                                                                   ":1: not JSON"),
-                                             ('{"per_length": [{"accuracy": 1}]}', "context_length")])
+                                             ('{"per_length": [{"accuracy": 1}]}', "context_length"),
+                                             ('{"per_length": []}', "empty per_length")])
 def test_heatmap_bad_results_file_is_one_line(tmp_path, capsys, content, message):
     (tmp_path / "r.json").write_text(content)
     assert cli.run(niah_heatmap.main, [str(tmp_path / "r.json"), "--out", str(tmp_path / "x")], prog="h") == 1
