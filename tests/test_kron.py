@@ -1,6 +1,4 @@
 """kron(x) through Triton (the CPU interpreter here) against kron_reference, forward and backward."""
-import os
-
 import pytest
 import torch
 
@@ -8,8 +6,8 @@ from kernel.kron import kron, kron_reference
 
 
 def _rand(*shape, dtype=torch.float32, device="cpu"):
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    # the global generator, seeded per test by conftest.py (a failure report names the seed)
+    return torch.randn(*shape, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def _rel(x, ref):

@@ -128,7 +128,8 @@ def test_infer2_cli_streams_the_same_text_in_both_modes(saved_model, capsys):
     assert outputs[0].startswith("The sky is") and len(outputs[0].strip()) > len("The sky is")
     infer2.main(["--model_path", saved_model, "--prompt", "The sky is", "--max_new_tokens", "5", "--sample",
                  "--top_p", "0.9", "--temperature", "0.7", "--seed", "0"])
-    assert capsys.readouterr().out.startswith("The sky is")
+    sampled = capsys.readouterr().out.rstrip("\n")  # seeded sampling: a continuation, and not the greedy one
+    assert sampled.startswith("The sky is") and len(sampled) > len("The sky is") and not outputs[0].startswith(sampled)
 
 
 def test_entry_scripts_report_bad_input_in_one_line(saved_model, tmp_path, capsys):

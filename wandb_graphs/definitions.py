@@ -7,6 +7,8 @@ from pathlib import Path
 
 from matplotlib.colors import is_color_like
 
+from GPT_Trainer.cli import UserError
+
 DEFINITIONS_PATH = Path(__file__).with_name("paper_figures.json")
 
 
@@ -14,7 +16,7 @@ DEFINITIONS_PATH = Path(__file__).with_name("paper_figures.json")
 class Run:
     run_id: str  # wandb run id (or run name) as the paper's definitions give it
     label: str  # legend label and table row name
-    color: str  # a matplotlib colour
+    color: str | None  # a matplotlib colour; None: the colour cycle
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,40 @@ def matplotlib_color(name: str) -> str:
     raise ValueError(f"unknown colour {name!r}")
 
 
+def _read(path: Path | str) -> dict:
+    """The definitions file; a bad one is the user's input, reported in one line."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return {"defaults": dict(data["defaults"]), "groups": list(data["groups"])}
+    except OSError as e:
+        raise UserError(f"cannot read definitions {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg})") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: needs \"defaults\" (an object) and \"groups\" (a list): {e}") from e
+
+
 def load_groups(path: Path | str = DEFINITIONS_PATH) -> list[Group]:
-    data = json.loads(Path(path).read_text())
+    data = _read(path)
     groups = []
     for entry in data["groups"]:
-        fields = {**data["defaults"], **entry}
-        fields["runs"] = tuple(Run(run_id, label, matplotlib_color(color)) for run_id, label, color in fields["runs"])
         try:
+            fields = {**data["defaults"], **entry}
+            fields["runs"] = tuple(Run(run_id, label, matplotlib_color(color))
+                                   for run_id, label, color in fields["runs"])
             groups.append(Group(**fields))
-        except TypeError as e:  # a misspelt or missing key
-            raise ValueError(f"{path}: group {entry.get('name')!r}: {e}") from e
+        except (KeyError, TypeError, ValueError) as e:  # a misspelt or missing key, a bad run entry or colour
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            raise UserError(f"{path}: group {name!r}: {e}") from e
     return groups
+
+
+def local_group(name: str, runs: tuple[Run, ...], title: str, path: Path | str = DEFINITIONS_PATH) -> Group:
+    """A group of local runs with the definitions' defaults (table window, decimals, metrics)."""
+    fields = {**_read(path)["defaults"], "name": name, "runs": runs, "bold_best": True,
+              "train_title": f"{title} (Train)", "train_file": "train_loss.svg",
+              "test_title": f"{title} (Test)", "test_file": "test_loss.svg"}
+    try:
+        return Group(**fields)
+    except TypeError as e:
+        raise UserError(f"{path}: defaults: {e}") from e

@@ -1,10 +1,12 @@
 """Paper figures and tables from logged runs, and quick comparison plots of local runs.
 
 Each group of wandb_graphs/paper_figures.json gives <out>/<group>/: a train-loss and a test-loss plot
-(SVG, PNG beside it) and a booktabs LaTeX table (Model | Train loss | Test loss).
+(SVG, PNG beside it) and a booktabs LaTeX table (Model | Train loss | Test loss). With --source local, each
+setting (model size, seq_len, dataset) of one's own runs is a group too: one line per attention type.
 
   python wandb_graphs/my_main.py                                  # all groups, from the public wandb project
   python wandb_graphs/my_main.py --only 1_base_models 8.1_full_comp
+  python wandb_graphs/my_main.py --source local --runs_dir models # your runs (+ paper groups found there)
   python wandb_graphs/my_main.py --source local --runs_dir models --map paper_to_local.json
   python wandb_graphs/my_main.py --compare models/run_a models/run_b
 """
@@ -14,10 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from GPT_Trainer.cli import UserError, run
+from niah_and_hs.plotting import output_name
 from wandb_graphs.definitions import DEFINITIONS_PATH, Group, Run, load_groups
 from wandb_graphs.local_runs import METRICS_FILE, History, load_run_history, run_display_name
 from wandb_graphs.render import Line, latex_table, plot_lines, train_table_value
-from wandb_graphs.sources import LocalSource, Source, SourceError, WandbSource
+from wandb_graphs.sources import LocalSource, Source, WandbSource
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PACKAGE_DIR / "figures"
@@ -30,18 +34,20 @@ COMPARE_PANELS = (("loss", "Train loss", "train_loss", True), ("test_loss", "Tes
 
 
 def render_group(group: Group, source: Source, out_dir: Path, smooth: int, seed_indexing: bool) -> list[Path]:
-    """Plots and table of one group from the runs the source has; reports what it lacks. Returns the
-    files written (none when no run of the group is found)."""
+    """Plots and table of one group from the runs the source has; reports the runs it lacks when it has
+    some. Returns the files written (none when no run of the group is found)."""
     found: list[tuple[Run, History]] = []
+    missing: list[Run] = []
     for run in group.runs:
         history = source.history(group, run)
         if history is None:
-            print(f"[{group.name}] missing run {run.run_id} ({run.label!r}) in {source}: skipped", file=sys.stderr)
+            missing.append(run)
         else:
             found.append((run, history))
     if not found:
-        print(f"[{group.name}] no run found: group skipped", file=sys.stderr)
         return []
+    for run in missing:
+        print(f"[{group.name}] missing run {run.run_id} ({run.label!r}) in {source}: left out", file=sys.stderr)
 
     group_dir = out_dir / group.name
     xlabel = group.x_axis_rename if group.plot_axis_names else None
@@ -77,24 +83,35 @@ def render_group(group: Group, source: Source, out_dir: Path, smooth: int, seed_
 
 
 def render_groups(groups: list[Group], source: Source, out_dir: Path, smooth: int, seed_indexing: bool) -> int:
-    rendered = 0
+    """Render every group that has a run in the source. Groups with none (most paper groups, for local
+    runs) are counted in one line rather than listed run by run."""
+    rendered, empty = 0, []
     for group in groups:
         files = render_group(group, source, out_dir, smooth, seed_indexing)
         if files:
             rendered += 1
             print(f"[{group.name}] wrote {len(files)} files in {out_dir / group.name}")
+        else:
+            empty.append(group.name)
+    if empty:
+        hint = "; --map assigns paper run ids to local run directories" if isinstance(source, LocalSource) else ""
+        print(f"{len(empty)} of {len(groups)} groups have no run in {source}: skipped ({', '.join(empty[:3])}"
+              f"{', ...' if len(empty) > 3 else ''}; --list shows each group's runs{hint})", file=sys.stderr)
     print(f"{rendered}/{len(groups)} groups rendered into {out_dir}")
     return rendered
 
 
-def compare(run_dirs: list[Path], out_dir: Path, smooth: int) -> list[Path]:
-    """Train loss, test loss and tokens/s against step for any local runs, one line per run."""
-    runs = []
+def compare(run_dirs: list[Path], out_dir: Path | None, smooth: int) -> list[Path]:
+    """Train loss, test loss and tokens/s against step for any local runs, one line per run. Without
+    out_dir the folder is named after the runs, so comparing other runs never overwrites these plots."""
+    usable = [run_dir for run_dir in run_dirs if (run_dir / METRICS_FILE).is_file()]
+    if not usable:
+        raise UserError(f"no {METRICS_FILE} in any --compare directory ({', '.join(map(str, run_dirs))})")
     for run_dir in run_dirs:
-        if (run_dir / METRICS_FILE).is_file():
-            runs.append((run_display_name(run_dir), load_run_history(run_dir)))
-        else:
+        if run_dir not in usable:
             print(f"no {METRICS_FILE} in {run_dir}: skipped", file=sys.stderr)
+    runs = [(run_display_name(run_dir), load_run_history(run_dir)) for run_dir in usable]
+    out_dir = out_dir or DEFAULT_OUT / "compare" / output_name([name for name, _ in runs])
     written = []
     for metric, label, stem, smoothable in COMPARE_PANELS:
         lines = [Line(name, None, *history[metric]) for name, history in runs if metric in history]
@@ -103,6 +120,8 @@ def compare(run_dirs: list[Path], out_dir: Path, smooth: int) -> list[Path]:
             continue
         written += plot_lines(lines, out_dir / f"{stem}.svg", f"{label} vs step", "step", label,
                               smooth=smooth if smoothable else 1)
+    if not written:
+        raise UserError("none of the --compare runs logged " + ", ".join(m for m, *_ in COMPARE_PANELS))
     for path in written:
         print(f"wrote {path}")
     return written
@@ -114,19 +133,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--source", choices=("wandb", "local"), default="wandb",
                         help="wandb: the paper's public project through the wandb API (needs `pip install "
                              "wandb`, network and an API key); local: run directories written by our trainer "
-                             "(metrics.jsonl, run_config.json). Default: wandb")
+                             "(metrics.jsonl, run_config.json): the paper groups whose runs are there, plus "
+                             "one group of all runs per setting (model size, seq_len, dataset) named "
+                             "local_<size>_<seq_len>_<dataset>. Default: wandb")
     parser.add_argument("--runs_dir", type=Path, default=DEFAULT_RUNS_DIR,
-                        help="--source local: folder holding one directory per run; a run is found by its "
-                             f"wandb id, run name, wandb name or folder name. Default: {DEFAULT_RUNS_DIR}")
+                        help="--source local: folder holding one directory per run; a paper run is found by "
+                             f"its wandb id, run name, wandb name or folder name. Default: {DEFAULT_RUNS_DIR}")
     parser.add_argument("--map", type=Path, dest="map_file", metavar="FILE",
                         help="--source local: JSON {paper run id: run directory} (relative to --runs_dir) "
                              "for runs whose ids differ from the paper's")
     parser.add_argument("--only", nargs="+", metavar="GROUP",
                         help="render only these groups, named by output folder (e.g. 1_base_models); "
                              "--list shows them")
-    parser.add_argument("--list", action="store_true", help="list the groups and their runs, then exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list the groups and their runs (with --source local, also the local groups), "
+                             "then exit")
     parser.add_argument("--out", type=Path,
-                        help=f"output folder. Default: {DEFAULT_OUT} (with --compare: {DEFAULT_OUT / 'compare'})")
+                        help=f"output folder. Default: {DEFAULT_OUT} (with --compare: "
+                             f"{DEFAULT_OUT / 'compare'}/<run names>)")
     parser.add_argument("--definitions", type=Path, default=DEFINITIONS_PATH,
                         help="figure definitions (JSON). Default: the paper's, wandb_graphs/paper_figures.json")
     parser.add_argument("--smooth", type=int, default=1, metavar="N",
@@ -134,10 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "table is unaffected. Default: 1 (raw values)")
     parser.add_argument("--seed_table_values", action="store_true",
                         help="train-loss table value = the single value metric_n_step_avg entries from the end, "
-                             "as the seed computed it (SPEC §12.7); default: the mean of the last "
-                             "metric_n_step_avg logged values")
+                             "as the seed computed it (the paper's printed train losses); default: the mean of "
+                             "the last metric_n_step_avg logged values")
     parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="instead of the paper groups: plot train loss, test loss and tokens/s against "
+                        help="instead of the groups: plot train loss, test loss and tokens/s against "
                              "step for these local run directories")
     args = parser.parse_args(argv)
     if args.smooth < 1:
@@ -148,9 +172,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compare:
-        return 0 if compare(args.compare, args.out or DEFAULT_OUT / "compare", args.smooth) else 1
+        compare(args.compare, args.out, args.smooth)
+        return 0
 
     groups = load_groups(args.definitions)
+    source = None
+    if args.source == "local":
+        source = LocalSource(args.runs_dir, args.map_file)
+        if not source.configs and not args.list:
+            raise UserError(f"no run under {args.runs_dir} (a run is a folder holding a {METRICS_FILE}, as "
+                            "GPT_Trainer/train.py writes it); set --runs_dir")
+        groups += source.own_groups(args.definitions)
     if args.list:
         for group in groups:
             print(f"{group.name}: " + ", ".join(f"{run.run_id} ({run.label})" for run in group.runs))
@@ -159,17 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         names = {group.name for group in groups}
         unknown = [name for name in args.only if name not in names]
         if unknown:
-            print(f"unknown group(s) {', '.join(unknown)}; groups: {', '.join(sorted(names))}", file=sys.stderr)
-            return 2
+            raise UserError(f"unknown group(s) {', '.join(unknown)}; groups: {', '.join(sorted(names))}")
         groups = [group for group in groups if group.name in args.only]
-    try:
-        source = WandbSource() if args.source == "wandb" else LocalSource(args.runs_dir, args.map_file)
-        rendered = render_groups(groups, source, args.out or DEFAULT_OUT, args.smooth, args.seed_table_values)
-    except SourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0 if rendered else 1
+    rendered = render_groups(groups, source or WandbSource(), args.out or DEFAULT_OUT, args.smooth,
+                             args.seed_table_values)
+    if not rendered:
+        raise UserError(f"no run of these groups found in {source or 'wandb'}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

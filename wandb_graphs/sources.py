@@ -3,17 +3,24 @@ history(group, run) -> {metric: (steps, values)}, or None when the run is not th
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from wandb_graphs.definitions import Group, Run
-from wandb_graphs.local_runs import METRICS_FILE, History, find_runs, load_run_history
+from GPT_Trainer.cli import UserError
+from niah_and_hs.plotting import output_name, type_name
+from wandb_graphs.definitions import Group, Run, local_group
+from wandb_graphs.local_runs import METRICS_FILE, History, find_runs, load_run_config, load_run_history, run_dirs
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError):
     """The source as a whole is unusable (no wandb, no network, no runs directory)."""
+
+
+# run_config.json keys whose values must agree for runs to share a plot (attention types are what differ)
+SETTING_KEYS = ("model_size", "seq_len", "dataset")
 
 
 class LocalSource:
@@ -21,10 +28,10 @@ class LocalSource:
         self.runs_dir = Path(runs_dir)
         if not self.runs_dir.is_dir():
             raise SourceError(f"runs directory {self.runs_dir} does not exist (set --runs_dir)")
-        self.index = find_runs(self.runs_dir)
+        self.configs = {run_dir: load_run_config(run_dir) for run_dir in run_dirs(self.runs_dir)}
+        self.index = find_runs(self.runs_dir, self.configs)
         # A mapped path is relative to the runs directory (an absolute one stays as it is).
-        mapping = json.loads(Path(map_file).read_text()) if map_file else {}
-        self.index.update({run_id: self.runs_dir / run_dir for run_id, run_dir in mapping.items()})
+        self.index.update({run_id: self.runs_dir / run_dir for run_id, run_dir in read_map(map_file).items()})
         self._cache: dict[Path, History] = {}
 
     def __str__(self) -> str:
@@ -37,6 +44,47 @@ class LocalSource:
         if run_dir not in self._cache:
             self._cache[run_dir] = load_run_history(run_dir)
         return self._cache[run_dir]
+
+    def own_groups(self, definitions: Path | str) -> list[Group]:
+        """Every run under the runs directory, one group per setting (model size, sequence length, dataset
+        of run_config.json), one line per run labelled by its attention type: no map needed."""
+        by_setting: dict[tuple, list[tuple[Path, dict]]] = {}
+        for run_dir, config in sorted(self.configs.items(), key=lambda item: natural_key(item[0])):
+            setting = tuple("unknown" if config.get(key) is None else str(config[key]) for key in SETTING_KEYS)
+            by_setting.setdefault(setting, []).append((run_dir, config))
+        groups = []
+        for (size, seq_len, dataset), members in sorted(by_setting.items()):
+            labels = [type_name(str(config["attention_type"])) if config.get("attention_type") else run_dir.name
+                      for run_dir, config in members]
+            runs = []
+            for label, (run_dir, _) in zip(labels, members):
+                # Runs are keyed by path: a folder name may also be another run's run name.
+                self.index[str(run_dir)] = run_dir
+                shown = f"{label} ({run_dir.name})" if labels.count(label) > 1 and label != run_dir.name else label
+                runs.append(Run(str(run_dir), shown, None))
+            dataset_name = Path(dataset).name or dataset
+            name = output_name(["local", size, seq_len, dataset_name], sep="_")
+            groups.append(local_group(name, tuple(runs), f"{size}, {seq_len} tokens, {dataset_name}", definitions))
+        return groups
+
+
+def natural_key(path: Path) -> list:
+    """run_2 before run_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def read_map(map_file: Path | str | None) -> dict[str, str]:
+    if map_file is None:
+        return {}
+    try:
+        mapping = json.loads(Path(map_file).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read --map {map_file}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"--map {map_file}:{e.lineno}: not JSON ({e.msg})") from e
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise UserError(f"--map {map_file}: must be a JSON object {{paper run id: run directory}}")
+    return mapping
 
 
 class WandbSource:
