@@ -314,9 +314,7 @@ class GenericAttention(nn.Module):
         op = functools.partial(power_attention, power=self.cfg.power, normalize=self.normalize)
         if entry is None:
             return _maybe_checkpoint(self.checkpoint_core, op, q, k, v, g)
-        o, state = op(q, k, v, g, initial_state=entry.state, output_final_state=True)
-        entry.state.copy_(state)
-        return o
+        return op(q, k, v, g, initial_state=entry.state, output_final_state=True, inplace=True)[0]
 
     def _kv_core(self, q, k, v, g, entry, padding):
         """The exp types: the training op over a whole unpadded sequence, else attention over the KV cache."""
@@ -462,8 +460,7 @@ class Mamba2(nn.Module):
         if entry is None:
             y = op(q, k, v, g)
         else:
-            y, state = op(q, k, v, g, initial_state=entry.state, output_final_state=True)
-            entry.state.copy_(state)
+            y = op(q, k, v, g, initial_state=entry.state, output_final_state=True, inplace=True)[0]
         y = y.squeeze(1).to(h.dtype) + x * self.D.to(h.dtype)
         y = self.norm(y * F.silu(z))  # gated RMSNorm, the gate before the norm
         return self.out_proj(torch.cat([F.silu(z0) * x0, y.to(z0.dtype)], dim=-1))

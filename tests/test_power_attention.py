@@ -174,10 +174,12 @@ def test_recurrent_step_kernel(power):
                                            output_final_state=True)
     state, outs = None, []
     with torch.no_grad():
-        for t in range(N):
-            o, state = power_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], g[:, :, t:t + 1],
-                                       power=power, initial_state=state, output_final_state=True,
-                                       backend="triton")
+        for t in range(N):  # the first step starts from no state, later ones update theirs in place
+            o, new_state = power_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], g[:, :, t:t + 1],
+                                           power=power, initial_state=state, output_final_state=True,
+                                           inplace=state is not None, backend="triton")
+            assert state is None or new_state is state
+            state = new_state
             outs.append(o)
     assert rel_err(torch.cat(outs, dim=2), ref) < 1e-5
     assert rel_err(state, ref_state) < 1e-5
@@ -237,3 +239,18 @@ def test_fused_feature_products(T, C, d, E):
         routs, rgs = grads(lambda *t: fn(*t, power="2", fused=False), [t.double() for t in args])
         for x, r in zip(outs + gs, routs + rgs):
             assert rel_err(x, r) < 1e-5
+
+
+def test_inplace_updates_the_given_state():
+    q, k, v, g = make_inputs(16, 1, 2, 9, 8, 4)
+    s0 = random_state(17, 1, 2, 8, 4, "2")
+    ref_o, ref_state = power_attention(q, k, v, g, initial_state=s0, output_final_state=True, backend="torch")
+    for n in (9, 1):
+        state = s0.clone()
+        o, out = power_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], g[:, :, :n], initial_state=state,
+                                 output_final_state=True, inplace=True, backend="torch")
+        assert out is state
+        if n == 9:
+            torch.testing.assert_close(state, ref_state)
+    with pytest.raises(ValueError, match="inplace=True needs"):
+        power_attention(q, k, v, g, inplace=True)

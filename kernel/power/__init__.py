@@ -35,7 +35,8 @@ def _check_state(state, q, v, power, name="initial_state"):
 
 
 def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, initial_state=None,
-                    output_final_state=False, algorithm="auto", chunk_size=CHUNK_SIZE, backend="auto"):
+                    output_final_state=False, inplace=False, algorithm="auto", chunk_size=CHUNK_SIZE,
+                    backend="auto"):
     """Causal power attention, o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij), with state in and out.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] (<= 0) or None; power "1"
@@ -43,6 +44,8 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     initial_state: a state returned by an earlier call (any algorithm) or None (empty context).
     Returns o in q's dtype, or (o, final_state) with output_final_state=True. Power "exp" has no finite
     state and runs the quadratic kernel only. backend ("auto", "triton", "torch") picks the kernels.
+    inplace=True (with initial_state and output_final_state) writes the final state into initial_state and
+    returns that tensor: decoding into static buffers (the one-token step then updates it without a copy).
     """
     scale = check_attention_args(q, k, v, g, power, scale)
     if algorithm not in ALGORITHMS:
@@ -57,18 +60,24 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
         return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend)
     if initial_state is not None:
         _check_state(initial_state, q, v, power)
+    if inplace and (initial_state is None or not output_final_state):
+        raise ValueError("inplace=True needs initial_state and output_final_state=True")
     N = q.shape[2]
     if algorithm == "auto":
         algorithm = "recurrent" if N == 1 and stateful else "chunk" if N >= CHUNK_CROSSOVER else "quadratic"
-    if algorithm == "recurrent":
-        return recurrent_power_attention(q, k, v, g, power=power, normalize=normalize, scale=scale,
-                                         initial_state=initial_state, output_final_state=output_final_state,
-                                         backend=backend)
     if algorithm == "quadratic" and not stateful:
         return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend)
-    # the quadratic algorithm with a state is the chunked one with a single chunk
-    total, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, initial_state=initial_state,
-                                         chunk_size=N if algorithm == "quadratic" else chunk_size,
-                                         backend=backend)
-    o = normalized(total, normalize).to(q.dtype)
-    return (o, final) if output_final_state else o
+    if algorithm == "recurrent":
+        result = recurrent_power_attention(q, k, v, g, power=power, normalize=normalize, scale=scale,
+                                           initial_state=initial_state, output_final_state=output_final_state,
+                                           inplace=inplace, backend=backend)
+    else:  # the quadratic algorithm with a state is the chunked one with a single chunk
+        total, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, initial_state=initial_state,
+                                             chunk_size=N if algorithm == "quadratic" else chunk_size,
+                                             backend=backend)
+        o = normalized(total, normalize).to(q.dtype)
+        result = (o, final) if output_final_state else o
+    if inplace and result[1] is not initial_state:
+        initial_state.copy_(result[1])
+        result = (result[0], initial_state)
+    return result

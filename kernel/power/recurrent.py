@@ -80,8 +80,9 @@ def recurrent_step(q, k, v, g, state, *, power, scale):
 
 
 def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_state, output_final_state,
-                              backend="auto"):
-    """Token-by-token power attention (inference: no gradients through the fused step)."""
+                              inplace=False, backend="auto"):
+    """Token-by-token power attention (inference: no gradients through the fused step). inplace: the fused
+    step updates a float32 contiguous initial_state itself instead of a copy."""
     use_kernel = (q.shape[2] == 1 and resolve_backend(backend, q) == "triton" and q.dtype != torch.float64
                   and not torch.is_grad_enabled())
     if not use_kernel:
@@ -91,6 +92,8 @@ def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_st
     D = d if power == "1" else d * (d + 1) // 2
     if initial_state is None:
         state = torch.zeros(B, H, D, v.shape[-1] + 1, dtype=torch.float32, device=q.device)
+    elif inplace and initial_state.dtype == torch.float32 and initial_state.is_contiguous():
+        state = initial_state
     else:
         state = initial_state.float().contiguous().clone()
     total = recurrent_step(q, k, v, g, state, power=power, scale=scale)
