@@ -29,15 +29,16 @@ def _segment(i, D: tl.constexpr):
 
 
 @triton.jit
-def _outer_kernel(A, B, OUT, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _outer_kernel(A, B, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+    """Columns [E0, E1) of phi(a)^T b for BLOCK_I values of i."""
     t_ = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     c = tl.arange(0, BLOCK_C)
     j = tl.arange(0, BLOCK_D)
     cmask = c < C
     a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D), other=0.0)
-    b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E), other=0.0)
+    b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1), other=0.0)
     a = a.to(tl.float32)
     for ii in range(BLOCK_I):
         i = tl.program_id(1) * BLOCK_I + ii
@@ -48,16 +49,17 @@ def _outer_kernel(A, B, OUT, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, B
         else:
             out = tl.dot(tl.trans(p.to(b.dtype)), b)
         rows = _segment(i, D) + j
-        mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E)
+        mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E1)
         tl.store(OUT + t_ * NF * E + rows[:, None] * E + e[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _apply_kernel(A, M, OUT, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    """Columns [E0, E1) of phi(a) M for a block of tokens."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     j = tl.arange(0, BLOCK_D)
     cmask = c < C
     a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
@@ -68,36 +70,46 @@ def _apply_kernel(A, M, OUT, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, B
         p = tl.where((j >= i)[None, :], a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :], 0.0)
         rows = _segment(i, D) + j
         m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :],
-                    mask=((j >= i) & (j < D))[:, None] & (e[None, :] < E), other=0.0)
+                    mask=((j >= i) & (j < D))[:, None] & (e[None, :] < E1), other=0.0)
         if IEEE:
             acc += tl.dot(p.to(m.dtype), m, input_precision="ieee")
         else:
             acc += tl.dot(p.to(m.dtype), m)
     tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
-             mask=cmask[:, None] & (e[None, :] < E))
+             mask=cmask[:, None] & (e[None, :] < E1))
 
 
 @triton.jit
-def _grad_kernel(A, M, DY, DA, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+def _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    """[C, d] block of dy[:, E0:E1] m[rows, E0:E1]^T."""
+    e = E0 + tl.arange(0, BLOCK_E)
+    dy = tl.load(DY + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1), other=0.0)
+    m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :], mask=rmask[:, None] & (e[None, :] < E1), other=0.0)
+    if IEEE:
+        return tl.dot(dy, tl.trans(m), input_precision="ieee")
+    return tl.dot(dy, tl.trans(m))
+
+
+@triton.jit
+def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+    """d a for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E) (no padding
+    of E = dv + 1 up to the next power of two)."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    e = tl.arange(0, BLOCK_E)
     j = tl.arange(0, BLOCK_D)
     cmask = c < C
     a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
                 other=0.0).to(tl.float32)
-    dy = tl.load(DY + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E), other=0.0)
     da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for i in range(D):
         ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
         rows = _segment(i, D) + j
-        m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :],
-                    mask=((j >= i) & (j < D))[:, None] & (e[None, :] < E), other=0.0)
-        if IEEE:
-            g = tl.dot(dy, tl.trans(m), input_precision="ieee")  # [C, d]: d loss / d phi_(i, j), 0 for j < i
-        else:
-            g = tl.dot(dy, tl.trans(m))
+        rmask = (j >= i) & (j < D)
+        # [C, d]: d loss / d phi_(i, j), 0 for j < i
+        g = _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
+        if BLOCK_TAIL > 0:
+            g += _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
         da_i = tl.sum(g * a * tl.where(j == i, 2.0, SQRT2)[None, :], axis=1)
         da += tl.where(j[None, :] > i, SQRT2 * g * ai[:, None], 0.0)
         da += tl.where(j[None, :] == i, da_i[:, None], 0.0)
@@ -105,11 +117,18 @@ def _grad_kernel(A, M, DY, DA, C, E, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
              mask=cmask[:, None] & (j[None, :] < D))
 
 
+def _column_tiles(E):
+    """[E0, E1) windows of the state's columns: the largest power of two (at least 16) first, then the rest,
+    so that E = dv + 1 = 80 costs 64 + 16 columns instead of 128."""
+    main = max(16, 1 << (E.bit_length() - 1))
+    return [(0, min(main, E))] + ([(main, E)] if E > main else [])
+
+
+def _block(width, cap=64):
+    return min(cap, max(16, triton.next_power_of_2(width)))
+
+
 BLOCK_I = 8
-
-
-def _blocks(C, d, E):
-    return max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(E))
 
 
 def _outer(a, b):
@@ -117,11 +136,11 @@ def _outer(a, b):
     E = b.shape[-1]
     nf = d * (d + 1) // 2
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
-    bc, bd, _ = _blocks(C, d, E)
-    block_e = min(64, max(16, triton.next_power_of_2(E)))
-    grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(E, block_e))
-    _outer_kernel[grid](a, b, out, C, E, D=d, NF=nf, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=block_e, BLOCK_I=BLOCK_I,
-                        IEEE=a.dtype == torch.float32, num_warps=8)
+    for e0, e1 in _column_tiles(E):
+        block_e = _block(e1 - e0)
+        grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(e1 - e0, block_e))
+        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=_block(C, 1 << 30), BLOCK_D=_block(d, 1 << 30),
+                            BLOCK_E=block_e, BLOCK_I=BLOCK_I, IEEE=a.dtype == torch.float32, num_warps=8)
     return out
 
 
@@ -129,12 +148,12 @@ def _apply(a, m, out_dtype):
     T, C, d = a.shape
     E = m.shape[-1]
     out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
-    _, bd, _ = _blocks(C, d, E)
-    block_c = 64 if C > 32 else max(16, triton.next_power_of_2(C))
-    block_e = min(64, max(16, triton.next_power_of_2(E)))
-    grid = (T, triton.cdiv(C, block_c), triton.cdiv(E, block_e))
-    _apply_kernel[grid](a, m, out, C, E, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=bd, BLOCK_E=block_e,
-                        IEEE=a.dtype == torch.float32)
+    block_c = _block(C)
+    for e0, e1 in _column_tiles(E):
+        block_e = _block(e1 - e0)
+        grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
+        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c,
+                            BLOCK_D=_block(d, 1 << 30), BLOCK_E=block_e, IEEE=a.dtype == torch.float32)
     return out
 
 
@@ -142,10 +161,12 @@ def _grad(a, m, dy):
     T, C, d = a.shape
     E = m.shape[-1]
     da = torch.empty_like(a)
-    _, bd, be = _blocks(C, d, E)
-    block_c = 64 if C > 32 else max(16, triton.next_power_of_2(C))
-    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, D=d, NF=m.shape[1],
-                                               BLOCK_C=block_c, BLOCK_D=bd, BLOCK_E=be,
+    tiles = _column_tiles(E)
+    block_c = _block(C)
+    tail = _block(tiles[1][1] - tiles[1][0], 1 << 30) if len(tiles) > 1 else 0
+    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, tiles[0][1], D=d,
+                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
+                                               BLOCK_MAIN=_block(tiles[0][1], 1 << 30), BLOCK_TAIL=tail,
                                                IEEE=a.dtype == torch.float32, num_warps=8)
     return da
 
