@@ -89,6 +89,9 @@ def own_contenders(q, k, v, g, do):
     for C in CHUNK_SIZES:
         out[chunked_name(C)] = (lambda C=C: power_attention(q, k, v, g, algorithm="chunk", chunk_size=C), leaves, do)
     out["2Mamba auto (ours)"] = (lambda: power_attention(q, k, v, g), leaves, do)
+    out[f"linear+decay chunk C={CHUNK_SIZES[0]} (ours)"] = (
+        lambda: power_attention(q, k, v, g, power="1", normalize=False, algorithm="chunk", chunk_size=CHUNK_SIZES[0]),
+        leaves, do)
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
         def sdpa(b=backend):
             with sdpa_kernel(b):

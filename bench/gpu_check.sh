@@ -1,31 +1,19 @@
 #!/usr/bin/env bash
-# One device call: (1) the small model trains through the Triton kernels with the same first losses as through
-# the PyTorch reference, (2) the GPU tests, (3) the attention benchmark. Logs and JSON go to $OUT (or ./gpu_check).
-# Peer wheels (fla, retention) are picked up from .whl/ when present.
+# One device call: the GPU tests of the kernels, the model and decoding, then the attention-op, training and
+# decoding benchmarks, all contenders of each in one process. Logs and JSON go to $OUT (or ./gpu_check).
+# Each step has its own time limit, so one overrun does not cost the others.
 set -u
 OUT=${OUT:-gpu_check}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
-TRAIN="GPT_Trainer/train.py 1024 parity squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2 --model_size small
-  --batch_size 8 --learning_rate 3e-4 --warmup_steps 10 --num_steps 30 --num_steps_early_stop 30 --log_steps 1
-  --no-test_loss --num_save_steps 1000 --wandb_mode disabled --seed 0"
-for backend in triton torch; do  # the first compiles and autotunes the kernels
-  TWOMAMBA_ATTENTION_BACKEND=$backend timeout ${TRAIN_TIMEOUT:-130} python3 $TRAIN --model_save_path /tmp/parity_$backend \
-    > "$OUT/train_$backend.log" 2>&1; echo "train $backend exit $?"
-done
-python3 - "$OUT" <<'PY'
-import json, sys
-def losses(b):
-    return [r["loss"] for r in map(json.loads, open(f"/tmp/parity_{b}/metrics.jsonl")) if "loss" in r]
-t, r = losses("triton"), losses("torch")
-print("step  loss(triton)  loss(torch)  rel diff")
-for i, (a, b) in enumerate(zip(t, r), 1):
-    print(f"{i:4d}  {a:12.5f}  {b:11.5f}  {abs(a - b) / abs(b):.2e}")
-json.dump({"triton": t, "torch": r}, open(f"{sys.argv[1]}/train_parity.json", "w"))
-PY
-timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -m gpu tests -k "not float16 or bfloat16" > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests exit $?"; tail -3 "$OUT/gpu_tests.log"
-timeout ${BENCH_TIMEOUT:-120} python3 bench/attention.py --peers fla --out "$OUT/attention_h200.json" 2>&1 | tail -25
+timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -m gpu tests/test_power_attention.py tests/test_kron.py \
+  tests/test_infer.py tests/test_model.py > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests exit $?"; tail -5 "$OUT/gpu_tests.log"
+timeout ${ATTN_TIMEOUT:-170} python3 bench/attention.py --lengths 2048 8192 32768 131072 --chunk-sizes 128 256 \
+  --peers --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
+echo "attention exit $?"; grep -v "^N=" "$OUT/attention.log" | tail -22
+timeout ${TRAIN_TIMEOUT:-150} python3 bench/train_throughput.py --seq_lens 2048 32768 --types softmax 2mamba mamba \
+  --tokens_per_step 32768 --out "$OUT" > "$OUT/train.log" 2>&1
+echo "train exit $?"; tail -9 "$OUT/train.log"
+timeout ${DECODE_TIMEOUT:-110} python3 bench/decode.py --prompt_lengths 1024 16384 32768 --batch_sizes 1 32 \
+  --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+echo "decode exit $?"; tail -14 "$OUT/decode.log"

@@ -29,92 +29,141 @@ def _segment(i, D: tl.constexpr):
 
 
 @triton.jit
-def _outer_kernel(A, B, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
-    """Columns [E0, E1) of phi(a)^T b for BLOCK_I values of i."""
-    t_ = tl.program_id(0).to(tl.int64)
-    e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
-    c = tl.arange(0, BLOCK_C)
-    j = tl.arange(0, BLOCK_D)
-    cmask = c < C
-    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D), other=0.0)
-    b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1), other=0.0)
-    a = a.to(tl.float32)
+def _dot(x, y, IEEE: tl.constexpr):
+    if IEEE:  # float32 inputs: a true float32 product, not tf32
+        return tl.dot(x, y, input_precision="ieee")
+    return tl.dot(x, y)
+
+
+# For i in the upper half of the head dimension every needed j (j >= i) lies in the upper half too, so those
+# steps use half-width tiles (SPLIT = BLOCK_D / 2): a quarter of the products saved.
+
+@triton.jit
+def _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr,
+                D: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+    j = J0 + tl.arange(0, BLOCK_J)
+    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
+                other=0.0).to(tl.float32)
     for ii in range(BLOCK_I):
-        i = tl.program_id(1) * BLOCK_I + ii
+        i = i0 + ii
         ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask & (i < D), other=0.0).to(tl.float32)
         p = a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :]
-        if IEEE:
-            out = tl.dot(tl.trans(p.to(b.dtype)), b, input_precision="ieee")
-        else:
-            out = tl.dot(tl.trans(p.to(b.dtype)), b)
+        out = _dot(tl.trans(p.to(b.dtype)), b, IEEE)
         rows = _segment(i, D) + j
         mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E1)
         tl.store(OUT + t_ * NF * E + rows[:, None] * E + e[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
-    """Columns [E0, E1) of phi(a) M for a block of tokens."""
+def _outer_kernel(A, B, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+    """Columns [E0, E1) of phi(a)^T b for BLOCK_I values of i."""
     t_ = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i0 = tl.program_id(1) * BLOCK_I
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
-    j = tl.arange(0, BLOCK_D)
+    c = tl.arange(0, BLOCK_C)
     cmask = c < C
+    b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1), other=0.0)
+    if SPLIT < BLOCK_D:
+        if i0 >= SPLIT:
+            _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_I, IEEE)
+        else:
+            _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, 0, BLOCK_D, D, BLOCK_I, IEEE)
+    else:
+        _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, 0, BLOCK_D, D, BLOCK_I, IEEE)
+
+
+@triton.jit
+def _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, I0, I1, J0: tl.constexpr, BLOCK_J: tl.constexpr,
+                D: tl.constexpr, IEEE: tl.constexpr):
+    j = J0 + tl.arange(0, BLOCK_J)
     a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
                 other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
-    for i in range(D):
+    for i in range(I0, I1):
         ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
         p = tl.where((j >= i)[None, :], a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :], 0.0)
         rows = _segment(i, D) + j
         m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :],
                     mask=((j >= i) & (j < D))[:, None] & (e[None, :] < E1), other=0.0)
-        if IEEE:
-            acc += tl.dot(p.to(m.dtype), m, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(m.dtype), m)
+        acc += _dot(p.to(m.dtype), m, IEEE)
+    return acc
+
+
+@triton.jit
+def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    """Columns [E0, E1) of phi(a) M for a block of tokens."""
+    t_ = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    cmask = c < C
+    acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
+    if SPLIT < BLOCK_D:
+        acc = _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, 0, SPLIT, 0, BLOCK_D, D, IEEE)
+        acc = _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, SPLIT, D, SPLIT, BLOCK_D - SPLIT, D, IEEE)
+    else:
+        acc = _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, 0, D, 0, BLOCK_D, D, IEEE)
     tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
              mask=cmask[:, None] & (e[None, :] < E1))
 
 
 @triton.jit
 def _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
-    """[C, d] block of dy[:, E0:E1] m[rows, E0:E1]^T."""
+    """[C, j] block of dy[:, E0:E1] m[rows, E0:E1]^T."""
     e = E0 + tl.arange(0, BLOCK_E)
     dy = tl.load(DY + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1), other=0.0)
     m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :], mask=rmask[:, None] & (e[None, :] < E1), other=0.0)
-    if IEEE:
-        return tl.dot(dy, tl.trans(m), input_precision="ieee")
-    return tl.dot(dy, tl.trans(m))
+    return _dot(dy, tl.trans(m), IEEE)
 
 
 @triton.jit
-def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
-    """d a for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E) (no padding
-    of E = dv + 1 up to the next power of two)."""
-    t_ = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    j = tl.arange(0, BLOCK_D)
-    cmask = c < C
+def _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, I0, I1, J0: tl.constexpr, BLOCK_J: tl.constexpr,
+               D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+               IEEE: tl.constexpr):
+    """The steps i in [I0, I1): their contributions to da[:, J0:J0 + BLOCK_J], where all their j >= i lie."""
+    j = J0 + tl.arange(0, BLOCK_J)
     a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
                 other=0.0).to(tl.float32)
-    da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    for i in range(D):
+    da = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
+    for i in range(I0, I1):
         ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
         rows = _segment(i, D) + j
         rmask = (j >= i) & (j < D)
-        # [C, d]: d loss / d phi_(i, j), 0 for j < i
+        # d loss / d phi_(i, j) (0 for j < i)
         g = _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
         if BLOCK_TAIL > 0:
             g += _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
         da_i = tl.sum(g * a * tl.where(j == i, 2.0, SQRT2)[None, :], axis=1)
         da += tl.where(j[None, :] > i, SQRT2 * g * ai[:, None], 0.0)
         da += tl.where(j[None, :] == i, da_i[:, None], 0.0)
-    tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da.to(DA.dtype.element_ty),
-             mask=cmask[:, None] & (j[None, :] < D))
+    return da
+
+
+@triton.jit
+def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+    """d a (float32) for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E)."""
+    t_ = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    j = tl.arange(0, BLOCK_D)
+    ptrs = DA + t_ * C * D + c[:, None] * D + j[None, :]
+    mask = cmask[:, None] & (j[None, :] < D)
+    if SPLIT < BLOCK_D:
+        da = _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, 0, SPLIT, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN,
+                        BLOCK_TAIL, IEEE)
+        tl.store(ptrs, da, mask=mask)
+        upper = _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, SPLIT, D, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C,
+                           BLOCK_MAIN, BLOCK_TAIL, IEEE)
+        ju = SPLIT + tl.arange(0, BLOCK_D - SPLIT)
+        ptrs_u = DA + t_ * C * D + c[:, None] * D + ju[None, :]
+        mask_u = cmask[:, None] & (ju[None, :] < D)
+        tl.debug_barrier()  # the upper columns were just stored by other threads of this program
+        tl.store(ptrs_u, tl.load(ptrs_u, mask=mask_u, other=0.0) + upper, mask=mask_u)
+    else:
+        da = _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, 0, D, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN,
+                        BLOCK_TAIL, IEEE)
+        tl.store(ptrs, da, mask=mask)
 
 
 def _column_tiles(E):
@@ -128,6 +177,11 @@ def _block(width, cap=64):
     return min(cap, max(16, triton.next_power_of_2(width)))
 
 
+def _split(block_d):
+    """First i of the half-width steps: half of the head block, when that still makes a 16-wide tile."""
+    return block_d // 2 if block_d >= 32 else block_d
+
+
 BLOCK_I = 8
 
 
@@ -139,8 +193,10 @@ def _outer(a, b):
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(e1 - e0, block_e))
-        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=_block(C, 1 << 30), BLOCK_D=_block(d, 1 << 30),
-                            BLOCK_E=block_e, BLOCK_I=BLOCK_I, IEEE=a.dtype == torch.float32, num_warps=8)
+        block_d = _block(d, 1 << 30)
+        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=_block(C, 1 << 30), BLOCK_D=block_d,
+                            SPLIT=_split(block_d), BLOCK_E=block_e, BLOCK_I=BLOCK_I, IEEE=a.dtype == torch.float32,
+                            num_warps=8)
     return out
 
 
@@ -152,23 +208,24 @@ def _apply(a, m, out_dtype):
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
-        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c,
-                            BLOCK_D=_block(d, 1 << 30), BLOCK_E=block_e, IEEE=a.dtype == torch.float32)
+        block_d = _block(d, 1 << 30)
+        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
+                            SPLIT=_split(block_d), BLOCK_E=block_e, IEEE=a.dtype == torch.float32)
     return out
 
 
 def _grad(a, m, dy):
     T, C, d = a.shape
     E = m.shape[-1]
-    da = torch.empty_like(a)
+    da = torch.empty(T, C, d, dtype=torch.float32, device=a.device)
     tiles = _column_tiles(E)
-    block_c = _block(C)
+    block_c, block_d = _block(C), _block(d, 1 << 30)
     tail = _block(tiles[1][1] - tiles[1][0], 1 << 30) if len(tiles) > 1 else 0
     _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, tiles[0][1], D=d,
-                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
-                                               BLOCK_MAIN=_block(tiles[0][1], 1 << 30), BLOCK_TAIL=tail,
-                                               IEEE=a.dtype == torch.float32, num_warps=8)
-    return da
+                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
+                                               SPLIT=_split(block_d), BLOCK_MAIN=_block(tiles[0][1], 1 << 30),
+                                               BLOCK_TAIL=tail, IEEE=a.dtype == torch.float32, num_warps=8)
+    return da.to(a.dtype)
 
 
 class _FeatureOuter(torch.autograd.Function):
