@@ -59,7 +59,7 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traini
                     scaler_state: dict | None = None) -> None:
     """Write a complete checkpoint and atomically make it the content of run_dir (rank 0 only).
 
-    model: the unwrapped TwoMambaForCausalLM; training_config: the seed's config.pt dict (plain values);
+    model: the unwrapped TwoMambaForCausalLM; training_config: the authors' config.pt dict (plain values);
     training_state: step, sampler and RNG states (tensors and plain values).
     """
     recover_run_dir(run_dir)
@@ -70,7 +70,7 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traini
     torch.save(optimizer.state_dict(), os.path.join(saving, OPTIMIZER_FILE))
     torch.save(scheduler.state_dict(), os.path.join(saving, SCHEDULER_FILE))
     torch.save(training_config, os.path.join(saving, CONFIG_FILE))
-    # bf16 autocast needs no loss scaling; the (empty) scaler state keeps the seed's file layout.
+    # bf16 autocast needs no loss scaling; the (empty) scaler state keeps the authors' file layout.
     torch.save(scaler_state or {}, os.path.join(saving, SCALER_FILE))
     torch.save(training_state, os.path.join(saving, STATE_FILE))
     if os.path.isdir(run_dir):

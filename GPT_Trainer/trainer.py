@@ -44,7 +44,7 @@ class Distributed:
 
 
 def linear_warmup_decay(warmup_steps: int, num_steps: int):
-    """The seed's schedule as a LambdaLR factor: 0 -> 1 over warmup_steps, then linearly to 0 at num_steps."""
+    """The authors' schedule as a LambdaLR factor: 0 -> 1 over warmup_steps, then linearly to 0 at num_steps."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:

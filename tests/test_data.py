@@ -223,3 +223,13 @@ def test_loader_with_workers_gives_the_same_batches(tokenizer):
         del it
     for (a_in, a_lab), (b_in, b_lab) in zip(batches[0], batches[2]):
         assert torch.equal(a_in, b_in) and torch.equal(a_lab, b_lab)
+
+
+def test_sentencepiece_files_without_the_package_say_so(tmp_path, monkeypatch):
+    import importlib.util
+
+    write_sentencepiece_checkpoint_files(tmp_path / "ckpt")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real_find_spec(name, *a))
+    with pytest.raises(data.TokenizerUnavailable, match="pip install sentencepiece"):
+        data.load_tokenizer(str(tmp_path / "ckpt"))
