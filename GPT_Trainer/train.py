@@ -59,8 +59,9 @@ class RunConfig:
     num_steps_early_stop: int = _flag(100_000, "stop after this many steps; the schedule is unchanged")
     dev: str = _flag("gpu", "gpu or cpu; gpu falls back to cpu (with a warning) when CUDA is unavailable",
                      choices=("gpu", "cpu"))
-    num_threads: int | None = _flag(None, "CPU threads of each process (torch.set_num_threads); unset: on --dev cpu, "
-                                          "the machine's cores divided among the processes on it; on GPUs, torch's choice")
+    num_threads: int | None = _flag(None, "CPU threads of each process (torch.set_num_threads); unset: $OMP_NUM_THREADS "
+                                          "if set, else on --dev cpu the machine's cores divided among the processes "
+                                          "on it, on GPUs torch's choice")
     wandb_name: str | None = _flag(None, "wandb run name (unset: RUN_NAME)")
     wandb_project: str = _flag("Mamba_Squared_Experiemnts", "wandb project")
     wandb_mode: str | None = _flag(None, "unset: $WANDB_MODE if set, else online when a wandb key is configured, "
@@ -246,9 +247,12 @@ def setup_distributed(cfg: RunConfig) -> Distributed:
 
 
 def set_threads(cfg: RunConfig) -> int:
-    """--num_threads, or on the CPU the cores shared among this machine's processes (at least 1)."""
+    """--num_threads; else $OMP_NUM_THREADS; else on the CPU the cores shared among this machine's processes
+    (at least 1)."""
     if cfg.num_threads is not None:
         threads = cfg.num_threads
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = int(os.environ["OMP_NUM_THREADS"])
     elif cfg.dev == "cpu":
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = max(1, (os.cpu_count() or 1) // local_procs)

@@ -280,10 +280,15 @@ def test_a_broken_config_json_is_reported_as_such(tmp_path):
 
 def test_cpu_threads_default_and_flag(monkeypatch):
     cfg = train.parse_args(["8", "r", "softmax", "--dev", "cpu"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
     try:
+        assert train.set_threads(cfg) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert train.set_threads(cfg) == 2
+        cfg.num_threads = 1
         assert train.set_threads(cfg) == 1
         cfg.num_threads = 2
         assert train.set_threads(cfg) == 2
