@@ -110,15 +110,15 @@ class ResumeState:
     nonfinite_steps: int
 
 
-# The authors' LlamaDecoderLayerClean registers a generic attention's parameters in this order (RoPE
-# frequencies first, A_log / A_mask_proj before conv1d, their dt bias is `dt_bias_value` [1, 1, H]); ours
-# registers them differently. An optimizer state is a list in registration order, so theirs is mapped by
-# parameter name. Every other module (embeddings, MLPs, norms, the mamba layer) registers in the same order.
-ORIGINAL_ATTENTION_ORDER = (
-    "rotary_emb.freqs", "qkv_proj.weight", "qkv_proj.bias", "o_proj.weight", "o_proj.bias", "A_log",
-    "A_mask_proj.weight", "A_mask_proj.bias", "conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias",
-    "dt_bias", "D", "z_gate_proj.weight", "z_gate_proj.bias", "out_norm.weight",
-)
+# An optimizer state lists parameters in model.parameters() order: for every module (pre-order), its own
+# nn.Parameters in registration order, then its children's. The authors' LlamaDecoderLayerClean registers a
+# generic attention's own parameters as A_log, dt_bias_value [1, 1, H], D and its children as rotary_emb
+# (RoPE frequencies, softmax), qkv_proj, o_proj, A_mask_proj, conv1d, dt_proj, z_gate_proj, out_norm;
+# ours registers dt_bias before A_log and conv1d / dt_proj before A_mask_proj, and rotary_emb last. So their
+# optimizer.pt is mapped by parameter name. Everything else (embeddings, MLPs, norms, the mamba layer, which
+# mirrors mamba_ssm's Mamba2) is registered in the same order by both.
+ORIGINAL_OWN_ORDER = ("A_log", "dt_bias", "D")
+ORIGINAL_CHILD_ORDER = ("rotary_emb", "qkv_proj", "o_proj", "A_mask_proj", "conv1d", "dt_proj", "z_gate_proj", "out_norm")
 
 
 def _attention_prefix(name: str) -> str | None:
@@ -128,9 +128,16 @@ def _attention_prefix(name: str) -> str | None:
     return head + sep
 
 
+def _original_rank(suffix: str) -> tuple[int, int]:
+    if "." not in suffix:  # the module's own parameter
+        own = ORIGINAL_OWN_ORDER
+        return (0, own.index(suffix) if suffix in own else len(own))
+    child = suffix.split(".", 1)[0]
+    return (1, ORIGINAL_CHILD_ORDER.index(child) if child in ORIGINAL_CHILD_ORDER else len(ORIGINAL_CHILD_ORDER))
+
+
 def original_parameter_order(names: list[str]) -> list[str]:
-    """Our parameter names in the order the authors' model registers the same parameters."""
-    rank = {suffix: i for i, suffix in enumerate(ORIGINAL_ATTENTION_ORDER)}
+    """Our parameter names in the order the authors' model lists the same parameters."""
     out, i = [], 0
     while i < len(names):
         prefix = _attention_prefix(names[i])
@@ -142,7 +149,7 @@ def original_parameter_order(names: list[str]) -> list[str]:
         while j < len(names) and _attention_prefix(names[j]) == prefix:
             j += 1
         block = names[i:j]
-        out.extend(sorted(block, key=lambda n: (rank.get(n[len(prefix):], len(rank)), block.index(n))))
+        out.extend(sorted(block, key=lambda n: (*_original_rank(n[len(prefix):]), block.index(n))))
         i = j
     return out
 

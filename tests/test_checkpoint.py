@@ -226,6 +226,29 @@ def write_authors_checkpoint(directory, attention_type, dataset, steps=4):
     return model, optimizer
 
 
+@pytest.mark.parametrize("attention_type, expected", [
+    ("linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__D_res",
+     ["D", "qkv_proj.weight", "o_proj.weight", "A_mask_proj.weight", "conv1d.weight", "conv1d.bias", "dt_proj.weight",
+      "out_norm.weight"]),
+    ("linear__output_norm__A_mask_type_discretize__in_conv_k_2",
+     ["A_log", "qkv_proj.weight", "o_proj.weight", "conv1d.weight", "conv1d.bias", "dt_proj.weight", "out_norm.weight"]),
+    ("linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__Z_out_gate",
+     ["qkv_proj.weight", "o_proj.weight", "A_mask_proj.weight", "conv1d.weight", "conv1d.bias", "dt_proj.weight",
+      "z_gate_proj.weight", "z_gate_proj.bias", "out_norm.weight"]),
+    ("mamba", ["mamba_layer." + n for n in ("dt_bias", "A_log", "D", "in_proj.weight", "conv1d.weight", "norm.weight",
+                                            "out_proj.weight")]),
+])
+def test_original_parameter_order(attention_type, expected):
+    """model.parameters() lists a module's own parameters, then its children's, each in registration order;
+    the expected lists follow the authors' LlamaDecoderLayerClean registration (own: A_log, dt_bias_value, D;
+    children: rotary_emb, qkv_proj, o_proj, A_mask_proj, conv1d, dt_proj, z_gate_proj, out_norm)."""
+    names = [n for n, _ in get_model("tiny", 16, 50, attention_type).named_parameters()]
+    order = checkpoint.original_parameter_order(names)
+    assert sorted(order) == sorted(names)
+    assert [n.split("layers.1.self_attn.")[1] for n in order if "layers.1.self_attn." in n] == expected
+    assert [n for n in order if ".self_attn." not in n] == [n for n in names if ".self_attn." not in n]
+
+
 @pytest.mark.parametrize("attention_type", [TWO_MAMBA, "softmax"])
 def test_authors_optimizer_state_is_mapped_by_parameter_name(tmp_path, attention_type):
     source_model, source_opt = write_authors_checkpoint(tmp_path / "authors", attention_type, None)
