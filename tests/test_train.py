@@ -73,11 +73,13 @@ def test_loss_falls_on_the_builtin_corpus(tmp_path):
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     train.main(tiny_args(tmp_path / "full", num_steps=6, num_steps_early_stop=6, num_steps_test=3))
     train.main(tiny_args(tmp_path / "part", num_steps=6, num_steps_early_stop=3, num_steps_test=3))
-    train.main(tiny_args(tmp_path / "part", num_steps=6, num_steps_early_stop=6, num_steps_test=3, load_checkpoint=True))
+    # resumed with DataLoader workers prefetching ahead: still exactly the batches of the uninterrupted run
+    train.main(tiny_args(tmp_path / "part", num_steps=6, num_steps_early_stop=6, num_steps_test=3, load_checkpoint=True,
+                         num_workers=2))
     full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
     assert [r["step"] for r in part] == [r["step"] for r in full]  # the resumed run appended to metrics.jsonl
     for a, b in zip(full, part):
-        for key in ("loss", "lr", "test_loss"):
+        for key in ("loss", "lr", "test_loss", "test_perplexity", "loss_all_ranks"):
             assert a.get(key) == b.get(key), (a, b)
     with pytest.raises(UserError, match="holds a 'squared"):
         train.main(tiny_args(tmp_path / "part", "softmax", num_steps=6, num_steps_early_stop=7, load_checkpoint=True))
@@ -103,6 +105,7 @@ def equal_length_documents(path, n, tokens=20):
             f.write(json.dumps({"text": text}) + "\n")
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     equal_length_documents(tmp_path / "docs.jsonl", 64)
     common = dict(dataset=tmp_path / "docs.jsonl", num_steps_early_stop=5, num_steps_test=4, test_per=0.125)
