@@ -293,3 +293,26 @@ def test_resume_an_authors_checkpoint_with_their_settings(tmp_path):
     assert records[0]["lr"] == pytest.approx(2e-3 * linear_warmup_decay(3, 40)(4))
     assert torch.load(out / "config.pt", weights_only=True)["step_ckpt"] == 6
     assert load_tokenizer(str(out))("The fox")["input_ids"] == load_tokenizer(str(tmp_path / "authors"))("The fox")["input_ids"]
+
+
+def test_authors_checkpoint_without_tokenizer_and_no_hub_fails_in_one_line(tmp_path):
+    """Their directories may lack tokenizer files: the Llama-2 hub tokenizer is the fallback, and when the hub
+    cannot be reached train.py says so in one line (exit status 1, no traceback)."""
+    import subprocess
+    import sys
+
+    from GPT_Trainer import train
+
+    write_authors_checkpoint(tmp_path / "authors", TWO_MAMBA, "HuggingFaceFW/fineweb", steps=1)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        os.remove(tmp_path / "authors" / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_TOKEN", None)
+    result = subprocess.run(
+        [sys.executable, train.__file__, "64", "cont", TWO_MAMBA, "--load_checkpoint", "--checkpoint_path",
+         str(tmp_path / "authors"), "--model_save_path", str(tmp_path / "cont"), "--dev", "cpu", "--wandb_mode",
+         "disabled"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "holds no tokenizer files" in lines[0] and "meta-llama/Llama-2-7b-hf" in lines[0]
