@@ -1,4 +1,4 @@
-"""Checkpoints in the seed's layout, written atomically, and resuming from them (SPEC sections 6 and 10).
+"""Checkpoints in the authors' layout, written atomically, and resuming from them (docs/training.md).
 
 A run directory `models/RUN_NAME/` holds the latest checkpoint (model.safetensors + config.json,
 tokenizer files, optimizer.pt, scheduler.pt, config.pt, scaler.pt, and our training_state.pt) next to
@@ -59,7 +59,7 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traini
                     scaler_state: dict | None = None) -> None:
     """Write a complete checkpoint and atomically make it the content of run_dir (rank 0 only).
 
-    model: the unwrapped TwoMambaForCausalLM; training_config: the seed's config.pt dict (plain values);
+    model: the unwrapped TwoMambaForCausalLM; training_config: the authors' config.pt dict (plain values);
     training_state: step, sampler and RNG states (tensors and plain values).
     """
     recover_run_dir(run_dir)
@@ -70,7 +70,7 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traini
     torch.save(optimizer.state_dict(), os.path.join(saving, OPTIMIZER_FILE))
     torch.save(scheduler.state_dict(), os.path.join(saving, SCHEDULER_FILE))
     torch.save(training_config, os.path.join(saving, CONFIG_FILE))
-    # bf16 autocast needs no loss scaling; the (empty) scaler state keeps the seed's file layout.
+    # bf16 autocast needs no loss scaling; the (empty) scaler state keeps the authors' file layout.
     torch.save(scaler_state or {}, os.path.join(saving, SCALER_FILE))
     torch.save(training_state, os.path.join(saving, STATE_FILE))
     if os.path.isdir(run_dir):
@@ -91,6 +91,16 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traini
     shutil.rmtree(previous, ignore_errors=True)
 
 
+class _ParamsOnly:
+    """Stands in for a model when only the optimizer is known: parameters by position, no names."""
+
+    def __init__(self, optimizer):
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def named_parameters(self):
+        return [(str(i), p) for i, p in enumerate(self.params)]
+
+
 @dataclass
 class ResumeState:
     step: int
@@ -100,18 +110,99 @@ class ResumeState:
     nonfinite_steps: int
 
 
-def _optimizer_fits(state: dict, optimizer) -> str | None:
-    """Why the saved optimizer state cannot belong to these parameters, or None when it fits."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved = [i for group in state.get("param_groups", []) for i in group["params"]]
-    if len(saved) != len(params) or len(state.get("param_groups", [])) != len(optimizer.param_groups):
-        return f"it holds {len(saved)} parameters in {len(state.get('param_groups', []))} groups, the model has {len(params)}"
-    for index, param in zip(saved, params):
-        moments = state.get("state", {}).get(index, {})
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in moments and moments[name].shape != param.shape:
-                return f"parameter {index} has {name} of shape {tuple(moments[name].shape)}, the model's is {tuple(param.shape)}"
-    return None
+# An optimizer state lists parameters in model.parameters() order: for every module (pre-order), its own
+# nn.Parameters in registration order, then its children's. The authors' LlamaDecoderLayerClean registers a
+# generic attention's own parameters as A_log, dt_bias_value [1, 1, H], D and its children as rotary_emb
+# (RoPE frequencies, softmax), qkv_proj, o_proj, A_mask_proj, conv1d, dt_proj, z_gate_proj, out_norm;
+# ours registers dt_bias before A_log and conv1d / dt_proj before A_mask_proj, and rotary_emb last. So their
+# optimizer.pt is mapped by parameter name. Everything else (embeddings, MLPs, norms, the mamba layer, which
+# mirrors mamba_ssm's Mamba2) is registered in the same order by both.
+ORIGINAL_OWN_ORDER = ("A_log", "dt_bias", "D")
+ORIGINAL_CHILD_ORDER = ("rotary_emb", "qkv_proj", "o_proj", "A_mask_proj", "conv1d", "dt_proj", "z_gate_proj", "out_norm")
+
+
+def _attention_prefix(name: str) -> str | None:
+    head, sep, tail = name.partition(".self_attn.")
+    if not sep or tail.startswith("mamba_layer."):
+        return None
+    return head + sep
+
+
+def _original_rank(suffix: str) -> tuple[int, int]:
+    if "." not in suffix:  # the module's own parameter
+        own = ORIGINAL_OWN_ORDER
+        return (0, own.index(suffix) if suffix in own else len(own))
+    child = suffix.split(".", 1)[0]
+    return (1, ORIGINAL_CHILD_ORDER.index(child) if child in ORIGINAL_CHILD_ORDER else len(ORIGINAL_CHILD_ORDER))
+
+
+def original_parameter_order(names: list[str]) -> list[str]:
+    """Our parameter names in the order the authors' model lists the same parameters."""
+    out, i = [], 0
+    while i < len(names):
+        prefix = _attention_prefix(names[i])
+        if prefix is None:
+            out.append(names[i])
+            i += 1
+            continue
+        j = i
+        while j < len(names) and _attention_prefix(names[j]) == prefix:
+            j += 1
+        block = names[i:j]
+        out.extend(sorted(block, key=lambda n: (*_original_rank(n[len(prefix):]), block.index(n))))
+        i = j
+    return out
+
+
+def _map_by_name(state: dict, saved_names: list[str], model_names: list[str], params: list) -> dict | str:
+    """The saved optimizer state re-indexed to our parameter order, or why it does not fit."""
+    groups = state.get("param_groups", [])
+    if len(groups) != 1:
+        return f"it holds {len(groups)} parameter groups, the trainer uses 1"
+    saved_ids = list(groups[0]["params"])
+    if len(saved_ids) != len(model_names):
+        return f"it holds {len(saved_ids)} parameters, the model has {len(model_names)}"
+    position = {name: k for k, name in enumerate(model_names)}
+    if sorted(saved_names) != sorted(model_names):
+        return "its parameter names differ from the model's"
+    new_state = {}
+    for saved_id, name in zip(saved_ids, saved_names):
+        ours = position[name]
+        moments = dict(state.get("state", {}).get(saved_id, {}))
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in moments:
+                tensor, shape = moments[key], params[ours].shape
+                if tensor.shape != shape:
+                    if tensor.numel() != params[ours].numel():
+                        return f"{name} has {key} of shape {tuple(tensor.shape)}, the model's is {tuple(shape)}"
+                    moments[key] = tensor.reshape(shape)  # e.g. the authors' dt_bias_value [1, 1, H]
+        if moments:
+            new_state[ours] = moments
+    return {"state": new_state, "param_groups": [{**groups[0], "params": list(range(len(model_names)))}]}
+
+
+def _fit_optimizer_state(saved: dict, optimizer, model, saved_names: list[str] | None, authors: bool) -> dict | str:
+    """Re-index a saved AdamW state to `optimizer` (built on model.parameters()): by the names it recorded,
+    else by the registration order of whoever wrote it (the authors' or ours), trying the other on failure."""
+    if not isinstance(saved, dict) or "param_groups" not in saved:
+        return "not an optimizer state dict"
+    named = list(model.named_parameters())
+    model_names, params = [n for n, _ in named], [p for _, p in named]
+    ours_in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(ours_in_optimizer) != len(params) or any(a is not b for a, b in zip(ours_in_optimizer, params)):
+        return "the optimizer was not built on model.parameters()"
+    if saved_names is not None:
+        return _map_by_name(saved, list(saved_names), model_names, params)
+    orders = [original_parameter_order(model_names), model_names]
+    if not authors:
+        orders.reverse()
+    reasons = []
+    for order in orders:
+        fitted = _map_by_name(saved, order, model_names, params)
+        if isinstance(fitted, dict):
+            return fitted
+        reasons.append(fitted)
+    return reasons[0]
 
 
 def _fast_forward_scheduler(scheduler, step: int) -> None:
@@ -121,11 +212,13 @@ def _fast_forward_scheduler(scheduler, step: int) -> None:
         scheduler.step()
 
 
-def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
+def restore_training_state(path: str, optimizer, scheduler, model=None) -> ResumeState:
     """Load optimizer, scheduler, step, sampler/RNG states and wandb id from a checkpoint directory.
 
-    The model weights are loaded separately (modeling.load_model). Checkpoints of the authors carry no
-    training_state.pt: the step then comes from config.pt and the missing states are reported.
+    The model weights are loaded separately (modeling.load_model). `model` (whose parameters the optimizer
+    holds) lets a saved optimizer state be matched by parameter name; the authors' optimizer.pt, written in
+    their registration order, is translated. Checkpoints of the authors carry no training_state.pt: the step
+    then comes from config.pt (their step_ckpt, where their loop resumes) and the missing states are reported.
     """
     recover_run_dir(path)
     config = load_training_config(path) or {}
@@ -144,13 +237,15 @@ def restore_training_state(path: str, optimizer, scheduler) -> ResumeState:
     if os.path.isfile(optimizer_file):
         try:
             saved = load_plain(optimizer_file)
-            mismatch = _optimizer_fits(saved, optimizer) if isinstance(saved, dict) else "not a state dict"
+            if model is None:
+                model = _ParamsOnly(optimizer)
+            fitted = _fit_optimizer_state(saved, optimizer, model, state.get("param_names"), authors=not state)
         except ValueError as err:  # unreadable without unpickling arbitrary objects
-            mismatch = str(err)
-        if mismatch:
-            warnings.warn(f"{optimizer_file} cannot be used ({mismatch}); starting a fresh optimizer")
+            fitted = str(err)
+        if isinstance(fitted, str):
+            warnings.warn(f"{optimizer_file} cannot be used ({fitted}); starting a fresh optimizer")
         else:
-            optimizer.load_state_dict(saved)
+            optimizer.load_state_dict(fitted)
     else:
         missing.append(f"{OPTIMIZER_FILE}: fresh optimizer moments")
 

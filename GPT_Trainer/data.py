@@ -1,19 +1,24 @@
-"""Datasets, tokenizer and batching for training (SPEC sections 6 and 7).
+"""Datasets, tokenizer and batching for training (docs/training.md, "Data" and "Batches").
 
-Three kinds of data: the hub datasets the paper used (need `datasets` and the network), local files
-(txt / jsonl / parquet / arrow, column `text`), and the built-in offline corpus generated here, which a
-tiny model learns visibly in minutes on a CPU. Every dataset is an indexable sequence of documents;
-training draws documents uniformly at random with replacement from a seeded, checkpointable sampler.
+Three kinds of data: any Hugging Face hub dataset with a text column (the paper used fineweb, the Pile and
+SlimPajama; needs the network), local data (a directory written by `Dataset.save_to_disk`, or
+txt / jsonl / parquet / arrow files), and the built-in offline corpus generated here, which a tiny model
+learns visibly in minutes on a CPU. Hub and local data go through the same `datasets` code path as the
+authors' trainer: `load_dataset` / `load_from_disk`, then `train_test_split(test_size=test_per, seed=123)`
+unless the dataset brings its own test split. Training draws global batches uniformly at random with
+replacement; batch b is a pure function of (seed, b), so a DataLoader can prefetch ahead with workers and
+a resumed run still sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
 import glob
-import json
+import math
 import os
 import random
 from collections.abc import Sequence
 
 import torch
+import torch.utils.data
 
 from GPT_Trainer.passkey import FILLER, passkey_example
 
@@ -23,13 +28,17 @@ DEFAULT_HUB_TOKENIZER = "meta-llama/Llama-2-7b-hf"
 TEST_SPLIT_SEED = 123
 PAD_MULTIPLE = 128
 
-# Hub datasets of the paper: name -> (config name, name of the dataset's own test split or None).
-HUB_DATASETS = {
-    "HuggingFaceFW/fineweb": ("CC-MAIN-2024-51", None),
-    "gmongaras/EleutherAI_the_pile_deduplicated": (None, None),
-    "gmongaras/SlimPajama-627B_Reupload": (None, "test"),
-}
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".arrow")
+# The paper's hub datasets. Any hub dataset with a text column works; these two need special handling
+# exactly as the authors' trainer had it: fineweb's default config, SlimPajama's own test split.
+PAPER_DATASETS = (
+    "HuggingFaceFW/fineweb", "gmongaras/EleutherAI_the_pile_deduplicated", "gmongaras/SlimPajama-627B_Reupload",
+)
+DEFAULT_CONFIGS = {"HuggingFaceFW/fineweb": "CC-MAIN-2024-51"}
+OWN_TEST_SPLIT = {"gmongaras/SlimPajama-627B_Reupload": "test"}
+ORIGINAL_DEFAULT_DATASET = "gmongaras/SlimPajama-627B_Reupload"  # the authors' train.py default
+# Local files -> the `datasets` builder that reads them.
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+LOCAL_SUFFIXES = tuple(LOCAL_BUILDERS)
 
 # ----------------------------------------------------------------------------------------------------
 # The built-in corpus: deterministic documents of five kinds a small model can learn from.
@@ -172,57 +181,124 @@ def build_builtin_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 1024
     return fast
 
 
-def load_tokenizer(name_or_path: str | None = None):
-    """None or "builtin": the shipped offline tokenizer; otherwise a hub name or a local directory.
+class TokenizerUnavailable(ValueError):
+    """No tokenizer could be loaded (bad directory, hub unreachable, no access): a one-line message."""
 
-    The pad token is always set (to EOS, as the seed does for Llama-2) and padding is on the right.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if name_or_path in (None, BUILTIN):
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
-    elif os.path.isdir(name_or_path):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except Exception as err:
-            raise ValueError(
-                f"could not load a tokenizer from the directory {name_or_path}: {err}\n"
-                "expected tokenizer.json (or tokenizer.model) and tokenizer_config.json, as save_pretrained writes"
-            ) from err
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except Exception as err:
-            raise ValueError(
-                f"could not load tokenizer {name_or_path!r} (not a local directory; the hub lookup failed: {err}).\n"
-                f"Use --tokenizer {BUILTIN} for the offline tokenizer, or a directory holding tokenizer files."
-            ) from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def hub_token() -> str | None:
+    """A Hugging Face token from HF_TOKEN / HUGGING_FACE_HUB_TOKEN, else from ./.env as the authors' trainer
+    read it (the whole file is the token; `HF_TOKEN=...` lines are accepted too)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name):
+            return os.environ[name]
+    if os.path.isfile(".env"):
+        with open(".env", encoding="utf-8") as f:
+            text = f.read().strip()
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TOKEN"):
+                return value.strip().strip("'\"") or None
+        if text and "=" not in text and "\n" not in text:
+            return text
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def has_tokenizer_files(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
+def _finish(tokenizer):
+    # As the authors' trainer: pad = EOS (always), right padding.
+    tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
+def _load_directory(path: str):
+    from transformers import AutoTokenizer
+
+    if os.path.isfile(os.path.join(path, "tokenizer.model")) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        import importlib.util
+
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise TokenizerUnavailable(
+                f"{path} holds a sentencepiece tokenizer (tokenizer.model) and the `sentencepiece` package is not "
+                "installed: pip install sentencepiece"
+            )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TokenizerUnavailable(
+            f"could not load a tokenizer from the directory {path}: {first_line} "
+            "(expected tokenizer.json or tokenizer.model, with tokenizer_config.json, as save_pretrained writes)"
+        ) from err
+
+
+def _load_hub(name: str, why: str = ""):
+    from transformers import AutoTokenizer
+
+    token = hub_token()
+    try:
+        return AutoTokenizer.from_pretrained(name, token=token)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        need = "" if token else " and no token (set HF_TOKEN or write it to ./.env)"
+        raise TokenizerUnavailable(
+            f"{why}the tokenizer {name} could not be loaded from the Hugging Face hub{need}: {first_line}. "
+            f"Pass --tokenizer DIR (a directory holding tokenizer.model or tokenizer.json) or --tokenizer {BUILTIN}"
+        ) from err
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """None or "builtin": the shipped offline tokenizer; a directory with tokenizer files (tokenizer.json, or
+    the slow sentencepiece files tokenizer.model + tokenizer_config.json of the authors' checkpoints); a
+    checkpoint directory without tokenizer files: the Llama-2 hub tokenizer, as the authors' code falls back
+    to; otherwise a hub name (token from HF_TOKEN or ./.env). Pad = EOS, padding on the right.
+    Raises TokenizerUnavailable (a ValueError) with a one-line reason.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if name_or_path in (None, BUILTIN):
+        return _finish(PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR))
+    if os.path.isdir(name_or_path):
+        if has_tokenizer_files(name_or_path):
+            return _finish(_load_directory(name_or_path))
+        if os.path.isfile(os.path.join(name_or_path, "config.json")) or os.path.isfile(os.path.join(name_or_path, "config.pt")):
+            return _finish(_load_hub(DEFAULT_HUB_TOKENIZER, f"the checkpoint {name_or_path} holds no tokenizer files and "))
+        raise TokenizerUnavailable(
+            f"could not load a tokenizer from the directory {name_or_path}: it holds neither tokenizer.json nor "
+            "tokenizer.model (expected the files save_pretrained writes)"
+        )
+    return _finish(_load_hub(name_or_path))
+
+
 def default_tokenizer_name(dataset: str | None) -> str:
-    """Llama-2's tokenizer for the paper's hub datasets (as the seed), the built-in one otherwise."""
-    return DEFAULT_HUB_TOKENIZER if dataset in HUB_DATASETS else BUILTIN
+    """Llama-2's (as the authors) for hub datasets; the built-in one for the built-in corpus and local data,
+    so that training works with no network."""
+    return BUILTIN if dataset in (None, BUILTIN) or os.path.exists(dataset) else DEFAULT_HUB_TOKENIZER
 
 
 # ----------------------------------------------------------------------------------------------------
 # Datasets
 
 
-class ArrowText(Sequence):
-    """The `text` column of an Arrow table, indexed lazily (memory-mapped files stay on disk)."""
+class TextColumn(Sequence):
+    """Documents of a `datasets.Dataset` (a split: its indices mapping is honoured), read lazily by row."""
 
-    def __init__(self, column):
-        self.column = column
+    def __init__(self, dataset, column: str = "text"):
+        self.dataset, self.column = dataset, column
 
     def __len__(self):
-        return len(self.column)
+        return len(self.dataset)
 
     def __getitem__(self, index):
-        return self.column[index].as_py()
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.dataset[int(index)][self.column]
 
 
 class Subset(Sequence):
@@ -242,62 +318,86 @@ def _local_files(path: str) -> list[str]:
     else:
         files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(LOCAL_SUFFIXES))
     if not files:
-        raise ValueError(f"no data files in {path}; expected files ending in {', '.join(LOCAL_SUFFIXES)}")
+        raise ValueError(f"no data files in {path}; expected a directory written by Dataset.save_to_disk, or files "
+                         f"ending in {', '.join(LOCAL_SUFFIXES)}")
     return files
 
 
-def _read_arrow_file(file: str, keep_in_memory: bool):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if file.endswith(".parquet"):
-        if "text" not in pq.read_schema(file).names:
-            raise ValueError(f"{file} has no 'text' column (columns: {pq.read_schema(file).names})")
-        return pq.read_table(file, columns=["text"], memory_map=not keep_in_memory)
-    source = pa.memory_map(file) if not keep_in_memory else pa.OSFile(file)
-    try:
-        return pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid:  # `datasets` writes Arrow streams, not files
-        source = pa.memory_map(file) if not keep_in_memory else pa.OSFile(file)
-        return pa.ipc.open_stream(source).read_all()
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json")
+    )
 
 
-def load_local_texts(path: str, keep_in_memory: bool = False) -> Sequence[str]:
-    """Documents of a local file or directory: .txt (documents separated by blank lines), .jsonl/.json
-    (one object per line with a `text` field), .parquet and .arrow (column `text`)."""
-    import pyarrow as pa
+def _select_text(ds, column: str, where: str):
+    if column not in ds.column_names:
+        raise ValueError(f"{where} has no {column!r} column (columns: {', '.join(ds.column_names)}); "
+                         "name the text column with --text_column")
+    return ds
 
-    texts: list[str] = []
-    tables = []
+
+def _load_local_dataset(path: str, text_column: str, keep_in_memory: bool):
+    """(train, own test split or None) from a save_to_disk directory or from data files, through `datasets`."""
+    import datasets
+
+    if _is_saved_dataset(path):
+        loaded = datasets.load_from_disk(path, keep_in_memory=keep_in_memory)
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise ValueError(f"{path} holds the splits {', '.join(loaded)}; a 'train' split is needed")
+            return loaded["train"], loaded.get("test")
+        return loaded, None
+    by_builder: dict[str, list[str]] = {}
     for file in _local_files(path):
-        if file.endswith(".txt"):
-            with open(file, encoding="utf-8") as f:
-                texts.extend(doc.strip() for doc in f.read().split("\n\n") if doc.strip())
-        elif file.endswith((".jsonl", ".json")):
-            with open(file, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or "text" not in record:
-                        raise ValueError(f"{file}:{line_no}: expected a JSON object with a 'text' field")
-                    texts.append(record["text"])
-        else:
-            table = _read_arrow_file(file, keep_in_memory)
-            if "text" not in table.column_names:
-                raise ValueError(f"{file} has no 'text' column (columns: {table.column_names})")
-            tables.append(table.select(["text"]))
-    if tables:
-        texts_table = pa.table({"text": pa.array(texts, pa.string())})
-        merged = pa.concat_tables([texts_table, *(t.cast(texts_table.schema) for t in tables)])
-        return ArrowText(merged.column("text"))
-    if not texts:
+        by_builder.setdefault(LOCAL_BUILDERS[os.path.splitext(file)[1]], []).append(file)
+    parts = []
+    for builder, files in by_builder.items():
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}  # documents are separated by blank lines
+        part = datasets.load_dataset(builder, data_files=files, split="train", keep_in_memory=keep_in_memory, **extra)
+        _select_text(part, text_column, ", ".join(files))
+        part = part.select_columns([text_column])
+        if builder == "text":  # paragraphs keep their newline; blank ones are no documents
+            part = part.map(lambda row: {text_column: row[text_column].strip()})
+            part = part.filter(lambda row: bool(row[text_column]))
+        parts.append(part)
+    full = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(full) == 0:
         raise ValueError(f"the data files under {path} hold no documents")
-    return texts
+    return full, None
+
+
+def _load_hub_dataset(name: str, config: str | None, keep_in_memory: bool):
+    """(train, own test split or None) of a hub dataset, as the authors' trainer loads them."""
+    import datasets
+
+    config = config if config is not None else DEFAULT_CONFIGS.get(name)
+    try:
+        train = datasets.load_dataset(name, config, split="train", keep_in_memory=keep_in_memory)
+        test = None
+        if name in OWN_TEST_SPLIT:
+            test = datasets.load_dataset(name, config, split=OWN_TEST_SPLIT[name], keep_in_memory=keep_in_memory)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not load the hub dataset {name}"
+                         f"{f' (config {config})' if config else ''}: {first_line}. Hub datasets need the network "
+                         "(and HF_TOKEN for gated ones); omit --dataset for the built-in offline corpus, or pass a "
+                         "local directory") from err
+    return train, test
+
+
+def split_hub_style(train, test, test_per: float, seed: int = TEST_SPLIT_SEED):
+    """The authors' split: their own test split if the dataset has one, else
+    `train_test_split(test_size=test_per, seed=123)` of the train split."""
+    if test is not None:
+        return train, test
+    if len(train) < 2:
+        raise ValueError(f"a dataset of {len(train)} document(s) cannot hold one out for testing; at least 2 are needed")
+    parts = train.train_test_split(test_size=test_per, seed=seed)
+    return parts["train"], parts["test"]
 
 
 def split_train_test(data: Sequence, test_per: float, seed: int = TEST_SPLIT_SEED) -> tuple[Sequence, Sequence]:
-    """A seeded held-out fraction (the seed: 0.1 % with seed 123); at least one test document."""
+    """The built-in corpus's held-out fraction (seeded; at least one test document)."""
     if len(data) < 2:
         raise ValueError(f"a dataset of {len(data)} document(s) cannot hold one out for testing; at least 2 are needed")
     generator = torch.Generator().manual_seed(seed)
@@ -306,99 +406,153 @@ def split_train_test(data: Sequence, test_per: float, seed: int = TEST_SPLIT_SEE
     return Subset(data, order[num_test:]), Subset(data, order[:num_test])
 
 
-def _load_hub_dataset(name: str, test_per: float, keep_in_memory: bool):
-    try:
-        import datasets
-    except ImportError as err:
-        raise RuntimeError(
-            f"--dataset {name} needs the `datasets` package (pip install datasets) and network access; "
-            "omit --dataset to train on the built-in offline corpus, or pass a local directory of files"
-        ) from err
-    config, test_split = HUB_DATASETS[name]
-    try:
-        if test_split:
-            train = datasets.load_dataset(name, config, split="train", keep_in_memory=keep_in_memory)
-            test = datasets.load_dataset(name, config, split=test_split, keep_in_memory=keep_in_memory)
-        else:
-            full = datasets.load_dataset(name, config, split="train", keep_in_memory=keep_in_memory)
-            parts = full.train_test_split(test_size=test_per, seed=TEST_SPLIT_SEED)
-            train, test = parts["train"], parts["test"]
-    except Exception as err:
-        raise RuntimeError(f"could not load the hub dataset {name} (is the hub reachable?): {err}") from err
-    return ArrowText(train.data.column("text")), ArrowText(test.data.column("text"))
+def _looks_like_a_path(name: str) -> bool:
+    return (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
+            or name.endswith(LOCAL_SUFFIXES))
 
 
 def check_dataset_arg(dataset: str | None) -> None:
-    """Fail before anything is built when --dataset names neither a hub dataset nor an existing path."""
-    if dataset in (None, BUILTIN) or dataset in HUB_DATASETS or os.path.exists(dataset):
+    """Fail before anything is built when --dataset names a path that does not exist."""
+    if dataset in (None, BUILTIN) or os.path.exists(dataset):
         return
-    raise ValueError(
-        f"--dataset {dataset!r}: no such file or directory, and not one of the hub datasets "
-        f"{', '.join(HUB_DATASETS)}. Omit it (or pass '{BUILTIN}') for the built-in offline corpus."
-    )
+    if _looks_like_a_path(dataset):
+        raise ValueError(
+            f"--dataset {dataset!r}: no such file or directory. Pass an existing directory/file, a hub dataset "
+            f"name (e.g. {ORIGINAL_DEFAULT_DATASET}), or omit it (or pass '{BUILTIN}') for the built-in offline corpus."
+        )
 
 
-def load_text_dataset(dataset: str | None, test_per: float, keep_in_memory: bool = False):
-    """(train, test) document sequences for --dataset: None/"builtin", a hub name, or a local path."""
+def load_text_dataset(dataset: str | None, test_per: float, keep_in_memory: bool = False,
+                      dataset_config: str | None = None, text_column: str = "text"):
+    """(train, test) document sequences for --dataset: None/"builtin", a local path, or any hub dataset name."""
     check_dataset_arg(dataset)
     if dataset in (None, BUILTIN):
         return split_train_test(BuiltinCorpus("train"), test_per)
-    if dataset in HUB_DATASETS:
-        return _load_hub_dataset(dataset, test_per, keep_in_memory)
-    return split_train_test(load_local_texts(dataset, keep_in_memory), test_per)
+    if os.path.exists(dataset):
+        train, test = _load_local_dataset(dataset, text_column, keep_in_memory)
+    else:
+        train, test = _load_hub_dataset(dataset, dataset_config, keep_in_memory)
+    _select_text(train, text_column, dataset)
+    if test is not None:
+        _select_text(test, text_column, f"{dataset} (test split)")
+    train, test = split_hub_style(train, test, test_per)
+    return TextColumn(train, text_column), TextColumn(test, text_column)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Batching and sampling
+# Batching
 
 
 def collate(texts: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) as the seed batches: BOS + text truncated to seq_len + 1 tokens, right-padded
-    with EOS to the longest sequence rounded up to a multiple of 128 (capped at seq_len + 1);
-    inputs = tokens[:-1], labels = tokens[1:] with -100 on padding."""
-    encoded = tokenizer(texts, truncation=True, max_length=seq_len + 1, add_special_tokens=True)["input_ids"]
+    """(inputs, labels) exactly as the authors' `prepare_data` and loss: BOS + text; every row truncated or
+    right-padded with EOS (= pad) to L = min(seq_len, 128 * ceil(longest / 128)) + 1 tokens (longest = the
+    longest tokenised document of the batch); inputs = tokens[:, :-1], labels = tokens[:, 1:], and labels
+    where the *input* mask is 0 become -100 -- so the first EOS after each document is a target. When no row
+    has padding the authors mask the last input of row 0, which drops that one target."""
+    encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     longest = max(len(ids) for ids in encoded)
-    width = min(seq_len + 1, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    width = min(seq_len, PAD_MULTIPLE * math.ceil(longest / PAD_MULTIPLE)) + 1
     tokens = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
     valid = torch.zeros((len(texts), width), dtype=torch.bool)
     for row, ids in enumerate(encoded):
+        ids = ids[:width]
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         valid[row, : len(ids)] = True
-    labels = tokens[:, 1:].masked_fill(~valid[:, 1:], -100)
+    mask = valid[:, :-1].clone()
+    if bool(mask.all()):
+        mask[0, -1] = False
+    labels = tokens[:, 1:].masked_fill(~mask, -100)
     return tokens[:, :-1].contiguous(), labels
 
 
-class RandomSampler:
-    """Global batches of document indices drawn uniformly with replacement; every rank draws the same
-    global batch and keeps its slice, so the data does not depend on the number of ranks."""
+class Collator:
+    """collate() with its tokenizer bound (picklable for DataLoader workers)."""
 
-    def __init__(self, num_docs: int, seed: int):
-        self.num_docs = num_docs
-        self.generator = torch.Generator().manual_seed(seed)
-        self.batches_drawn = 0
+    def __init__(self, tokenizer, seq_len: int):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
 
-    def next_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> list[int]:
-        indices = torch.randint(self.num_docs, (global_batch,), generator=self.generator)
-        self.batches_drawn += 1
-        per_rank = global_batch // world_size
-        return indices[rank * per_rank : (rank + 1) * per_rank].tolist()
+    def __call__(self, texts):
+        return collate(texts, self.tokenizer, self.seq_len)
 
-    def state_dict(self) -> dict:
-        return {"generator_state": self.generator.get_state(), "batches_drawn": self.batches_drawn, "num_docs": self.num_docs}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["num_docs"] != self.num_docs:
-            raise ValueError(f"the checkpointed sampler drew from {state['num_docs']} documents, this dataset has {self.num_docs}")
-        self.generator.set_state(state["generator_state"])
-        self.batches_drawn = state["batches_drawn"]
+class Documents(torch.utils.data.Dataset):
+    def __init__(self, data: Sequence):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+
+class RandomBatchSampler(torch.utils.data.Sampler):
+    """An endless stream of this rank's slice of global batches of document indices drawn uniformly with
+    replacement (as the authors' RandomSampler(replacement=True)). Global batch b depends only on
+    (seed, b): every rank draws the same global batch and keeps its slice, so the data does not depend on
+    the number of ranks, and starting at `start` replays nothing and skips nothing."""
+
+    def __init__(self, num_docs: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if num_docs < 1:
+            raise ValueError("the training split holds no documents")
+        self.num_docs, self.global_batch, self.seed = num_docs, global_batch, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def global_indices(self, b: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_000_007 + b) % (2**63))
+        return torch.randint(self.num_docs, (self.global_batch,), generator=generator)
+
+    def batch(self, b: int) -> list[int]:
+        per_rank = self.global_batch // self.world_size
+        return self.global_indices(b)[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
+
+    def __iter__(self):
+        b = self.start
+        while True:
+            yield self.batch(b)
+            b += 1
+
+    def state_dict(self, batches_drawn: int) -> dict:
+        return {"seed": self.seed, "num_docs": self.num_docs, "global_batch": self.global_batch,
+                "batches_drawn": batches_drawn}
+
+    def check_state(self, state: dict) -> None:
+        for key in ("seed", "num_docs", "global_batch"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"the checkpoint's data sampler had {key} {state[key]}, this run has "
+                                 f"{getattr(self, key)}: the batches would not continue the checkpointed run")
+
+
+def eval_batches(num_docs: int, per_rank_batch: int, rank: int, world_size: int, epoch: int) -> list[list[int]]:
+    """The authors' test batches: DistributedSampler(shuffle=True, drop_last=True, seed 0) with
+    set_epoch(step), cut into batches of the per-rank batch size (the last one may be short)."""
+    sampler = torch.utils.data.DistributedSampler(range(num_docs), num_replicas=world_size, rank=rank,
+                                                  shuffle=True, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i : i + per_rank_batch] for i in range(0, len(order), per_rank_batch)]
+
+
+def make_loader(data: Sequence, batch_sampler, tokenizer, seq_len: int, num_workers: int = 0,
+                pin_memory: bool = False, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
+    """A DataLoader that reads and tokenises batches in `num_workers` worker processes (0: in this one),
+    `prefetch_factor` batches ahead per worker, into pinned memory when training on a GPU."""
+    if num_workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer ran
+    return torch.utils.data.DataLoader(
+        Documents(data), batch_sampler=batch_sampler, collate_fn=Collator(tokenizer, seq_len),
+        num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,
+    )
 
 
 def _main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description="Maintenance of the built-in data.")
-    parser.add_argument("command", choices=["build-tokenizer", "sample"])
-    parser.add_argument("--out", default=TOKENIZER_DIR)
+    parser.add_argument("command", choices=["build-tokenizer", "sample"], help="what to do")
+    parser.add_argument("--out", default=TOKENIZER_DIR, help="where build-tokenizer writes")
     args = parser.parse_args(argv)
     if args.command == "build-tokenizer":
         tok = build_builtin_tokenizer(args.out)
