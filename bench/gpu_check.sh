@@ -5,15 +5,15 @@
 set -u
 OUT=${OUT:-gpu_check}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -m gpu tests/test_power_attention.py tests/test_kron.py \
+timeout ${TEST_TIMEOUT:-100} python3 -m pytest -q -m gpu tests/test_power_attention.py tests/test_kron.py \
   tests/test_infer.py tests/test_model.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit $?"; tail -5 "$OUT/gpu_tests.log"
-timeout ${ATTN_TIMEOUT:-170} python3 bench/attention.py --lengths 2048 8192 32768 131072 --chunk-sizes 128 256 \
+timeout ${ATTN_TIMEOUT:-150} python3 bench/attention.py --lengths 2048 8192 32768 131072 --chunk-sizes 128 256 \
   --peers --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
 echo "attention exit $?"; grep -v "^N=" "$OUT/attention.log" | tail -22
-timeout ${TRAIN_TIMEOUT:-150} python3 bench/train_throughput.py --seq_lens 2048 32768 --types softmax 2mamba mamba \
+timeout ${TRAIN_TIMEOUT:-140} python3 bench/train_throughput.py --seq_lens 2048 32768 --types softmax 2mamba mamba \
   --tokens_per_step 32768 --out "$OUT" > "$OUT/train.log" 2>&1
 echo "train exit $?"; tail -9 "$OUT/train.log"
-timeout ${DECODE_TIMEOUT:-110} python3 bench/decode.py --prompt_lengths 1024 16384 32768 --batch_sizes 1 32 \
+timeout ${DECODE_TIMEOUT:-100} python3 bench/decode.py --prompt_lengths 1024 16384 32768 --batch_sizes 1 32 \
   --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
 echo "decode exit $?"; tail -14 "$OUT/decode.log"
