@@ -19,9 +19,10 @@ from .naive import normalized, power_attention_naive, state_size
 from .recurrent import recurrent_power_attention, recurrent_step
 
 ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
-# "auto" uses the chunked form from this many tokens on; measured on an H200 with bench/attention.py
-# (forward + backward, bf16, H = 16, d = 64), see bench/NOTES.md.
-CHUNK_CROSSOVER = 16384
+# "auto" uses the chunked form from this many tokens on, per power; measured on an H200 with bench/attention.py
+# (forward + backward, bf16, H = 16, d = 64; see bench/NOTES.md): power 2 quadratic 10.7 ms vs chunked 21.0 ms
+# at 8K, 38.0 vs 21.2 at 32K; power 1 (unnormalised) 2.2 vs 4.4 ms at 2K, 7.8 vs 4.5 at 8K.
+CHUNK_CROSSOVER = {"1": 4096, "2": 16384}
 CHUNK_SIZE = 128
 
 __all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "ALGORITHMS"]
@@ -64,7 +65,7 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
         raise ValueError("inplace=True needs initial_state and output_final_state=True")
     N = q.shape[2]
     if algorithm == "auto":
-        algorithm = "recurrent" if N == 1 and stateful else "chunk" if N >= CHUNK_CROSSOVER else "quadratic"
+        algorithm = "recurrent" if N == 1 and stateful else "chunk" if N >= CHUNK_CROSSOVER[power] else "quadratic"
     if algorithm == "quadratic" and not stateful:
         return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend)
     if algorithm == "recurrent":

@@ -39,16 +39,22 @@ def _dot(x, y, IEEE: tl.constexpr):
 # steps use half-width tiles (SPLIT = BLOCK_D / 2): a quarter of the products saved.
 
 @triton.jit
-def _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr,
-                D: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+def _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
     j = J0 + tl.arange(0, BLOCK_J)
-    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
-                other=0.0).to(tl.float32)
     for ii in range(BLOCK_I):
         i = i0 + ii
-        ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask & (i < D), other=0.0).to(tl.float32)
-        p = a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :]
-        out = _dot(tl.trans(p.to(b.dtype)), b, IEEE)
+        out = tl.zeros([BLOCK_J, BLOCK_E], tl.float32)
+        for c0 in range(0, C, BLOCK_C):  # blocks of tokens: any chunk length fits in shared memory
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < C
+            a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
+                        other=0.0).to(tl.float32)
+            b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1),
+                        other=0.0)
+            ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask & (i < D), other=0.0).to(tl.float32)
+            p = a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :]
+            out += _dot(tl.trans(p.to(b.dtype)), b, IEEE)
         rows = _segment(i, D) + j
         mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E1)
         tl.store(OUT + t_ * NF * E + rows[:, None] * E + e[None, :], out.to(OUT.dtype.element_ty), mask=mask)
@@ -61,16 +67,13 @@ def _outer_kernel(A, B, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.cons
     t_ = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_I
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < C
-    b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1), other=0.0)
     if SPLIT < BLOCK_D:
         if i0 >= SPLIT:
-            _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_I, IEEE)
+            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_E, BLOCK_I, IEEE)
         else:
-            _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, 0, BLOCK_D, D, BLOCK_I, IEEE)
+            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, IEEE)
     else:
-        _outer_part(A, OUT, b, e, E, E1, t_, c, cmask, C, i0, NF, 0, BLOCK_D, D, BLOCK_I, IEEE)
+        _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, IEEE)
 
 
 @triton.jit
@@ -194,7 +197,7 @@ def _outer(a, b):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(e1 - e0, block_e))
         block_d = _block(d, 1 << 30)
-        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=_block(C, 1 << 30), BLOCK_D=block_d,
+        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=_block(C, 128), BLOCK_D=block_d,
                             SPLIT=_split(block_d), BLOCK_E=block_e, BLOCK_I=BLOCK_I, IEEE=a.dtype == torch.float32,
                             num_warps=8)
     return out
