@@ -37,6 +37,7 @@ from .triton_compat import INTERPRET
 POWER_CODES = {"1": 1, "2": 2, "exp": 3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+MAX_GRID_HEADS = 65535  # CUDA's limit on a grid's second axis; larger batch x heads run in slices of the batch
 LOG2E = tl.constexpr(1.4426950408889634)  # exponents run in log2 units (exp2 is the native instruction)
 
 
@@ -468,6 +469,14 @@ def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None):
         scale = q.shape[-1] ** -0.5
     if q.shape[2] == 0:
         return q.new_zeros(v.shape)
+    B, H = q.shape[:2]
+    if B * H > MAX_GRID_HEADS:  # the kernels put batch x heads on the grid's second axis
+        if H > MAX_GRID_HEADS:
+            raise ValueError(f"at most {MAX_GRID_HEADS} heads per call, got {H}; fold them into the batch")
+        step = MAX_GRID_HEADS // H
+        return torch.cat([triton_attention(q[i:i + step], k[i:i + step], v[i:i + step],
+                                           None if g is None else g[i:i + step], power=power, normalize=normalize,
+                                           scale=scale) for i in range(0, B, step)])
     q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
     g = None if g is None else g.contiguous()
     return _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale))

@@ -157,3 +157,17 @@ def test_gpu_real_shapes(power, normalize, decay, d, dtype):
         assert torch.isfinite(x).all(), f"{name}: non-finite values, seed {inputs.seed}"
         err = _rel(x, r)
         assert err <= 1e-2, f"{name}: rel err {err:.2e}, seed {inputs.seed}"
+
+
+def test_batch_times_heads_above_the_grid_limit_runs_in_slices(monkeypatch):
+    """More batch x heads than a CUDA grid axis holds: the call is split along the batch, same result."""
+    from kernel import triton_attention as ta
+
+    q, k, v = (torch.randn(5, 2, 9, 16) for _ in range(3))
+    g = -torch.rand(5, 2, 9)
+    whole = ta.triton_attention(q, k, v, g)
+    monkeypatch.setattr(ta, "MAX_GRID_HEADS", 4)
+    torch.testing.assert_close(ta.triton_attention(q, k, v, g), whole)
+    monkeypatch.setattr(ta, "MAX_GRID_HEADS", 1)
+    with pytest.raises(ValueError, match="heads per call"):
+        ta.triton_attention(q, k, v, g)

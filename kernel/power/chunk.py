@@ -136,10 +136,10 @@ def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size
     gl = torch.zeros(B, H, n, C, dtype=torch.float64, device=q.device) if g is None else \
         F.pad(g, (0, pad)).to(torch.float64).reshape(B, H, n, C)
 
-    def chunks(t):
-        return t.reshape(B, H * n, C, t.shape[-1])
+    def chunks(t):  # every chunk a sequence of its own, on the batch axis (it may exceed the grid's head axis)
+        return t.reshape(B * H * n, 1, C, t.shape[-1])
 
-    intra = attention(chunks(q), chunks(k), chunks(v1), None if g is None else gl.reshape(B, H * n, C),
+    intra = attention(chunks(q), chunks(k), chunks(v1), None if g is None else gl.reshape(B * H * n, 1, C),
                       power=power, normalize=False, scale=scale, backend=backend)
     intra = intra.reshape(B, H, n, C, E).to(compute)
 
