@@ -1,4 +1,4 @@
-"""The pass-key retrieval text of the needle-in-a-haystack task (SPEC section 8), generated offline.
+"""The pass-key retrieval text of the needle-in-a-haystack task (docs/math.md#niah), generated offline.
 
 The built-in training corpus mixes these documents with filler prose, and niah.py uses the same format
 when the hub dataset is out of reach, so a model trained offline is tested on what it has seen.

@@ -23,7 +23,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 
 def attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, backend="auto"):
-    """Causal attention core of every generic 2Mamba block (SPEC section 3.1 steps 10-13, section 4).
+    """Causal attention core of every generic 2Mamba block (docs/math.md#attention-core, #kernels).
 
     q, k, v: [B, H, N, d]; g: per-token log decay [B, H, N] (<= 0, cumulated inside) or None;
     power: "1" (s), "2" (s^2) or "exp" (e^s) with s = scale * q.k (scale defaults to 1/sqrt(d));

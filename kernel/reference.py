@@ -50,7 +50,7 @@ def attention_weights(q, k, g=None, *, power="2", scale=None):
 
 
 def attention_reference(q, k, v, g=None, *, power="2", normalize=True, scale=None):
-    """o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij when normalize), w as in SPEC section 3.1.
+    """o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij when normalize), w as in docs/math.md#attention-core.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] per-token log decay (<= 0) or None.
     A row whose normaliser is 0 gives 0.

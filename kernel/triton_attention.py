@@ -1,4 +1,4 @@
-"""Triton forward and backward kernels of the causal attention core (SPEC section 4).
+"""Triton forward and backward kernels of the causal attention core (docs/math.md#kernels).
 
 One kernel body per pass, specialised by constexpr flags instead of six near-copies:
 POWER 1 (w = s), 2 (w = s^2), 3 (exp: w = e^s); NORMALIZE (divide by the row sum); HAS_DECAY
