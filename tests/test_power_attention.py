@@ -41,6 +41,13 @@ def grads(fn, tensors):
     return [o.detach() for o in outs], [t.grad for t in tensors]
 
 
+def stateful_grads(fn, tensors, power, **kw):
+    """Outputs (o, final state) and every gradient of fn(q, k, v, g[, initial_state]) with state out."""
+    def call(q, k, v, g, *s):
+        return fn(q, k, v, g, power=power, initial_state=s[0] if s else None, output_final_state=True, **kw)
+    return grads(call, tensors)
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -139,14 +146,12 @@ def test_chunk_triton_interpreter(power, has_state):
     q, k, v, g = make_inputs(8, B, H, N, d, dv, decay=2.0)
     s0 = random_state(9, B, H, d, dv, power) if has_state else None
 
-    def run(dtype, fn, **kw):
-        def call(q, k, v, g, *s):
-            return fn(q, k, v, g, power=power, initial_state=s[0] if s else None, output_final_state=True, **kw)
-        tensors = [t.to(dtype) for t in (q, k, v, g)] + ([s0.to(dtype)] if has_state else [])
-        return grads(call, tensors)
+    def tensors(dtype):
+        return [t.to(dtype) for t in (q, k, v, g)] + ([s0.to(dtype)] if has_state else [])
 
-    outs, gs = run(torch.float32, power_attention, algorithm="chunk", chunk_size=8, backend="triton")
-    routs, rgs = run(torch.float64, power_attention_naive)
+    outs, gs = stateful_grads(power_attention, tensors(torch.float32), power, algorithm="chunk", chunk_size=8,
+                              backend="triton")
+    routs, rgs = stateful_grads(power_attention_naive, tensors(torch.float64), power)
     for a, b in zip(outs + gs, routs + rgs):
         assert rel_err(a, b) < 2e-5
 
@@ -197,14 +202,11 @@ def test_gpu_chunk_bf16(power, N):
     q, k, v, g = make_inputs(12, B, H, N, d, dv, decay=0.2, positive=power == "1")
     s0 = random_state(13, B, H, d, dv, power)
 
-    def call(fn, dtype, device, **kw):
-        def f(q, k, v, g, s):
-            return fn(q, k, v, g, power=power, initial_state=s, output_final_state=True, **kw)
-        ts = [t.to(device=device, dtype=dtype) for t in (q, k, v)] + [g.to(device), s0.to(device)]
-        return grads(f, ts)
+    def tensors(dtype):
+        return [t.to(device="cuda", dtype=dtype) for t in (q, k, v)] + [g.cuda(), s0.cuda()]
 
-    outs, gs = call(power_attention, torch.bfloat16, "cuda", algorithm="chunk")
-    routs, rgs = call(power_attention_naive, torch.float64, "cuda")
+    outs, gs = stateful_grads(power_attention, tensors(torch.bfloat16), power, algorithm="chunk")
+    routs, rgs = stateful_grads(power_attention_naive, tensors(torch.float64), power)
     for a, b in zip(outs + gs, routs + rgs):
         assert rel_err(a, b) < 1e-2
 

@@ -27,15 +27,19 @@ SCAN_BLOCK = 1024
 
 
 @triton.jit
+def _load_or_zeros(PTR, offs, mask, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
+    if PRESENT:
+        return tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.zeros([BLOCK], tl.float32)
+
+
+@triton.jit
 def _scan_fwd_kernel(U, LOGD, H0, STATES, FINAL, n, M, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
     """STATES[c] = state entering chunk c; FINAL = state after the last chunk. One program per (head, block)."""
     bh = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
-    if HAS_H0:
-        h = tl.load(H0 + bh * M + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK], tl.float32)
+    h = _load_or_zeros(H0 + bh * M, offs, mask, HAS_H0, BLOCK)
     for c in range(n):
         row = (bh * n + c) * M
         tl.store(STATES + row + offs, h.to(STATES.dtype.element_ty), mask=mask)
@@ -52,10 +56,7 @@ def _scan_bwd_kernel(STATES, LOGD, DSTATES, DFINAL, DU, DLOGD, DH0, n, M, NBLOCK
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
-    if HAS_DFINAL:
-        dh = tl.load(DFINAL + bh * M + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        dh = tl.zeros([BLOCK], tl.float32)
+    dh = _load_or_zeros(DFINAL + bh * M, offs, mask, HAS_DFINAL, BLOCK)
     for i in range(n):
         c = n - 1 - i
         row = (bh * n + c) * M
