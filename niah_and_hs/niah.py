@@ -1,15 +1,17 @@
 """Needle-in-a-haystack (pass-key retrieval) accuracy per context length (docs/inference.md).
 
-The seed's procedure: shuffle the row indices with numpy seed 420, drop rows with context_length >= 32768,
-keep the first --num_evals, greedy-decode 10 tokens after each prompt, take the first word of the decoded
-text and keep its digits; a row is correct iff they equal the answer.
+The original procedure: shuffle the row indices with numpy seed 420, drop rows with context_length >= 32768,
+keep the first --num_evals, decode greedily in float32 (--dtype) up to 10 tokens after each prompt, stopping
+at EOS; decode the last 10 tokens of prompt + answer, take the text before the first space and keep its
+digits; a row is correct iff they equal the answer.
 
 Data, first match wins:
   --builtin                the pass-key generator of GPT_Trainer/passkey.py at --context_lengths (characters)
   --dataset PATH           a local copy (parquet / jsonl / json file, or a directory of parquet files) with
                            the columns prompt, answer, context_length
-  (neither)                the hub dataset nanotron/simple_needle_in_a_hay_stack (needs `datasets` and the
-                           network); when unreachable, the built-in generator
+  (neither)                the hub dataset nanotron/simple_needle_in_a_hay_stack (needs the network); when
+                           unreachable, the built-in generator, with a NOTE line on stdout and the reason
+                           in the results' "source"
 
     python niah_and_hs/niah.py --model_path models/RUN_NAME --out niah_and_hs/results/RUN_NAME.json
     python niah_and_hs/niah_heatmap.py niah_and_hs/results/*.json
@@ -102,10 +104,16 @@ def select_rows(rows, num_evals: int) -> list[dict]:
     return kept[:num_evals]
 
 
-def predicted_key(text: str) -> str:
-    """Digits of the first whitespace-separated word of the generated text."""
-    words = text.split()
-    return "".join(ch for ch in words[0] if ch.isdigit()) if words else ""
+def predicted_key(tokenizer, prompt: list[int], new_tokens: list[int], window: int) -> str:
+    """The original's scoring: decode the last `window` tokens of prompt + answer (the answer without its EOS,
+    which the original never appends), take the text before the first space, keep its digits. An answer
+    that stopped early therefore brings the end of the prompt into the window, as it did there."""
+    eos = tokenizer.eos_token_id
+    answer = new_tokens[:new_tokens.index(eos)] if eos in new_tokens else new_tokens
+    text = tokenizer.decode((list(prompt) + answer)[-window:])
+    # Llama-2's sentencepiece decode drops the leading space of the first piece; byte-level BPEs keep it
+    text = text[1:] if text.startswith(" ") else text
+    return "".join(ch for ch in text.split(" ")[0] if ch.isdigit())
 
 
 def evaluate(model, tokenizer, rows, *, max_new_tokens=10, use_efficient=True, batch_size=1, progress=True):
@@ -115,12 +123,12 @@ def evaluate(model, tokenizer, rows, *, max_new_tokens=10, use_efficient=True, b
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         prompts = encode_prompts(tokenizer, [row["prompt"] for row in batch])
-        outputs = generate(model, tokenizer, prompts, max_new_tokens, use_efficient=use_efficient, stop_at_eos=False)
+        outputs = generate(model, tokenizer, prompts, max_new_tokens, use_efficient=use_efficient, stop_at_eos=True)
         for row, prompt, out in zip(batch, prompts, outputs):
             entry = tally[int(row["context_length"])]
             entry["total"] += 1
             entry["prompt_tokens"] += len(prompt)
-            entry["correct"] += predicted_key(tokenizer.decode(out, skip_special_tokens=True)) == str(row["answer"])
+            entry["correct"] += predicted_key(tokenizer, prompt, out, max_new_tokens) == str(row["answer"])
         bar.update(len(batch))
         done = sum(e["total"] for e in tally.values())
         bar.set_postfix(accuracy=f"{sum(e['correct'] for e in tally.values()) / done:.3f}")
@@ -147,10 +155,11 @@ def get_rows(args) -> tuple[list[dict], str]:
             raise UserError(str(err)) from err
     try:
         return load_hub_rows(), f"hub:{HUB_DATASET}"
-    except Exception as err:  # no `datasets`, no network, no hub access: fall back to the offline generator
-        print(f"hub dataset {HUB_DATASET} unavailable ({type(err).__name__}: {err}); using the built-in "
-              f"pass-key generator at context lengths {args.context_lengths}", file=sys.stderr)
-        return builtin_rows(args.context_lengths, args.num_evals), "builtin"
+    except Exception as err:  # no network, no hub access: fall back to the offline generator, and say so
+        reason = f"hub dataset {HUB_DATASET} unreachable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        print(f"NOTE: {reason}; these results come from the built-in pass-key generator at context lengths "
+              f"{args.context_lengths}, not from the paper's dataset (--builtin says this on purpose)")
+        return builtin_rows(args.context_lengths, args.num_evals), f"builtin ({reason})"
 
 
 def main(argv=None):
@@ -164,6 +173,7 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--out", default=None, help="results JSON (default niah_and_hs/results/<model dir name>.json)")
+    parser.set_defaults(dtype="float32")  # the original ran NIAH in float32, on the GPU too
     args = parser.parse_args(argv)
     for flag in ("num_evals", "batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
@@ -189,7 +199,7 @@ def main(argv=None):
                      "max_context_length": MAX_CONTEXT_LENGTH, "efficient": not args.no_efficient,
                      "device": args.device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                      "batch_size": args.batch_size,
-                     "context_lengths": args.context_lengths if source == "builtin" else None},
+                     "context_lengths": args.context_lengths if source.startswith("builtin") else None},
     }
     print(f"\n{'context_length':>14} {'~tokens':>8} {'correct':>8} {'total':>6} {'accuracy':>9}")
     for r in per_length:

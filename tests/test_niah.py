@@ -47,14 +47,16 @@ def test_niah_end_to_end_writes_results(saved_model, tmp_path):
 
 
 def test_scoring_counts_the_right_pass_keys(saved_model, monkeypatch):
-    """A stand-in generator that answers from the prompt scores 1; one that answers wrongly scores 0."""
+    """A stand-in generator that answers from the prompt (all 10 tokens, as a model that does not stop) scores
+    1; one that answers wrongly scores 0."""
     tokenizer = load_tokenizer(saved_model)
     rows = niah.select_rows(niah.builtin_rows([300, 600], 6), 6)
 
     def oracle(offset):
         def fake_generate(model, tok, prompts, max_new_tokens, **kwargs):
             keys = [int(re.search(r"pass key is (\d+)\.", tok.decode(p)).group(1)) + offset for p in prompts]
-            return [tok(f" {k}. Remember", add_special_tokens=False)["input_ids"] for k in keys]
+            text = " {k}. Remember it. {k} is the pass key."
+            return [tok(text.format(k=k), add_special_tokens=False)["input_ids"][:max_new_tokens] for k in keys]
         return fake_generate
 
     monkeypatch.setattr(niah, "generate", oracle(0))
@@ -81,10 +83,17 @@ def test_row_selection_follows_the_seed(tmp_path):
         niah.load_local_rows(str(path))
 
 
-def test_predicted_key_takes_digits_of_the_first_word():
-    assert niah.predicted_key(" 9330. Remember it.") == "9330"
-    assert niah.predicted_key("pass-12a3 4") == "123"
-    assert niah.predicted_key("   ") == ""
+def test_predicted_key_scores_as_the_original():
+    """The last 10 tokens of prompt + answer, decoded; the digits of the text before the first space."""
+    tok = load_tokenizer(None)
+    prompt = tok.encode("What is the pass key? The pass key is", add_special_tokens=False)
+    full = tok.encode(" 9330. Remember it. 9330 is the pass key. The grass", add_special_tokens=False)[:10]
+    assert len(full) == 10
+    assert niah.predicted_key(tok, prompt, full, 10) == "9330"
+    # an answer ending in EOS early: the window reaches back into the prompt, whose words hold no digits
+    short = tok.encode(" 9330", add_special_tokens=False) + [tok.eos_token_id]
+    assert tok.decode((prompt + short[:-1])[-10:]).endswith("is 9330")
+    assert niah.predicted_key(tok, prompt, short, 10) == ""
 
 
 def test_heatmap_renders_results_and_paper_figure(saved_model, tmp_path):
