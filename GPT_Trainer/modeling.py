@@ -409,7 +409,7 @@ def read_config(path: str, vocab_size: int | None) -> TwoMambaConfig:
             raw.pop(key, None)
         try:
             return TwoMambaConfig.from_dict(raw)
-        except (TypeError, ValueError) as err:  # a field transformers' LlamaConfig refuses
+        except Exception as err:  # plain JSON values that transformers' LlamaConfig validation refuses
             raise CheckpointError(f"{json_file} is not a valid model config: {_one_line(err)}") from err
     if train_cfg is None:
         raise FileNotFoundError(f"no config.json or config.pt in {path}")

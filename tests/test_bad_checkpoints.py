@@ -102,6 +102,7 @@ def test_a_config_that_is_not_a_model_config_builds_nothing(run_dir, capsys, no_
     ({"attention_type": "squared"}, f"names attention_type 'squared'; known types: softmax, mamba, linear, "),
     ({"attention_type": None, "mlp_type": "relu"}, "names mlp_type 'relu'; allowed: normal, gelu"),
     ({"rms_norm_eps": -1}, "has rms_norm_eps -1; it must be a number between 0 and 1"),
+    ({"tie_word_embeddings": "yes"}, "is not a valid model config: Validation error for field 'tie_word_embeddings': "),
 ])
 def test_a_config_field_out_of_range_builds_nothing(run_dir, capsys, no_model_built, fields, expected):
     edit_config(run_dir, **fields)
