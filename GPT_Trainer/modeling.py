@@ -490,9 +490,9 @@ def load_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     headers = {file: _weights_header(file) for file in _weight_files(path)}
-    embed = next((shapes["model.embed_tokens.weight"][0] for shapes, _ in headers.values()
-                  if "model.embed_tokens.weight" in shapes), None)
-    config = read_config(path, None if embed is None else embed[0])
+    embed_shape = next((shapes["model.embed_tokens.weight"][0] for shapes, _ in headers.values()
+                        if "model.embed_tokens.weight" in shapes), None)
+    config = read_config(path, None if embed_shape is None else embed_shape[0])
     _check_weights_fit(path, config, headers)
     state = {}
     for file in headers:

@@ -249,6 +249,12 @@ def mutations(run_dir, rng):
     def layers(n):
         return lambda d: edit_config(d, num_hidden_layers=n)
 
+    def config_pt_only(size):
+        def mutate(d):
+            os.remove(d / "config.json")
+            torch.save({"attention_type": TWO_MAMBA, "model_size": size}, d / "config.pt")
+        return mutate
+
     cases = [(f"truncate weights #{i}", truncate("model.safetensors", weights.stat().st_size)) for i in range(4)]
     cases += [(f"truncate weights' header #{i}", truncate("model.safetensors", header_end)) for i in range(3)]
     cases += [(f"change a header digit #{i}", change_header_digit) for i in range(12)]
@@ -256,7 +262,8 @@ def mutations(run_dir, rng):
     cases += [(f"random {name} #{i}", random_bytes(name)) for name in ("model.safetensors", "config.json", "config.pt")
               for i in range(2)]
     cases += [("swap config.json and tokenizer.json", swap), ("small config", other_size("small")),
-              ("large config", other_size("large")), ("one layer", layers(1)), ("three layers", layers(3))]
+              ("large config", other_size("large")), ("one layer", layers(1)), ("three layers", layers(3)),
+              ("config.pt alone, small", config_pt_only("small")), ("config.pt alone, large_depth", config_pt_only("large_depth"))]
     return cases
 
 
