@@ -472,7 +472,7 @@ def _check_weights_fit(path: str, config: TwoMambaConfig, headers: dict[str, tup
     problems = [f"{label} {items[:3]}{'...' if len(items) > 3 else ''}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shapes", sorted(wrong)))
                 if items]
-    message = f"{files} does not fit {source} (attention_type {kind!r}): {'; '.join(problems)}"
+    message = f"the weights in {files} do not fit attention_type={kind!r} of {source}: {'; '.join(problems)}"
     weight_names = {k for k in shapes if k.startswith("model.layers.0.self_attn.")}
     fitting = [t for t in configs if _attention_names(config, t) == weight_names]
     if fitting and kind not in fitting:

@@ -120,7 +120,7 @@ def test_a_config_for_another_size_is_refused_before_allocating(run_dir, capsys,
 def test_a_config_with_other_intermediate_size_names_the_shapes(run_dir, capsys):
     edit_config(run_dir, intermediate_size=512)
     line = infer_fails(run_dir, capsys)
-    assert f"{run_dir / 'model.safetensors'} does not fit {run_dir / 'config.json'}" in line
+    assert f"{run_dir / 'model.safetensors'} do not fit attention_type='{TWO_MAMBA}' of {run_dir / 'config.json'}" in line
     assert "model.layers.0.mlp.down_proj.weight [128, 256] (the config's [128, 512])" in line
 
 
