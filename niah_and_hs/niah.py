@@ -43,9 +43,43 @@ COLUMNS = ("prompt", "answer", "context_length")
 
 
 def _check_columns(rows, source):
-    if rows and any(c not in rows[0] for c in COLUMNS):
-        raise ValueError(f"{source} must have the columns {COLUMNS}; found {sorted(rows[0])}")
+    if not rows:
+        raise ValueError(f"{source} has no rows; expected rows with the columns {COLUMNS}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(c not in row for c in COLUMNS):
+            found = sorted(row) if isinstance(row, dict) else f"a {type(row).__name__}"
+            raise ValueError(f"row {i + 1} of {source} must have the columns {COLUMNS}; found {found}")
+        try:
+            int(row["context_length"])
+        except (TypeError, ValueError):
+            raise ValueError(f"row {i + 1} of {source} has context_length {row['context_length']!r}; "
+                             "it must be an integer") from None
     return rows
+
+
+def _read_json_rows(file) -> list:
+    """Rows of a .jsonl (one JSON object a line) or .json (a list of objects) file; a malformed line or file
+    is a ValueError naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            if file.endswith(".json"):
+                rows = json.load(f)
+                if not isinstance(rows, list):
+                    raise ValueError(f"{file} holds a JSON {type(rows).__name__}; expected a list of rows")
+                return rows
+            rows = []
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{file} line {number} is not valid JSON ({err}); each line must be one "
+                                         f"JSON object with the columns {COLUMNS}") from err
+            return rows
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); expected a list of rows with the columns {COLUMNS}") from err
 
 
 def load_local_rows(path: str) -> list[dict]:
@@ -64,12 +98,8 @@ def load_local_rows(path: str) -> list[dict]:
             import pyarrow.parquet as pq
 
             rows += pq.read_table(file, columns=list(COLUMNS)).to_pylist()
-        elif file.endswith(".jsonl"):
-            with open(file) as f:
-                rows += [json.loads(line) for line in f if line.strip()]
-        elif file.endswith(".json"):
-            with open(file) as f:
-                rows += json.load(f)
+        elif file.endswith((".jsonl", ".json")):
+            rows += _read_json_rows(file)
         else:
             raise ValueError(f"unsupported NIAH dataset file {file}: use .parquet, .jsonl or .json")
     return _check_columns(rows, path)
