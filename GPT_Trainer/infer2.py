@@ -111,10 +111,9 @@ def load_for_inference(model_path: str, device: str, dtype: str | None):
     from GPT_Trainer.modeling import load_model
 
     try:
-        model = load_model(model_path, device=device, dtype=resolve_dtype(dtype, device))
-    except (FileNotFoundError, ValueError) as err:
+        return load_model(model_path, device=device, dtype=resolve_dtype(dtype, device)), load_tokenizer(model_path)
+    except (FileNotFoundError, ValueError) as err:  # the tokenizer's errors (TokenizerUnavailable) too
         raise UserError(str(err)) from err
-    return model, load_tokenizer(model_path)
 
 
 def add_model_args(parser: argparse.ArgumentParser):

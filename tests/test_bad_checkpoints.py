@@ -147,6 +147,12 @@ def test_a_type_with_other_parameters_is_refused_from_the_shapes(run_dir, capsys
     assert f"the weights' attention parameters are those of {TWO_MAMBA}, " in line
 
 
+def test_a_broken_tokenizer_is_named_in_one_line(run_dir, capsys):
+    (run_dir / "tokenizer.json").write_text('{"model": ')
+    line = infer_fails(run_dir, capsys)
+    assert str(run_dir) in line and "tokenizer" in line
+
+
 def test_a_checkpoint_without_metadata_still_loads(run_dir):
     """The authors' published weights carry no attention type: the config alone decides."""
     expected = load_model(str(run_dir)).state_dict()

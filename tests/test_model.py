@@ -270,7 +270,8 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_weights_of_another_type_are_refused(tmp_path):
-    write_seed_checkpoint(tmp_path, tiny(TWO_MAMBA), TWO_MAMBA)
+    # no config.pt: its 2Mamba record would be the first contradiction found
+    write_seed_checkpoint(tmp_path, tiny(TWO_MAMBA), TWO_MAMBA, with_config_pt=False)
     cfg = json.load(open(tmp_path / "config.json"))
     cfg["attention_type"] = "softmax"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
