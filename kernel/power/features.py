@@ -3,12 +3,13 @@
 For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d + 1) / 2 features):
     feature_outer(a, b) = phi(a)^T b        [T, D, E]   (chunk states from keys, d state from queries)
     feature_apply(a, M) = phi(a) M           [T, C, E]   (queries read a state, d values from d state)
-The two are adjoint, so their gradients are each other plus one kernel for d a:
-    d/da of sum_t phi(a_t)^T G_t with G = M dy_t^T, i.e. the kron backward of G (feature_grad below).
-Each Triton program keeps a [C, d] tile of a on chip and walks i = 0..d-1: the entries of phi with first
-index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a contiguous segment of D
-starting at e(i) = i d - i (i - 1) / 2, so step i is one [C, d] x [d, E] product on tensor cores with the
-rows j < i masked. CPU tensors and the "torch" backend materialise phi with kron_reference instead.
+The two are adjoint, so their gradients are each other plus one kernel for d a (_grad_kernel): the kron
+backward of d loss / d phi(a_t) = M dy_t, never materialised either.
+Each Triton program keeps a tile of a on chip and walks i = 0..d-1: the entries of phi with first index i
+are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a contiguous segment of D starting at
+e(i) = i d - i (i - 1) / 2, so step i is one [C, d] x [d, E] product on tensor cores with the rows j < i
+masked (half-width tiles once i passes d / 2). CPU tensors and the "torch" backend materialise phi with
+kron_reference instead.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import resolve_backend
-from .naive import normalized, power_attention_naive
+from .naive import normalized, power_attention_naive, state_size
 
 BLOCK_D = 64
 BLOCK_E = 32
@@ -89,9 +89,8 @@ def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_st
         return power_attention_naive(q, k, v, g, power=power, normalize=normalize, scale=scale,
                                      initial_state=initial_state, output_final_state=output_final_state)
     B, H, _, d = q.shape
-    D = d if power == "1" else d * (d + 1) // 2
     if initial_state is None:
-        state = torch.zeros(B, H, D, v.shape[-1] + 1, dtype=torch.float32, device=q.device)
+        state = torch.zeros(B, H, state_size(d, power), v.shape[-1] + 1, dtype=torch.float32, device=q.device)
     elif inplace and initial_state.dtype == torch.float32 and initial_state.is_contiguous():
         state = initial_state
     else:
