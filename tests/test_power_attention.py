@@ -63,11 +63,15 @@ def test_naive_matches_quadratic_reference(power, normalize):
 
 @pytest.mark.parametrize("power", ["1", "2"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("algorithm,chunk", [("chunk", 16), ("chunk", 5), ("quadratic", 16), ("recurrent", 16)])
-def test_algorithms_float64(power, normalize, algorithm, chunk):
-    """Every algorithm with a state in and out == the float64 recurrence, forward and all gradients."""
+@pytest.mark.parametrize("decay", [True, False])
+@pytest.mark.parametrize("algorithm,chunk", [("chunk", 16), ("chunk", 32), ("chunk", 5), ("quadratic", 16),
+                                             ("recurrent", 16)])
+def test_algorithms_float64(power, normalize, decay, algorithm, chunk):
+    """Every algorithm with a state in and out == the float64 recurrence, forward and all gradients
+    (N = 37: not a multiple of any chunk size)."""
     B, H, N, d, dv = 2, 2, 37, 8, 6
     q, k, v, g = make_inputs(2, B, H, N, d, dv, positive=normalize and power == "1")
+    g = g if decay else torch.zeros_like(g)  # g = 0 is no decay; its gradient is still checked
     s0 = random_state(3, B, H, d, dv, power)
 
     def run(q, k, v, g, s0):
