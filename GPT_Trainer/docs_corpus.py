@@ -1,10 +1,10 @@
 """An offline English corpus from Debian documentation packages, tokenised for train.py (docs/training.md).
 
-    python -m GPT_Trainer.docs_corpus build OUT_DIR [--debs DIR] [--vocab_size 32000] [--test_fraction 0.005]
+    python -m GPT_Trainer.docs_corpus build OUT_DIR [--debs DIR] [--vocab_size 32000] [--test_fraction 0.01]
 
 Downloads the .deb files of SOURCES with `apt-get download` (no root needed; files already in --debs are
 reused, so the corpus can be rebuilt with no network from a carried folder of .debs), unpacks them with
-`dpkg-deb -x`, turns each source's prose into plain text, drops code, boilerplate and short fragments,
+`dpkg-deb -x` into a temporary directory, turns each source's prose into plain text, drops code, boilerplate and short fragments,
 de-duplicates documents by a hash of their normalised text, holds out a seeded test split by document,
 trains a Llama-2-sized byte-level BPE on the train split only and writes
 
@@ -18,6 +18,7 @@ train.py --dataset OUT_DIR reads the token files (data.load_token_dataset).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -29,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -38,7 +40,7 @@ from GPT_Trainer.cli import UserError, run
 from GPT_Trainer.data import TOKEN_FORMAT, TOKEN_MANIFEST, train_bpe_tokenizer
 
 SEED = 1234
-TEST_FRACTION = 0.005
+TEST_FRACTION = 0.01  # 0.5 % held out only ~70 documents (96K tokens): too few for a steady test loss
 VOCAB_SIZE = 32_000  # Llama-2's
 MIN_WORDS = 50  # shorter documents are headers, stubs and index pages
 MAX_WORDS = 20_000  # longer ones are cut at paragraphs, so that no single file dominates the test split
@@ -47,20 +49,24 @@ DICT_GROUP_WORDS = 2_000  # dictionary entries are grouped into documents of abo
 
 @dataclass(frozen=True)
 class Source:
-    """A Debian package (or a meta-package resolved to the package it depends on) and what to read in it."""
+    """A Debian package and what to read in it. A meta-package (linux-doc) names in `concrete` the pattern of
+    the versioned package it depends on (linux-doc-[0-9]*), which is what is downloaded."""
 
     package: str
     kind: str  # html, rst, markdown, pod, man, text, dict, entries (fortune files), bible
     patterns: tuple[str, ...]  # globs relative to the unpacked package
     exclude: str = r"(?!)"  # regex on the relative path of files to skip
-    meta: bool = False
+    concrete: str | None = None
 
 
 SOURCES = (
     Source("linux-doc", "rst", ("usr/share/doc/linux-doc-*/html/_sources/**/*.txt",),
-           r"/translations/|/ABI/|/devicetree/", meta=True),
-    Source("python3-doc", "rst", ("usr/share/doc/python3.*/html/_sources/**/*.txt",), r"/whatsnew/changelog", meta=True),
-    Source("postgresql-doc", "html", ("usr/share/doc/postgresql-doc-*/html/*.html",), r"/(bookindex|release-)", meta=True),
+           r"/translations/|/ABI/|/devicetree/",
+           concrete="linux-doc-[0-9]*"),
+    Source("python3-doc", "rst", ("usr/share/doc/python3.*/html/_sources/**/*.txt",), r"/whatsnew/changelog",
+           concrete="python3.[0-9]*-doc"),
+    Source("postgresql-doc", "html", ("usr/share/doc/postgresql-doc-*/html/*.html",), r"/(bookindex|release-)",
+           concrete="postgresql-doc-[0-9]*"),
     Source("perl-doc", "pod", ("usr/share/perl/*/pod/*.pod",), r"/perl5\d+delta|perltoc"),
     Source("bible-kjv-text", "bible", ("usr/lib/bible.data",)),
     Source("debian-handbook", "html", ("usr/share/doc/debian-handbook/html/en-US/*.html",)),
@@ -113,22 +119,23 @@ def _deb_for(debs: str, package: str) -> str | None:
 
 
 def resolve_package(source: Source, debs: str) -> str:
-    """The concrete package of a meta-package (linux-doc -> linux-doc-6.1): from a carried .deb if one is
-    there, else from apt's Depends of the meta-package."""
-    if not source.meta:
+    """The package to download for a source: a meta-package's versioned one from a carried .deb if one is
+    there (so a rebuild from carried .debs needs no apt lists), else from apt's Depends of the meta-package."""
+    if source.concrete is None:
         return source.package
-    carried = sorted(glob.glob(os.path.join(debs, f"{source.package}-[0-9]*_*.deb")))
+    carried = sorted(glob.glob(os.path.join(debs, f"{source.concrete}_*.deb")))
     if carried:
         return os.path.basename(carried[-1]).split("_")[0]
     for line in _sh(["apt-cache", "depends", source.package]).splitlines():
         key, _, value = line.strip().partition(": ")
-        if key == "Depends" and value.startswith(source.package.split("-doc")[0]):
-            return value.strip("<>")
+        if key == "Depends" and fnmatch.fnmatch(value, source.concrete):
+            return value
     raise UserError(f"apt-cache knows no package that the meta-package {source.package} depends on")
 
 
 def fetch(debs: str, unpacked: str) -> dict[str, str]:
-    """{source package name: its unpacked root}; downloads only the .debs not already in `debs`."""
+    """{source package name: its root unpacked under `unpacked`}; downloads only the .debs not already in
+    `debs`."""
     os.makedirs(debs, exist_ok=True)
     packages = {s.package: resolve_package(s, debs) for s in SOURCES}
     if any(s.kind == "bible" for s in SOURCES):
@@ -139,13 +146,9 @@ def fetch(debs: str, unpacked: str) -> dict[str, str]:
         _sh(["apt-get", "download", *missing], cwd=debs)
     roots = {}
     for name, package in packages.items():
-        root = os.path.join(unpacked, package)
-        if not os.path.isdir(root):
-            shutil.rmtree(root + ".tmp", ignore_errors=True)  # left by an interrupted build
-            os.makedirs(root + ".tmp")
-            _sh(["dpkg-deb", "-x", _deb_for(debs, package), root + ".tmp"])
-            os.replace(root + ".tmp", root)
-        roots[name] = root
+        roots[name] = os.path.join(unpacked, package)
+        os.makedirs(roots[name])
+        _sh(["dpkg-deb", "-x", _deb_for(debs, package), roots[name]])
     return roots
 
 
@@ -168,7 +171,7 @@ class _HTMLText(html.parser.HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
-        self.stack: list[bool] = []  # per open element: does it hide its content
+        self.stack: list[tuple[str, bool]] = []  # open elements: (tag, does it hide its content)
 
     def handle_starttag(self, tag, attrs):
         if tag in self.BLOCK:
@@ -176,18 +179,18 @@ class _HTMLText(html.parser.HTMLParser):
         if tag in self.VOID:
             return
         cls = dict(attrs).get("class") or ""
-        self.stack.append(tag in self.SKIP or not self.SKIP_CLASSES.isdisjoint(cls.split()))
+        self.stack.append((tag, tag in self.SKIP or not self.SKIP_CLASSES.isdisjoint(cls.split())))
 
     def handle_endtag(self, tag):
-        if tag in self.VOID:
-            return
-        if self.stack:
-            self.stack.pop()
+        # Close up to the matching element: HTML may leave <p>, <li>, ... unclosed.
+        if any(open_tag == tag for open_tag, _ in self.stack):
+            while self.stack.pop()[0] != tag:
+                pass
         if tag in self.BLOCK:
             self.parts.append("\n\n")
 
     def handle_data(self, data):
-        if not any(self.stack):
+        if not any(hidden for _, hidden in self.stack):
             self.parts.append(data)
 
 
@@ -219,6 +222,7 @@ def rst_text(raw: str) -> str:
             skip_indent = indent
             continue
         if stripped.startswith(".."):  # other directives (note, warning, ...): keep the body
+            out.append("")
             continue
         if stripped and re.fullmatch(r"([=\-~^\"'`#*+:._])\1{2,}|[+=|\- ]{4,}", stripped):
             continue
@@ -481,16 +485,18 @@ def write_tokens(docs: list[dict], tokenizer, path: str) -> int:
 
 
 def build(out_dir: str, debs: str | None = None, vocab_size: int = VOCAB_SIZE, test_fraction: float = TEST_FRACTION,
-          seed: int = SEED, sources: list[tuple[Source, str]] | None = None, roots: dict[str, str] | None = None) -> dict:
+          seed: int = SEED, sources: list[tuple[Source, str]] | None = None) -> dict:
     """Build the corpus in out_dir and return its manifest. `sources` ([(Source, unpacked root)]) skips
     the Debian packages (the tests pass their own files)."""
     started = time.time()
     os.makedirs(out_dir, exist_ok=True)
     if sources is None:
-        debs = debs or os.path.join(out_dir, "debs")
-        roots = fetch(debs, os.path.join(out_dir, "unpacked"))
-        sources = [(s, roots[s.package]) for s in SOURCES]
-    docs, stats = collect(sources, roots or {})
+        # Unpacked outside the repository (about 1 GB, and tests walk the working tree); only the .debs stay.
+        with tempfile.TemporaryDirectory(prefix="docs_corpus_") as unpacked:
+            roots = fetch(debs or os.path.join(out_dir, "debs"), unpacked)
+            docs, stats = collect([(s, roots[s.package]) for s in SOURCES], roots)
+    else:
+        docs, stats = collect(sources, {})
     if len(docs) < 2:
         raise UserError(f"only {len(docs)} document(s) of at least {MIN_WORDS} words were found; a corpus needs 2")
     split_documents(docs, test_fraction, seed)

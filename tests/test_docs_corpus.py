@@ -159,6 +159,7 @@ def test_bad_token_directories_are_one_line_errors(corpus, tmp_path):
 def test_converters_keep_prose_and_drop_code():
     assert dc.html_text("<p>One &amp; two</p><pre>x = 1</pre><table><tr><td>a</td><td>b</td></tr></table>") \
         == "One & two\n\na\n\nb"
+    assert dc.html_text("<div class='navigation x'><p>menu</div><p>kept<li>too</ul>") == "kept\n\ntoo"  # unclosed tags
     pod = "=head1 NAME\n\nperlfoo - a L<link text|perlbar> and C<code>\n\n    my $x = 1;\n\n=cut\n"
     assert dc.pod_text(pod) == "NAME\n\nperlfoo - a link text and code"
     man = '.TH FOO 1\n.SH "DESCRIPTION"\n.B foo\nreads \\fIfiles\\fR \\- fast.\n.nf\ncode here\n.fi\n'
