@@ -1,4 +1,5 @@
-"""An offline English corpus from Debian documentation packages, tokenised for train.py (docs/training.md).
+"""An offline English corpus from Debian documentation packages, tokenised for train.py
+(docs/training.md#an-offline-english-corpus-debian-documentation).
 
     python -m GPT_Trainer.docs_corpus build OUT_DIR [--debs DIR] [--vocab_size 32000] [--test_fraction 0.01]
 
@@ -45,6 +46,8 @@ VOCAB_SIZE = 32_000  # Llama-2's
 MIN_WORDS = 50  # shorter documents are headers, stubs and index pages
 MAX_WORDS = 20_000  # longer ones are cut at paragraphs, so that no single file dominates the test split
 DICT_GROUP_WORDS = 2_000  # dictionary entries are grouped into documents of about this many words
+# GCIDE marks nearly every sense with its source ("[1913 Webster]": 205K times): boilerplate, not text.
+DICT_SOURCE_TAGS = re.compile(r"\s*\[(1913 Webster|Webster 1913 Suppl\.|WordNet 1\.5|PJC|Century Dict\.)\]")
 
 
 @dataclass(frozen=True)
@@ -386,7 +389,8 @@ def _dict_entries(index_path: str):
                           for p in (line.rstrip("\n").split("\t") for line in f) if len(p) >= 3 and not p[0].startswith("00")})
     with gzip.open(index_path[: -len(".index")] + ".dict.dz", "rb") as f:
         data = f.read()
-    return [_reflow(data[offset : offset + length].decode("utf-8", errors="replace")) for offset, length in entries]
+    return [_reflow(DICT_SOURCE_TAGS.sub("", data[offset : offset + length].decode("utf-8", errors="replace")))
+            for offset, length in entries]
 
 
 def _bible_documents(data_path: str, program_root: str):
@@ -500,7 +504,8 @@ def build(out_dir: str, debs: str | None = None, vocab_size: int = VOCAB_SIZE, t
     if len(docs) < 2:
         raise UserError(f"only {len(docs)} document(s) of at least {MIN_WORDS} words were found; a corpus needs 2")
     split_documents(docs, test_fraction, seed)
-    print(f"{len(docs)} documents, {sum(d['words'] for d in docs):,} words; training the tokenizer", flush=True)
+    print(f"{len(docs)} documents, {sum(d['words'] for d in docs):,} words after {time.time() - started:.0f} s; "
+          "training the tokenizer", flush=True)
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     tokenizer = train_bpe_tokenizer((d["text"] for d in docs if d["split"] == "train"), vocab_size, tokenizer_dir)

@@ -167,3 +167,22 @@ def test_converters_keep_prose_and_drop_code():
     assert dc.markdown_text("# Head\n\nSee [the docs](http://x).\n\n```\ncode\n```\n") == "Head\n\nSee the docs."
     assert not dc.is_prose("for (i = 0; i < n; i++) { x[i] = y[i] * 2; }")
     assert dc.is_prose("This sentence is plain English prose with several words.")
+
+
+def test_dictd_entries_are_read_in_file_order_without_source_tags(tmp_path):
+    import gzip
+
+    entries = [b"00-database-info\n   About this file, which is no entry.\n",
+               b"Abbey \\Ab\"bey\\, n. A monastery. [1913 Webster]\n", b"Zebra, n. A striped horse. [WordNet 1.5]\n"]
+    offsets = np.cumsum([0] + [len(e) for e in entries])
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    def b64(n):
+        return digits[n // 64] + digits[n % 64]
+
+    with gzip.open(tmp_path / "x.dict.dz", "wb") as f:
+        f.write(b"".join(entries))
+    words = ("00-database-info", "zebra", "abbey")  # the index is sorted by word, not by offset
+    (tmp_path / "x.index").write_text("".join(f"{w}\t{b64(int(offsets[i]))}\t{b64(len(entries[i]))}\n"
+                                              for w, i in zip(words, (0, 2, 1))))
+    assert dc._dict_entries(str(tmp_path / "x.index")) == ['Abbey \\Ab"bey\\, n. A monastery.', "Zebra, n. A striped horse."]
