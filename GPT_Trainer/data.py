@@ -4,11 +4,12 @@ Four kinds of data: any Hugging Face hub dataset with a text column (the paper u
 SlimPajama; needs the network), local data (a directory written by `Dataset.save_to_disk`, or
 txt / jsonl / parquet / arrow files), the built-in offline corpus generated here, which a tiny model
 learns visibly in minutes on a CPU, and pre-tokenised directories (a manifest.json and uint16 token files,
-as GPT_Trainer/docs_corpus.py writes), read as random windows with no tokenisation per step. Hub and local data go through the same `datasets` code path as the
-authors' trainer: `load_dataset` / `load_from_disk`, then `train_test_split(test_size=test_per, seed=123)`
-unless the dataset brings its own test split. Training draws global batches uniformly at random with
-replacement; batch b is a pure function of (seed, b), so a DataLoader can prefetch ahead with workers and
-a resumed run still sees exactly the batches an uninterrupted run would.
+as GPT_Trainer/docs_corpus.py writes), read as random windows with no tokenisation per step. Hub and local
+data go through the same `datasets` code path as the authors' trainer: `load_dataset` / `load_from_disk`,
+then `train_test_split(test_size=test_per, seed=123)` unless the dataset brings its own test split.
+Training draws global batches uniformly at random with replacement; batch b is a pure function of
+(seed, b), so a DataLoader can prefetch ahead with workers and a resumed run still sees exactly the batches
+an uninterrupted run would.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@
 
 Downloads the .deb files of SOURCES with `apt-get download` (no root needed; files already in --debs are
 reused, so the corpus can be rebuilt with no network from a carried folder of .debs), unpacks them with
-`dpkg-deb -x` into a temporary directory, turns each source's prose into plain text, drops code, boilerplate and short fragments,
-de-duplicates documents by a hash of their normalised text, holds out a seeded test split by document,
+`dpkg-deb -x` into a temporary directory, turns each source's prose into plain text, drops code,
+boilerplate and short fragments, de-duplicates documents by a hash of their normalised text, holds out a
+seeded test split by document,
 trains a Llama-2-sized byte-level BPE on the train split only and writes
 
     OUT_DIR/tokenizer/          the tokenizer (HF format, the built-in tokenizer's conventions)
@@ -385,8 +386,9 @@ def _dict_entries(index_path: str):
         return value
 
     with open(index_path, encoding="utf-8", errors="replace") as f:
-        entries = sorted({(number(p[1]), number(p[2]))
-                          for p in (line.rstrip("\n").split("\t") for line in f) if len(p) >= 3 and not p[0].startswith("00")})
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    # "00-database-*" entries describe the database itself
+    entries = sorted({(number(r[1]), number(r[2])) for r in rows if len(r) >= 3 and not r[0].startswith("00")})
     with gzip.open(index_path[: -len(".index")] + ".dict.dz", "rb") as f:
         data = f.read()
     return [_reflow(DICT_SOURCE_TAGS.sub("", data[offset : offset + length].decode("utf-8", errors="replace")))

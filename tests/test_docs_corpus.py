@@ -39,7 +39,8 @@ def write_package(root):
     os.makedirs(root / "rst")
     for i in range(6):
         (root / "rst" / f"doc{i}.txt").write_text(
-            f"Title {i}\n=======\n\n{prose(5000 + i)}\n\nThe example below shows the whole idea in one line::\n\n    int literal_block = {i};\n\n"
+            f"Title {i}\n=======\n\n{prose(5000 + i)}\n\nThe example below shows the whole idea in one line::\n\n"
+            f"    int literal_block = {i};\n\n"
             f".. code-block:: c\n\n   int directive_block;\n\n{prose(6000 + i)}\n")
     return [(dc.Source("fake-html", "html", ("html/*.html",)), str(root)),
             (dc.Source("fake-rst", "rst", ("rst/*.txt",)), str(root))]
@@ -95,7 +96,7 @@ def test_token_files_round_trip_through_the_tokenizer(corpus):
     every = " ".join(texts.values())
     assert "Too short" not in every and "secret_code" not in every and "var x" not in every
     assert "Previous page" not in every and "literal_block" not in every and "directive_block" not in every
-    assert "The example below shows the whole idea in one line:" in every  # the sentence before a literal block keeps one colon
+    assert "The example below shows the whole idea in one line:" in every  # "::" before a literal block reads ":"
 
 
 def test_the_build_is_reproducible(corpus, tmp_path):
@@ -185,4 +186,5 @@ def test_dictd_entries_are_read_in_file_order_without_source_tags(tmp_path):
     words = ("00-database-info", "zebra", "abbey")  # the index is sorted by word, not by offset
     (tmp_path / "x.index").write_text("".join(f"{w}\t{b64(int(offsets[i]))}\t{b64(len(entries[i]))}\n"
                                               for w, i in zip(words, (0, 2, 1))))
-    assert dc._dict_entries(str(tmp_path / "x.index")) == ['Abbey \\Ab"bey\\, n. A monastery.', "Zebra, n. A striped horse."]
+    assert dc._dict_entries(str(tmp_path / "x.index")) == ['Abbey \\Ab"bey\\, n. A monastery.',
+                                                           "Zebra, n. A striped horse."]
