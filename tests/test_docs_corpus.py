@@ -11,7 +11,7 @@ from GPT_Trainer import docs_corpus as dc
 from GPT_Trainer import train
 from GPT_Trainer.cli import UserError
 from GPT_Trainer.data import TokenWindows, load_token_dataset, load_tokenizer
-from tests.test_train import read_metrics, tiny_args
+from test_train import read_metrics, tiny_args  # pytest puts tests/ (no __init__.py) on sys.path
 
 WORDS = ("the system reads each file and writes a short report about what it found before the next step begins "
          "when users open a window they see the list of packages with their names versions and sizes").split()
