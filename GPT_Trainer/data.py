@@ -1,22 +1,26 @@
 """Datasets, tokenizer and batching for training (docs/training.md, "Data" and "Batches").
 
-Three kinds of data: any Hugging Face hub dataset with a text column (the paper used fineweb, the Pile and
+Four kinds of data: any Hugging Face hub dataset with a text column (the paper used fineweb, the Pile and
 SlimPajama; needs the network), local data (a directory written by `Dataset.save_to_disk`, or
-txt / jsonl / parquet / arrow files), and the built-in offline corpus generated here, which a tiny model
-learns visibly in minutes on a CPU. Hub and local data go through the same `datasets` code path as the
-authors' trainer: `load_dataset` / `load_from_disk`, then `train_test_split(test_size=test_per, seed=123)`
-unless the dataset brings its own test split. Training draws global batches uniformly at random with
-replacement; batch b is a pure function of (seed, b), so a DataLoader can prefetch ahead with workers and
-a resumed run still sees exactly the batches an uninterrupted run would.
+txt / jsonl / parquet / arrow files), the built-in offline corpus generated here, which a tiny model
+learns visibly in minutes on a CPU, and pre-tokenised directories (a manifest.json and uint16 token files,
+as GPT_Trainer/docs_corpus.py writes), read as random windows with no tokenisation per step. Hub and local
+data go through the same `datasets` code path as the authors' trainer: `load_dataset` / `load_from_disk`,
+then `train_test_split(test_size=test_per, seed=123)` unless the dataset brings its own test split.
+Training draws global batches uniformly at random with replacement; batch b is a pure function of
+(seed, b), so a DataLoader can prefetch ahead with workers and a resumed run still sees exactly the batches
+an uninterrupted run would.
 """
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import random
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.utils.data
 
@@ -151,12 +155,11 @@ class BuiltinCorpus(Sequence):
 # Tokenizer
 
 
-def build_builtin_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 1024, num_docs: int = 4000):
-    """Train the project's own byte-level BPE tokenizer on the built-in corpus and save it to out_dir.
+def train_bpe_tokenizer(texts, vocab_size: int, out_dir: str):
+    """Train a byte-level BPE tokenizer on `texts` (an iterable of strings) and save it to out_dir.
 
     Llama-2-like conventions: <unk>=0, <s>=1 (BOS, added to every sequence), </s>=2 (EOS, also the pad
     token), and digits split into single-digit tokens so numbers are spelled digit by digit.
-    Rebuild with `python -m GPT_Trainer.data build-tokenizer`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -170,8 +173,7 @@ def build_builtin_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 1024
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    corpus = BuiltinCorpus("train")
-    tok.train_from_iterator((corpus[i] for i in range(num_docs)), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
@@ -179,6 +181,13 @@ def build_builtin_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 1024
     )
     fast.save_pretrained(out_dir)
     return fast
+
+
+def build_builtin_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 1024, num_docs: int = 4000):
+    """The project's own tokenizer (train_bpe_tokenizer) trained on the built-in corpus.
+    Rebuild with `python -m GPT_Trainer.data build-tokenizer`."""
+    corpus = BuiltinCorpus("train")
+    return train_bpe_tokenizer((corpus[i] for i in range(num_docs)), vocab_size, out_dir)
 
 
 class TokenizerUnavailable(ValueError):
@@ -277,8 +286,10 @@ def load_tokenizer(name_or_path: str | None = None):
 
 
 def default_tokenizer_name(dataset: str | None) -> str:
-    """Llama-2's (as the authors) for hub datasets; the built-in one for the built-in corpus and local data,
-    so that training works with no network."""
+    """Llama-2's (as the authors) for hub datasets; a token directory's own; the built-in one for the
+    built-in corpus and other local data, so that training works with no network."""
+    if is_token_dataset(dataset):
+        return os.path.join(dataset, read_token_manifest(dataset)["tokenizer"])
     return BUILTIN if dataset in (None, BUILTIN) or os.path.exists(dataset) else DEFAULT_HUB_TOKENIZER
 
 
@@ -440,6 +451,89 @@ def load_text_dataset(dataset: str | None, test_per: float, keep_in_memory: bool
 
 
 # ----------------------------------------------------------------------------------------------------
+# Pre-tokenised data: a directory written by `python -m GPT_Trainer.docs_corpus build` (or anything else
+# writing the same manifest): uint16 token files in which every document is <s> text </s>.
+
+TOKEN_MANIFEST = "manifest.json"
+TOKEN_FORMAT = "2mamba-tokens-v1"
+
+
+def is_token_dataset(dataset: str | None) -> bool:
+    return dataset not in (None, BUILTIN) and os.path.isfile(os.path.join(dataset, TOKEN_MANIFEST))
+
+
+def read_token_manifest(path: str) -> dict:
+    """The manifest of a token directory, checked against its files (ValueError with a one-line reason)."""
+    file = os.path.join(path, TOKEN_MANIFEST)
+    try:
+        with open(file) as f:
+            manifest = json.load(f)
+        if manifest["format"] != TOKEN_FORMAT or manifest["dtype"] != "uint16":
+            raise ValueError(f"format {manifest['format']!r} / dtype {manifest['dtype']!r}, expected "
+                             f"{TOKEN_FORMAT!r} / 'uint16'")
+        for split in ("train", "test"):
+            info = manifest["splits"][split]
+            size = os.path.getsize(os.path.join(path, info["file"]))
+            if size != 2 * int(info["tokens"]):
+                raise ValueError(f"{info['file']} holds {size} bytes, not the {info['tokens']} uint16 tokens listed "
+                                 "(rebuild the corpus)")
+        for key in ("tokenizer", "vocab_size"):
+            if key not in manifest:
+                raise KeyError(key)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); rebuild the corpus") from err
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{file} lacks the entry {err}; rebuild the corpus") from err
+    except OSError as err:
+        raise ValueError(f"{file}: {err.strerror}: {err.filename}") from err
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from err
+    return manifest
+
+
+class TokenWindows(Sequence):
+    """Windows of seq_len + 1 tokens of a uint16 token file, starting every `stride` tokens: window i is
+    (inputs, labels) = (tokens[s : s + seq_len], tokens[s + 1 : s + seq_len + 1]) with s = i * stride. The
+    file is memory-mapped on first use in each process, so DataLoader workers never copy it."""
+
+    def __init__(self, file: str, num_tokens: int, seq_len: int, stride: int):
+        self.file, self.num_tokens, self.seq_len, self.stride = file, num_tokens, seq_len, stride
+        self._tokens = None
+
+    def __len__(self):
+        return max(0, (self.num_tokens - self.seq_len - 1) // self.stride + 1)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if self._tokens is None:
+            self._tokens = np.memmap(self.file, dtype=np.uint16, mode="r", shape=(self.num_tokens,))
+        start = int(index) * self.stride
+        return torch.from_numpy(self._tokens[start : start + self.seq_len + 1].astype(np.int64))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}
+
+    @staticmethod
+    def collate(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.stack(windows)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def load_token_dataset(path: str, seq_len: int) -> tuple[TokenWindows, TokenWindows, dict]:
+    """(train, test, manifest): training draws windows starting at every token (uniformly at random, by
+    RandomBatchSampler, as it draws documents); the test split is cut into consecutive windows."""
+    manifest = read_token_manifest(path)
+    train, test = (manifest["splits"][split] for split in ("train", "test"))
+    for split, info in (("train", train), ("test", test)):
+        if info["tokens"] < seq_len + 1:
+            raise ValueError(f"the {split} split of {path} holds {info['tokens']} tokens, fewer than one window of "
+                             f"seq_len + 1 = {seq_len + 1}")
+    return (TokenWindows(os.path.join(path, train["file"]), train["tokens"], seq_len, 1),
+            TokenWindows(os.path.join(path, test["file"]), test["tokens"], seq_len, seq_len), manifest)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Batching
 
 
@@ -536,11 +630,13 @@ def eval_batches(num_docs: int, per_rank_batch: int, rank: int, world_size: int,
 def make_loader(data: Sequence, batch_sampler, tokenizer, seq_len: int, num_workers: int = 0,
                 pin_memory: bool = False, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader that reads and tokenises batches in `num_workers` worker processes (0: in this one),
-    `prefetch_factor` batches ahead per worker, into pinned memory when training on a GPU."""
+    `prefetch_factor` batches ahead per worker, into pinned memory when training on a GPU. Pre-tokenised
+    data (TokenWindows) brings its own collate."""
     if num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer ran
     return torch.utils.data.DataLoader(
-        Documents(data), batch_sampler=batch_sampler, collate_fn=Collator(tokenizer, seq_len),
+        Documents(data), batch_sampler=batch_sampler,
+        collate_fn=data.collate if isinstance(data, TokenWindows) else Collator(tokenizer, seq_len),
         num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,

@@ -30,7 +30,7 @@ from GPT_Trainer import checkpoint, cli
 from GPT_Trainer.cli import UserError
 from GPT_Trainer.data import (
     BUILTIN, ORIGINAL_DEFAULT_DATASET, RandomBatchSampler, check_dataset_arg, default_tokenizer_name,
-    has_tokenizer_files, load_text_dataset, load_tokenizer,
+    has_tokenizer_files, is_token_dataset, load_text_dataset, load_token_dataset, load_tokenizer,
 )
 from GPT_Trainer.LlamaDecoderLayerClean import attention_config
 from GPT_Trainer.modeling import MODEL_SIZES, get_model, load_model, load_training_config, read_config
@@ -70,8 +70,9 @@ class RunConfig:
     use_amp: bool = _flag(True, "bf16 autocast (CUDA only; CPU runs stay in fp32)")
     dataset: str | None = _flag(None, f"unset or '{BUILTIN}': the built-in offline corpus; any Hugging Face hub dataset "
                                       f"with a text column (the authors' default: {ORIGINAL_DEFAULT_DATASET}; needs the "
-                                      "network); or a local directory written by Dataset.save_to_disk, or "
-                                      ".txt/.jsonl/.parquet/.arrow files")
+                                      "network); a local directory written by Dataset.save_to_disk, or "
+                                      ".txt/.jsonl/.parquet/.arrow files; or a token directory with a manifest.json "
+                                      "(python -m GPT_Trainer.docs_corpus build DIR: its own tokenizer and test split)")
     dataset_config: str | None = _flag(None, "hub dataset config name (unset: CC-MAIN-2024-51 for HuggingFaceFW/fineweb, "
                                              "none otherwise)")
     text_column: str = _flag("text", "the dataset column holding the documents")
@@ -88,7 +89,8 @@ class RunConfig:
     num_workers: int = _flag(0, "DataLoader worker processes reading and tokenising batches ahead of the GPU")
     prefetch_factor: int = _flag(4, "batches each DataLoader worker prepares ahead (with --num_workers > 0)")
     model_max_length: int | None = _flag(None, "max_position_embeddings (unset: SEQ_LEN)")
-    test_per: float = _flag(0.001, "held-out fraction: datasets' train_test_split(test_size, seed=123)")
+    test_per: float = _flag(0.001, "held-out fraction: datasets' train_test_split(test_size, seed=123) "
+                                    "(token directories bring their own test split)")
     num_steps_test: int = _flag(10_000, "evaluate on the test split every N steps")
     model_size: str = _flag("small", f"one of {', '.join(MODEL_SIZES)}")
     test_loss: bool = _flag(True, "evaluate on the test split")
@@ -294,6 +296,15 @@ def resolve_tokenizer(cfg: RunConfig):
     return load_tokenizer(cfg.tokenizer or default_tokenizer_name(cfg.dataset))
 
 
+def check_token_tokenizer(tokenizer, manifest: dict, dataset: str) -> None:
+    """Token files only mean something with the tokenizer that wrote them."""
+    wrote = (manifest["vocab_size"], manifest.get("bos_token_id"), manifest.get("eos_token_id"))
+    if (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id) != wrote:
+        raise UserError(f"the tokens in {dataset} were written by {os.path.join(dataset, manifest['tokenizer'])} "
+                        f"({wrote[0]} tokens, BOS {wrote[1]}, EOS {wrote[2]}); this run's tokenizer has {len(tokenizer)} "
+                        f"tokens, BOS {tokenizer.bos_token_id}, EOS {tokenizer.eos_token_id}: drop --tokenizer")
+
+
 def build_model(cfg: RunConfig, vocab_size: int, device: torch.device):
     if not cfg.load_checkpoint:
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
@@ -349,8 +360,17 @@ def main(argv=None) -> str:
         print(f"resuming with the checkpoint's settings {restored} (give a flag to override one)", flush=True)
     try:
         tokenizer = resolve_tokenizer(cfg)
-        train_data, test_data = load_text_dataset(cfg.dataset, cfg.test_per, cfg.keep_dataset_in_mem,
-                                                  cfg.dataset_config, cfg.text_column)
+        token_counts = {}
+        if is_token_dataset(cfg.dataset):
+            train_data, test_data, manifest = load_token_dataset(cfg.dataset, cfg.seq_len)
+            check_token_tokenizer(tokenizer, manifest, cfg.dataset)
+            train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+            token_counts = {"train_tokens": train["tokens"], "test_tokens": test["tokens"],
+                            "num_train_documents": train["documents"], "num_test_documents": test["documents"],
+                            "num_train_windows": len(train_data), "num_test_windows": len(test_data)}
+        else:
+            train_data, test_data = load_text_dataset(cfg.dataset, cfg.test_per, cfg.keep_dataset_in_mem,
+                                                      cfg.dataset_config, cfg.text_column)
         model = build_model(cfg, len(tokenizer), dist_info.device)
     except ValueError as err:
         raise UserError(str(err)) from err
@@ -388,12 +408,13 @@ def main(argv=None) -> str:
             "wandb_id": wandb_id, "world_size": dist_info.world_size, "vocab_size": len(tokenizer),
             "num_train_documents": len(train_data), "num_test_documents": len(test_data), "num_threads": threads,
             "resumed_from_step": start_step if cfg.load_checkpoint else None,
-            "restored_from_checkpoint": sorted(restored),
+            "restored_from_checkpoint": sorted(restored), **token_counts,
         })
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.attention_type} {cfg.model_size} ({n_params / 1e6:.1f}M parameters), seq_len {cfg.seq_len}, "
               f"global batch {cfg.batch_size} on {dist_info.world_size} x {dist_info.device.type}, "
-              f"{len(train_data)} train / {len(test_data)} test documents, starting at step {start_step}", flush=True)
+              f"{len(train_data)} train / {len(test_data)} test {'windows' if token_counts else 'documents'}, "
+              f"starting at step {start_step}", flush=True)
 
     trainer = Trainer(cfg, model, ddp_model, tokenizer, train_data, test_data, optimizer, scheduler,
                       dist_info, logger, start_step, nonfinite_steps, wandb_id, batches_drawn)
