@@ -55,7 +55,7 @@ class KVState:
 
     def append(self, k, v, a=None, valid=None):
         """Write n new tokens; returns (k, v, a, valid) over all filled slots (valid None: no padding)."""
-        n, end = k.shape[2], self.length + k.shape[2]
+        end = self.length + k.shape[2]
         if end > self.k.shape[2]:
             self._grow(max(end, 2 * self.k.shape[2]))
         self.k[:, :, self.length:end] = k

@@ -12,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from GPT_Trainer import checkpoint, cli, infer2, modeling, train
-from GPT_Trainer.data import load_tokenizer
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, TWO_MAMBA_E
-from GPT_Trainer.modeling import get_model, load_model, make_config
+from GPT_Trainer.modeling import load_model, make_config
 from niah_and_hs import niah
+
+from helpers import tiny_two_layer_model
 
 DT_ON_VALUES = "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values"
 
@@ -24,11 +25,7 @@ DT_ON_VALUES = "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_o
 def saved_run(tmp_path_factory):
     """A tiny 2-layer 2Mamba saved as the trainer saves it (checkpoint.save_checkpoint)."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    model = get_model("tiny", 64, len(tokenizer), TWO_MAMBA)
-    model.config.num_hidden_layers = 2
-    model.model.layers = model.model.layers[:2]
+    model, tokenizer = tiny_two_layer_model(64)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     checkpoint.save_checkpoint(str(run_dir), model, tokenizer, optimizer, scheduler,
@@ -99,7 +96,7 @@ def test_a_config_that_is_not_a_model_config_builds_nothing(run_dir, capsys, no_
     ({"vocab_size": "994"}, "has vocab_size='994'; "),
     ({"intermediate_size": 2.5}, "has intermediate_size=2.5; "),
     ({"num_attention_heads": 3}, "hidden_size 128, which num_attention_heads 3 does not divide"),
-    ({"attention_type": "squared"}, f"names attention_type 'squared'; known types: softmax, mamba, linear, "),
+    ({"attention_type": "squared"}, "names attention_type 'squared'; known types: softmax, mamba, linear, "),
     ({"attention_type": None, "mlp_type": "relu"}, "names mlp_type 'relu'; allowed: normal, gelu"),
     ({"rms_norm_eps": -1}, "has rms_norm_eps -1; it must be a number between 0 and 1"),
     ({"tie_word_embeddings": "yes"}, "is not a valid model config: Validation error for field 'tie_word_embeddings': "),

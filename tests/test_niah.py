@@ -4,23 +4,19 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 from GPT_Trainer.data import load_tokenizer
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA
-from GPT_Trainer.modeling import get_model
 from niah_and_hs import niah, niah_heatmap
+
+from helpers import tiny_two_layer_model
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A randomly initialised tiny 2Mamba saved as the trainer does: save_pretrained + tokenizer files."""
     path = tmp_path_factory.mktemp("models") / "tiny_2mamba"
-    tokenizer = load_tokenizer(None)
-    torch.manual_seed(0)
-    model = get_model("tiny", 512, len(tokenizer), TWO_MAMBA)
-    model.config.num_hidden_layers = 2
-    model.model.layers = model.model.layers[:2]
+    model, tokenizer = tiny_two_layer_model(512)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernel import attention_reference, power_attention
-from kernel.power import power_attention_naive, state_scan, state_size
+from kernel.power import power_attention_naive, state_scan
 
 interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test on CPU tensors")
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from kernel.attention import attention
-from kernel.reference import attention_reference
 
 POWERS = ["1", "2", "exp"]
 NAMES = ["o", "dq", "dk", "dv", "dg"]

@@ -1,0 +1,16 @@
+"""Small builders shared by several test modules."""
+import torch
+
+from GPT_Trainer.data import load_tokenizer
+from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA
+from GPT_Trainer.modeling import get_model
+
+
+def tiny_two_layer_model(max_len: int, attention_type: str = TWO_MAMBA):
+    """(a randomly initialised 2-layer tiny model, the built-in tokenizer), seeded."""
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = get_model("tiny", max_len, len(tokenizer), attention_type)
+    model.config.num_hidden_layers = 2
+    model.model.layers = model.model.layers[:2]
+    return model, tokenizer
