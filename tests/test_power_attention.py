@@ -48,6 +48,12 @@ def stateful_grads(fn, tensors, power, **kw):
     return grads(call, tensors)
 
 
+def assert_rel_close(got, ref, tol):
+    """Every tensor of `got` within `tol` of its float64 counterpart in `ref` (relative norm)."""
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) < tol, f"output/gradient {i}: relative error {rel_err(a, b):.2e}"
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -156,8 +162,7 @@ def test_chunk_triton_interpreter(power, has_state):
     outs, gs = stateful_grads(power_attention, tensors(torch.float32), power, algorithm="chunk", chunk_size=8,
                               backend="triton")
     routs, rgs = stateful_grads(power_attention_naive, tensors(torch.float64), power)
-    for a, b in zip(outs + gs, routs + rgs):
-        assert rel_err(a, b) < 2e-5
+    assert_rel_close(outs + gs, routs + rgs, 2e-5)
 
 
 @interpreter
@@ -169,14 +174,13 @@ def test_state_scan_triton_matches_torch():
     outs, gs = grads(lambda u, l, h: state_scan(u, l, h, backend="triton"), (u, log_decay, h0))
     routs, rgs = grads(lambda u, l, h: state_scan(u, l, h, backend="torch"), (u.double(), log_decay.double(),
                                                                               h0.double()))
-    for a, b in zip(outs + gs, routs + rgs):
-        assert rel_err(a, b) < 1e-6
+    assert_rel_close(outs + gs, routs + rgs, 1e-6)
 
 
 @interpreter
 @pytest.mark.parametrize("power", ["1", "2"])
 def test_recurrent_step_kernel(power):
-    """Decoding token by token with the fused Triton step == the chunked form over the whole sequence."""
+    """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence."""
     B, H, N, d, dv = 2, 2, 6, 8, 6
     q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))
     ref, ref_state = power_attention_naive(q.double(), k.double(), v.double(), g.double(), power=power,
@@ -211,8 +215,7 @@ def test_gpu_chunk_bf16(power, N):
 
     outs, gs = stateful_grads(power_attention, tensors(torch.bfloat16), power, algorithm="chunk")
     routs, rgs = stateful_grads(power_attention_naive, tensors(torch.float64), power)
-    for a, b in zip(outs + gs, routs + rgs):
-        assert rel_err(a, b) < 1e-2
+    assert_rel_close(outs + gs, routs + rgs, 1e-2)
 
 
 @gpu
@@ -243,8 +246,7 @@ def test_fused_feature_products(T, C, d, E):
     for fn, args in ((feature_outer, (a, b)), (feature_apply, (a, m))):
         outs, gs = grads(lambda *t: fn(*t, power="2", fused=True), args)
         routs, rgs = grads(lambda *t: fn(*t, power="2", fused=False), [t.double() for t in args])
-        for x, r in zip(outs + gs, routs + rgs):
-            assert rel_err(x, r) < 1e-5
+        assert_rel_close(outs + gs, routs + rgs, 1e-5)
 
 
 def test_inplace_updates_the_given_state():
