@@ -59,6 +59,7 @@ class ModelSize:
 
 MODEL_SIZES = {
     "tiny": ModelSize(128, 256, 4, 4),
+    "mini": ModelSize(512, 1024, 8, 8),
     "small": ModelSize(1024, 2048, 16, 20),
     "medium": ModelSize(1536, 3072, 24, 27),
     "medium_wide": ModelSize(1536, 3072, 24, 20),
