@@ -92,7 +92,7 @@ class Trainer:
       `lr` = the schedule's value at s; plus our additions `loss_all_ranks` (token-weighted mean over every
       rank's tokens since the last log), `tokens_per_s`, `data_wait_ms` (mean wait for the next batch),
       `nonfinite_steps`;
-    - at every step s > 0 with s % num_steps_test == 0: `test_loss` = mean over test batches of each batch's
+    - at every step s > 0 with s % num_steps_test == 0, and at the last step: `test_loss` = mean over test batches of each batch's
       mean token loss, averaged over ranks; `test_perplexity` = mean over batches of exp(batch loss); plus
       `test_loss_token_weighted`.
     """
@@ -195,6 +195,15 @@ class Trainer:
             f"The last batch of each rank is saved as {os.path.join(run_dir, 'nonfinite_batch_step*_rank*.pt')}"
         )
 
+    def _log_test(self, step: int, bar) -> None:
+        metrics = self.evaluate(step)
+        if metrics is None:
+            return
+        if self.logger:
+            self.logger.log(step, metrics)
+        if self.dist.is_main:
+            bar.write(f"step {step}: test_loss {metrics['test_loss']:.4f}, test_perplexity {metrics['test_perplexity']:.2f}")
+
     def train(self) -> bool:
         """Train to the stop step; True when a checkpoint was saved (False: nothing was left to train)."""
         args = self.args
@@ -246,14 +255,9 @@ class Trainer:
                 window_loss, window_steps, window_tokens, window_token_loss, window_wait = 0.0, 0, 0, 0.0, 0.0
                 window_finite_tokens = 0
                 window_start = time.time()
-            if args.test_loss and step > 0 and step % args.num_steps_test == 0:
-                metrics = self.evaluate(step)
-                if metrics is not None:
-                    if self.logger:
-                        self.logger.log(step, metrics)
-                    if self.dist.is_main:
-                        bar.write(f"step {step}: test_loss {metrics['test_loss']:.4f}, "
-                                  f"test_perplexity {metrics['test_perplexity']:.2f}")
+            # The final model is always evaluated, so a run's last test loss is that of the weights it saves.
+            if args.test_loss and step > 0 and (step % args.num_steps_test == 0 or self.step == stop):
+                self._log_test(step, bar)
             if self.step % args.num_save_steps == 0:
                 self.save()
                 saved_step = self.step

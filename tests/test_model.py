@@ -35,7 +35,7 @@ def test_unknown_attention_type_lists_valid_names():
 
 
 def test_unknown_model_size_lists_sizes():
-    with pytest.raises(ValueError, match="valid sizes: tiny, small"):
+    with pytest.raises(ValueError, match="valid sizes: tiny, mini, small"):
         get_model("huge", 64, VOCAB, TWO_MAMBA)
 
 
