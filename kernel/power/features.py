@@ -40,22 +40,40 @@ def _dot(x, y, IEEE: tl.constexpr):
 # steps use half-width tiles (SPLIT = BLOCK_D / 2): a quarter of the products saved.
 
 @triton.jit
+def _load_rows(PTR, t_, c, cmask, C, cols, W, W1):
+    """Rows c, columns cols (< W1) of block t_ of a [T, C, W] tensor."""
+    return tl.load(PTR + t_ * C * W + c[:, None] * W + cols[None, :], mask=cmask[:, None] & (cols[None, :] < W1),
+                   other=0.0)
+
+
+@triton.jit
+def _outer_rows(a, ai, b, i, j, IEEE: tl.constexpr):
+    """Rows (i, j) of phi(a)^T b for one block of tokens: a [C, BLOCK_J] (float32), ai [C], b [C, E]."""
+    p = a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :]
+    return _dot(tl.trans(p.to(b.dtype)), b, IEEE)
+
+
+@triton.jit
 def _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+                BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                IEEE: tl.constexpr):
     j = J0 + tl.arange(0, BLOCK_J)
+    c = tl.arange(0, BLOCK_C)
+    if ONE_BLOCK:  # the chunk is one block of tokens: a and b are loaded once for all BLOCK_I steps
+        a = _load_rows(A, t_, c, c < C, C, j, D, D).to(tl.float32)
+        b = _load_rows(B, t_, c, c < C, C, e, E, E1)
     for ii in range(BLOCK_I):
         i = i0 + ii
-        out = tl.zeros([BLOCK_J, BLOCK_E], tl.float32)
-        for c0 in range(0, C, BLOCK_C):  # blocks of tokens: any chunk length fits in shared memory
-            c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < C
-            a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
-                        other=0.0).to(tl.float32)
-            b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1),
-                        other=0.0)
-            ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask & (i < D), other=0.0).to(tl.float32)
-            p = a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :]
-            out += _dot(tl.trans(p.to(b.dtype)), b, IEEE)
+        if ONE_BLOCK:
+            ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0).to(tl.float32)
+            out = _outer_rows(a, ai, b, i, j, IEEE)
+        else:  # a longer chunk (a stateful prefill) in blocks of tokens, so that it fits in shared memory
+            out = tl.zeros([BLOCK_J, BLOCK_E], tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cb = c0 + c
+                a_blk = _load_rows(A, t_, cb, cb < C, C, j, D, D).to(tl.float32)
+                ai = tl.load(A + t_ * C * D + cb * D + i, mask=(cb < C) & (i < D), other=0.0).to(tl.float32)
+                out += _outer_rows(a_blk, ai, _load_rows(B, t_, cb, cb < C, C, e, E, E1), i, j, IEEE)
         rows = _segment(i, D) + j
         mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E1)
         tl.store(OUT + t_ * NF * E + rows[:, None] * E + e[None, :], out.to(OUT.dtype.element_ty), mask=mask)
@@ -63,18 +81,19 @@ def _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, J0: tl.constexpr, BLOCK_J: t
 
 @triton.jit
 def _outer_kernel(A, B, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr):
+                  SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                  IEEE: tl.constexpr):
     """Columns [E0, E1) of phi(a)^T b for BLOCK_I values of i."""
     t_ = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_I
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     if SPLIT < BLOCK_D:
         if i0 >= SPLIT:
-            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_E, BLOCK_I, IEEE)
+            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_E, BLOCK_I, ONE_BLOCK, IEEE)
         else:
-            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, IEEE)
+            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, ONE_BLOCK, IEEE)
     else:
-        _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, IEEE)
+        _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, ONE_BLOCK, IEEE)
 
 
 @triton.jit
@@ -112,10 +131,9 @@ def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.cons
 
 
 @triton.jit
-def _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
-    """[C, j] block of dy[:, E0:E1] m[rows, E0:E1]^T."""
+def _grad_rows(M, dy, t_, rows, rmask, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    """[C, j] block of dy m[rows, E0:E1]^T, dy the [C, BLOCK_E] columns E0:E1 of d y."""
     e = E0 + tl.arange(0, BLOCK_E)
-    dy = tl.load(DY + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & (e[None, :] < E1), other=0.0)
     m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :], mask=rmask[:, None] & (e[None, :] < E1), other=0.0)
     return _dot(dy, tl.trans(m), IEEE)
 
@@ -126,17 +144,19 @@ def _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, I0, I1, J0: tl.constexp
                IEEE: tl.constexpr):
     """The steps i in [I0, I1): their contributions to da[:, J0:J0 + BLOCK_J], where all their j >= i lie."""
     j = J0 + tl.arange(0, BLOCK_J)
-    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
-                other=0.0).to(tl.float32)
+    a = _load_rows(A, t_, c, cmask, C, j, D, D).to(tl.float32)
+    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN)  # the same for every i
+    if BLOCK_TAIL > 0:
+        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E)
     da = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
     for i in range(I0, I1):
         ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
         rows = _segment(i, D) + j
         rmask = (j >= i) & (j < D)
         # d loss / d phi_(i, j) (0 for j < i)
-        g = _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
+        g = _grad_rows(M, dy, t_, rows, rmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
         if BLOCK_TAIL > 0:
-            g += _grad_rows(M, DY, t_, c, cmask, rows, rmask, C, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
+            g += _grad_rows(M, dy_tail, t_, rows, rmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
         da_i = tl.sum(g * a * tl.where(j == i, 2.0, SQRT2)[None, :], axis=1)
         da += tl.where(j[None, :] > i, SQRT2 * g * ai[:, None], 0.0)
         da += tl.where(j[None, :] == i, da_i[:, None], 0.0)
@@ -194,13 +214,14 @@ def _outer(a, b):
     E = b.shape[-1]
     nf = d * (d + 1) // 2
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
+    block_c = _block(C, 128)
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(e1 - e0, block_e))
         block_d = _block(d, 1 << 30)
-        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=_block(C, 128), BLOCK_D=block_d,
-                            SPLIT=_split(block_d), BLOCK_E=block_e, BLOCK_I=BLOCK_I, IEEE=a.dtype == torch.float32,
-                            num_warps=8)
+        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=block_c, BLOCK_D=block_d,
+                            SPLIT=_split(block_d), BLOCK_E=block_e, BLOCK_I=BLOCK_I, ONE_BLOCK=C <= block_c,
+                            IEEE=a.dtype == torch.float32, num_warps=8)
     return out
 
 
