@@ -152,7 +152,10 @@ def main(argv=None) -> int:
         if args.labels:
             raise UserError("--labels needs results files (the paper's figure has its own labels)")
         table, default_out = paper_table(), os.path.join(RESULTS_DIR, "niah_heatmap_paper")
-    for path in save_svg_and_png(heatmap_figure(*table), args.out or default_out):
+    out = args.out or default_out
+    if os.path.splitext(out)[1].lower() in (".png", ".svg"):  # both are written; the stem names them
+        out = os.path.splitext(out)[0]
+    for path in save_svg_and_png(heatmap_figure(*table), out):
         print(f"wrote {path}")
     return 0
 

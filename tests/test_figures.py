@@ -664,3 +664,26 @@ def test_heatmap_bad_results_file_is_one_line(tmp_path, capsys, content, message
     assert cli.run(niah_heatmap.main, [str(tmp_path / "r.json"), "--out", str(tmp_path / "x")], prog="h") == 1
     one_line_error(capsys, f"h: error: {tmp_path / 'r.json'}", message)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_heatmap_out_with_an_image_extension_names_both_files(tmp_path):
+    ours = niah_result(tmp_path / "mine.json", TWO_MAMBA, {1024: 1.0})
+    assert cli.run(niah_heatmap.main, [str(ours), "--out", str(tmp_path / "map.png")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("map*")) == ["map.png", "map.svg"]
+
+
+def test_the_shipped_reproduction_renders_from_its_group_file(tmp_path):
+    """docs/results: its group file renders the five runs with no --map, and the table's test column is each
+    run's last logged test loss (read here straight from metrics.jsonl)."""
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    out = tmp_path / "figures"
+    assert run_main("--source", "local", "--runs_dir", results, "--definitions", results / "groups.json",
+                    "--only", "docs_mini_2048", "--out", out) == 0
+    rows = table_rows((out / "docs_mini_2048" / "table.txt").read_text())
+    assert list(rows) == ["Softmax", "2Mamba", "2Mamba-E", "Mamba-2", "Linear"]
+    for label, folder in zip(rows, ("softmax", "2mamba", "2mamba_e", "mamba", "linear")):
+        lines = [json.loads(line) for line in (results / folder / "metrics.jsonl").read_text().splitlines()]
+        last_test = [r["test_loss"] for r in lines if "test_loss" in r][-1]
+        assert cell_value(rows[label][1]) == round(last_test, 3)
+    shipped = (results / "figures" / "docs_mini_2048" / "table.txt").read_text()
+    assert (out / "docs_mini_2048" / "table.txt").read_text() == shipped

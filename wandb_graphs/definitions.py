@@ -37,9 +37,6 @@ class Group:
     train_file: str
     test_title: str
     test_file: str
-    project_entity: str
-    project_name: str
-    last_step_num: int
     x_axis_rename: str
     plot_axis_names: bool
     train_metric: str
@@ -50,6 +47,10 @@ class Group:
     table_filename: str
     bold_best: bool
     num_decimals: int
+    # where the runs live on wandb; a group of local runs only (docs/results/groups.json) has none
+    project_entity: str | None = None
+    project_name: str | None = None
+    last_step_num: int | None = None
 
     @property
     def train(self) -> Panel:

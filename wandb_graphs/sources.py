@@ -107,6 +107,9 @@ class WandbSource:
         return "wandb"
 
     def history(self, group: Group, run: Run) -> History | None:
+        if group.project_entity is None or group.project_name is None or group.last_step_num is None:
+            raise SourceError(f"group {group.name!r} names no wandb project (project_entity, project_name, "
+                              "last_step_num); render it with --source local")
         project = f"{group.project_entity}/{group.project_name}"
         try:
             api_run = self._find_run(project, run.run_id)
