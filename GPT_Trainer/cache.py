@@ -106,8 +106,8 @@ class KVState:
     def step(self, k, v, a=None):
         """Write one token at `position` (no host value is read: the same kernels at every position); returns
         (k, v, a) over all capacity slots, of which `valid` marks those to attend to."""
-        self.k.index_copy_(2, self.position, k)
-        self.v.index_copy_(2, self.position, v)
+        self.k.index_copy_(2, self.position, k.to(self.k.dtype))  # as the prompt's slice assignment casts
+        self.v.index_copy_(2, self.position, v.to(self.v.dtype))
         if a is not None:
             self.a.index_copy_(2, self.position, a)
             self.a_last.copy_(a)

@@ -144,6 +144,19 @@ def test_fixed_shape_kv_step_matches_full_recompute(attention_type, monkeypatch)
         model(ids, attention_mask=mask, past_key_values=model.new_cache(longest - 1))
 
 
+@pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA_E])
+@torch.no_grad()
+def test_kv_step_reads_no_device_value_on_the_host(attention_type):
+    """What a CUDA-graph capture needs of the step: torch.compile's tracer follows the whole one-token forward
+    of a left-padded batch's cache as one graph, which an .item(), int(tensor) or bool(tensor) would break."""
+    model = tiny_model(attention_type)
+    ids = torch.tensor(random_prompts([6, 6]))
+    cache = model.new_cache(12)
+    model(ids, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]), past_key_values=cache)
+    explained = torch._dynamo.explain(lambda token: model.lm_head(model.model(token, cache)))(ids[:, -1:])
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_state_size_does_not_grow_with_context():
     """2Mamba's cache has one size for any context (S, z, conv rows); the softmax KV cache grows by 2 N d."""
     sizes = {}
