@@ -156,33 +156,46 @@ def cached_causal_conv(x, weight, bias=None, conv_state=None):
     return y
 
 
-def masked_attention(q, k, v, *, valid=None, decay=None, normalize=True, scale=None):
-    """Attention of the n newest of L tokens over all L (a KV cache, or a left-padded batch).
+def causal_mask(n, valid):
+    """Which of L tokens each of the n newest sees ([B, 1, n, L] bool, valid [B, L] False at left padding):
+    itself and the earlier tokens that are not padding (a padding query sees only itself, so every row of
+    the attention stays finite)."""
+    length = valid.shape[1]
+    q_pos = torch.arange(length - n, length, device=valid.device)[:, None]
+    k_pos = torch.arange(length, device=valid.device)
+    return (k_pos <= q_pos) & (valid[:, None, None, :] | (k_pos == q_pos))
 
-    q [B, H, n, d]; k, v [B, H, L, d]; valid [B, L] bool, False at left padding (a padding query sees only
-    itself, so every row stays finite); decay (a_q [B, H, n], a_k [B, H, L]) cumulative log decays in float64,
-    adding a_i - a_j to the score. normalize: softmax over the keys; otherwise the exp-type weights
-    exp(s + a_i - a_j) without normalisation.
+
+def kv_context(k, v, a, entry, padding):
+    """What n new tokens (k, v [B, H, n, d]; a [B, H, n] their cumulative log decay or None) attend to:
+    (keys, values, key decays, allowed [B, 1, n, L] bool), after writing them into the cache entry (KVState,
+    or None). allowed None: the tokens are the whole causal context (a fresh unpadded prompt), for the fused
+    kernels. A one-token step takes the fixed-shape path: all capacity slots, the entry's mask."""
+    n = k.shape[2]
+    if entry is None:
+        return k, v, a, None if padding is None else causal_mask(n, padding)
+    if n == 1 and padding is None:
+        keys, values, a_keys = entry.step(k, v, a)
+        return keys, values, a_keys, entry.valid[:, None, None, :]
+    fresh = entry.length == n
+    keys, values, a_keys, valid = entry.append(k, v, a, padding)
+    return keys, values, a_keys, None if fresh and padding is None else causal_mask(n, valid)
+
+
+def masked_attention(q, k, v, allowed, *, decay=None, normalize=True, scale=None):
+    """Attention of n queries over L keys (a KV cache, or a left-padded batch).
+
+    q [B, H, n, d]; k, v [B, H, L, d]; allowed [B or 1, 1, n, L] bool: the keys each query sees (at least
+    one per row); decay (a_q [B, H, n], a_k [B, H, L]) cumulative log decays in float64, adding a_i - a_j to
+    the score. normalize: softmax over the keys; otherwise the exp-type weights exp(s + a_i - a_j) without
+    normalisation.
     """
-    n, length = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bias = None
-    if decay is not None:
-        a_q, a_k = decay
-        bias = (a_q[..., :, None] - a_k[..., None, :]).float()  # [B, H, n, L]
-    if n > 1 or valid is not None:  # one unpadded query sees every key: no mask
-        q_pos = torch.arange(length - n, length, device=q.device)[:, None]
-        k_pos = torch.arange(length, device=q.device)
-        allowed = k_pos <= q_pos  # [n, L]
-        if valid is not None:
-            allowed = allowed & (valid[:, None, None, :] | (k_pos == q_pos))  # [B, 1, n, L]
-        bias = torch.zeros(allowed.shape, device=q.device) if bias is None else bias
-        bias = bias.masked_fill(~allowed, float("-inf"))
+    score_bias = 0.0 if decay is None else (decay[0][..., :, None] - decay[1][..., None, :]).float()  # [B, H, n, L]
+    bias = torch.where(allowed, score_bias, float("-inf"))
     if normalize:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
-    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
-    if bias is not None:
-        scores = scores + bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale + bias
     return (scores.exp() @ v.float()).to(q.dtype)
 
 
@@ -319,15 +332,13 @@ class GenericAttention(nn.Module):
     def _kv_core(self, q, k, v, g, entry, padding):
         """The exp types: the training op over a whole unpadded sequence, else attention over the KV cache."""
         a = None if g is None else g.double().cumsum(-1)
-        keys, values, a_keys, valid = k, v, a, padding
-        if entry is not None:
-            if a is not None:
-                a = a + entry.last_a()
-            keys, values, a_keys, valid = entry.append(k, v, a, padding)
-        if keys.shape[2] == q.shape[2] and valid is None:
+        if a is not None and entry is not None:
+            a = a + entry.a_last
+        keys, values, a_keys, allowed = kv_context(k, v, a, entry, padding)
+        if allowed is None:
             op = functools.partial(attention, power="exp", normalize=self.normalize)
             return _maybe_checkpoint(self.checkpoint_core and entry is None, op, q, k, v, g)
-        return masked_attention(q, keys, values, valid=valid, decay=None if a is None else (a, a_keys),
+        return masked_attention(q, keys, values, allowed, decay=None if a is None else (a, a_keys),
                                 normalize=self.normalize)
 
 
@@ -335,19 +346,14 @@ def rotary_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
 
 
-def rotary_cos_sin(freqs: torch.Tensor, offset: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [n, d] of the rotation angles of positions offset, offset+1, ... (float32)."""
-    pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
-    angles = (pos[:, None] * freqs.float()[None, :]).repeat_interleave(2, dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved-pair RoPE (channels (0,1), (2,3), ... rotate together) on x [B, H, N, d]."""
-    x_f = x.float()
-    pairs = x_f.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (x_f * cos + rotated * sin).to(x.dtype)
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair RoPE (channels (0,1), (2,3), ... rotate together) on x [B, N, ..., d] for the positions
+    [N] of its tokens (a tensor on x's device, so a step's position is never a host value); a pair is a
+    complex number turned by the angle position * freq (float32)."""
+    angles = positions.float()[:, None] * freqs.float()
+    turn = torch.polar(torch.ones_like(angles), angles).view(len(positions), *[1] * (x.dim() - 3), -1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -357,10 +363,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.freqs = nn.Parameter(rotary_frequencies(dim), requires_grad=False)
 
-    def forward(self, q, k, offset: int = 0):
-        """q and k [B, H, N, d] rotated for positions offset, offset+1, ... (one angle table for both)."""
-        cos, sin = rotary_cos_sin(self.freqs, offset, q.shape[-2], q.device)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    def forward(self, x, positions):
+        return apply_rotary(x, self.freqs, positions)
 
 
 class SoftmaxAttention(nn.Module):
@@ -379,11 +383,12 @@ class SoftmaxAttention(nn.Module):
     def new_cache(self, batch: int, device, dtype, capacity: int):
         return KVState.empty(batch, self.num_heads, self.head_dim, self.head_dim, capacity, device, dtype, decayed=False)
 
-    def project(self, h, offset: int = 0):
-        """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions offset, offset+1, ..."""
+    def project(self, h, positions):
+        """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions [N] (a device tensor)."""
         b, n, _ = h.shape
-        q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv_proj(h).chunk(3, -1))
-        return (*self.rotary_emb(q, k, offset), v)
+        qkv = self.qkv_proj(h).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k = self.rotary_emb(qkv[:, :, :2], positions).unbind(2)  # q and k turned in one go
+        return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
     def finish(self, o):
         b, _, n, _ = o.shape
@@ -395,13 +400,12 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, h, cache=None, padding=None):
         entry = None if cache is None else cache.entry(self.layer_idx, self, h)
-        q, k, v = self.project(h, 0 if entry is None else entry.length)
-        keys, values, valid = k, v, padding
-        if entry is not None:
-            keys, values, _, valid = entry.append(k, v, None, padding)
-        if keys.shape[2] == q.shape[2] and valid is None:
+        n = h.shape[1]
+        q, k, v = self.project(h, torch.arange(n, device=h.device) if entry is None else entry.positions(n))
+        keys, values, _, allowed = kv_context(k, v, None, entry, padding)
+        if allowed is None:
             return self.finish(_maybe_checkpoint(self.checkpoint_core and entry is None, self.core, q, k, v))
-        return self.finish(masked_attention(q, keys, values, valid=valid))
+        return self.finish(masked_attention(q, keys, values, allowed))
 
 
 def _mamba_dt_bias_init(n: int, dt_min=0.001, dt_max=0.1, floor=1e-4) -> torch.Tensor:

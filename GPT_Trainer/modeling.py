@@ -137,11 +137,12 @@ class TwoMambaForCausalLM(PreTrainedModel, GenerationMixin):
         return self
 
     def new_cache(self, max_length: int | None = None, batch_size: int | None = None) -> TwoMambaCache:
-        """An empty cache for `forward(..., past_key_values=cache)`; max_length: KV slots to allocate up front.
+        """An empty cache for `forward(..., past_key_values=cache)`; max_length: the tokens a KV cache holds
+        (allocated up front; more raise), None: KV caches grow as needed.
 
-        With batch_size, on CUDA and with `decode_with_cuda_graph`, a model whose layers all keep fixed-size
-        states gets its one-token step captured in a CUDA graph (GPT_Trainer/cuda_graph.py), replayed by
-        every later one-token forward on this cache (input_ids of shape [batch_size, 1])."""
+        With batch_size, on CUDA and with `decode_with_cuda_graph`, the one-token step is captured in a CUDA
+        graph (GPT_Trainer/cuda_graph.py), replayed by every later one-token forward on this cache (input_ids
+        of shape [batch_size, 1]); for a model with KV caches (softmax, exp types) only with max_length."""
         cache = TwoMambaCache(self.config.num_hidden_layers, max_length)
         if batch_size is not None and self.decode_with_cuda_graph and self.device.type == "cuda":
             from GPT_Trainer.cuda_graph import GraphStep

@@ -101,6 +101,62 @@ def test_generate_continues_a_cache_and_repeats_prompts(attention_type):
     assert model.new_cache(16, batch_size=2).step_graph is None
 
 
+@pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA_E])
+@torch.no_grad()
+def test_fixed_shape_kv_step_matches_full_recompute(attention_type, monkeypatch):
+    """The one-token KV-cache step that a CUDA graph captures (KVState.step: the slot and the RoPE position
+    read from the device, attention over every slot of the capacity under the cache's mask), run eagerly on
+    CPU: a left-padded batch in a cache of max_length = prompt + new tokens (as generate sizes it) gives, at
+    every step, the logits of each prompt alone recomputed in full (float32, rtol 1e-4, atol 1e-4 of the
+    largest) and its greedy tokens, while the slots not yet written hold junk that the mask must hide. A
+    token beyond max_length raises, in a step or in a prompt."""
+    calls = []
+    step = KVState.step
+    monkeypatch.setattr(KVState, "step", lambda self, *args: calls.append(1) or step(self, *args))
+    model = tiny_model(attention_type)
+    prompts = random_prompts([13, 4, 9])
+    longest, new = 13, 6
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = (ids > 0).long()  # prompt tokens are >= 3
+    cache = model.new_cache(longest + new, batch_size=len(prompts))
+    logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+    for entry in cache.layers:
+        assert entry.capacity == longest + new and entry.position.item() == longest
+        entry.k[:, :, longest:] = 1e3 * torch.randn_like(entry.k[:, :, longest:])
+        entry.v[:, :, longest:] = 1e3 * torch.randn_like(entry.v[:, :, longest:])
+        if entry.a is not None:
+            entry.a[:, :, longest:] = -1e5 * torch.rand_like(entry.a[:, :, longest:])
+    generated = [[] for _ in prompts]
+    for i in range(new + 1):
+        for row, prompt in enumerate(prompts):
+            assert_logits_close(logits[row], model(torch.tensor([prompt + generated[row]])).logits[0, -1])
+        if i == new:
+            break
+        token = logits.argmax(-1, keepdim=True)
+        for row in range(len(prompts)):
+            generated[row].append(token[row].item())
+        logits = model(token, past_key_values=cache).logits[:, -1]
+    assert len(calls) == new * len(cache.layers)
+    assert generated == [generate(model, None, [p], new, stop_at_eos=False, use_efficient=False)[0] for p in prompts]
+    with pytest.raises(ValueError, match=f"holds {longest + new} tokens and {longest + new} are filled, no room for 1 more"):
+        model(token, past_key_values=cache)
+    with pytest.raises(ValueError, match="no room for 13 more"):
+        model(ids, attention_mask=mask, past_key_values=model.new_cache(longest - 1))
+
+
+@pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA_E])
+@torch.no_grad()
+def test_kv_step_reads_no_device_value_on_the_host(attention_type):
+    """What a CUDA-graph capture needs of the step: torch.compile's tracer follows the whole one-token forward
+    of a left-padded batch's cache as one graph, which an .item(), int(tensor) or bool(tensor) would break."""
+    model = tiny_model(attention_type)
+    ids = torch.tensor(random_prompts([6, 6]))
+    cache = model.new_cache(12)
+    model(ids, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]), past_key_values=cache)
+    explained = torch._dynamo.explain(lambda token: model.lm_head(model.model(token, cache)))(ids[:, -1:])
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_state_size_does_not_grow_with_context():
     """2Mamba's cache has one size for any context (S, z, conv rows); the softmax KV cache grows by 2 N d."""
     sizes = {}
@@ -282,8 +338,8 @@ def test_mamba_ssm_cache_matches_full_recompute():
 @pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA, TWO_MAMBA_E, POWER1])
 @torch.no_grad()
 def test_bf16_cuda_decoding_matches_full_recompute(attention_type):
-    """bf16 on CUDA: the per-step logits of generate (CUDA-graph steps for the recurrent types, eager for the
-    KV-cache types) stay within 5% of the logit range of a full bf16 forward, and equal eager steps' to 1e-2."""
+    """bf16 on CUDA: the per-step logits of generate (CUDA-graph steps, KV-cache types included) stay within 5%
+    of the logit range of a full bf16 forward, and equal eager steps' to 1e-2 of the largest logit."""
     model = tiny_model(attention_type).cuda().to(torch.bfloat16)
     ids = torch.tensor(random_prompts([200, 200]), device="cuda")
 
@@ -298,3 +354,34 @@ def test_bf16_cuda_decoding_matches_full_recompute(attention_type):
     torch.testing.assert_close(steps, torch.stack(eager.logits, 1), rtol=0, atol=1e-2 * steps.abs().max().item())
     full = model(graphed.sequences[:, :-1]).logits[:, ids.shape[1] - 1:].float()
     assert (steps - full).abs().max() <= 0.05 * (full.max() - full.min())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA_E])
+@torch.no_grad()
+def test_bf16_cuda_graph_kv_step_matches_eager_on_a_ragged_batch(attention_type):
+    """The KV-cache step is captured too: on a left-padded batch in bf16 the graphed steps of generate give the
+    eager steps' tokens, and their logits to 1e-2 of the largest logit (the same kernels, replayed); a replay
+    past the cache's max_length raises instead of writing out of bounds."""
+    model = tiny_model(attention_type).cuda().to(torch.bfloat16)
+    assert model.new_cache(8, batch_size=3).step_graph is not None
+    prompts = random_prompts([150, 37, 90])
+    ids = torch.tensor([[0] * (150 - len(p)) + p for p in prompts], device="cuda")
+
+    def decode(cuda_graph):
+        model.decode_with_cuda_graph = cuda_graph
+        return model.generate(ids, attention_mask=(ids > 0).long(), max_new_tokens=16, do_sample=False,
+                              pad_token_id=0, eos_token_id=[], output_logits=True, return_dict_in_generate=True)
+
+    graphed, eager = decode(True), decode(False)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    steps = torch.stack(graphed.logits, 1)
+    torch.testing.assert_close(steps, torch.stack(eager.logits, 1), rtol=0, atol=1e-2 * steps.abs().max().item())
+
+    model.decode_with_cuda_graph = True
+    cache = model.new_cache(4, batch_size=1)
+    token = model(ids[:1, -3:], past_key_values=cache).logits[:, -1:].argmax(-1)
+    token = model(token, past_key_values=cache).logits.argmax(-1)  # the fourth token, replayed
+    assert cache.layers[0].position.item() == 4
+    with pytest.raises(ValueError, match="holds 4 tokens and 4 are filled"):
+        model(token, past_key_values=cache)
