@@ -179,8 +179,15 @@ def test_state_scan_triton_matches_torch():
 
 @interpreter
 @pytest.mark.parametrize("power", ["1", "2"])
-def test_recurrent_step_kernel(power):
-    """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence."""
+@pytest.mark.parametrize("tile,target", [(8192, 1024), (128, 1024), (128, 1)])
+def test_recurrent_step_kernel(power, tile, target, monkeypatch):
+    """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence;
+    with a small tile the state's rows span several blocks, split over programs (target 1024: one group per
+    block, the last one partial) or walked by one program per head (target 1)."""
+    from kernel.power import recurrent
+
+    monkeypatch.setattr(recurrent, "TILE", tile)
+    monkeypatch.setattr(recurrent, "TARGET_PROGRAMS", target)
     B, H, N, d, dv = 2, 2, 6, 8, 6
     q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))
     ref, ref_state = power_attention_naive(q.double(), k.double(), v.double(), g.double(), power=power,

@@ -1,8 +1,9 @@
 """Recurrent power attention: the one-token decode step as one fused Triton kernel.
 
 For a single new token (per head): M <- e^g M + phi(k) [v, 1]^T, [num, den] = phi(scale q)^T M, updated
-in place. One program per (head, block of state columns) walks the D feature rows in blocks, forming
-phi(k) and phi(q) on the fly from the index tables of kron (docs/math.md#linear-time-form). Longer inputs
+in place. One program per (head, group of feature rows) walks its rows in blocks of all dv + 1 columns,
+forming phi(k) and phi(q) on the fly from the index tables of kron (docs/math.md#linear-time-form); the
+groups' shares of [num, den] are summed after. Longer inputs
 and CPU tensors use the token loop of naive.py.
 """
 from __future__ import annotations
@@ -18,8 +19,9 @@ from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it
 from ..attention import resolve_backend
 from .naive import normalized, power_attention_naive, state_size
 
-BLOCK_D = 64
-BLOCK_E = 32
+# Enough programs to fill the GPU at batch 1: the state's rows are split into groups when B * H is small.
+TARGET_PROGRAMS = 1024
+TILE = 8192  # state entries one program holds at a time (BLOCK_D rows x BLOCK_E columns)
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,10 +36,13 @@ def _feature_tables(d: int, power: str, device: torch.device):
 
 
 @triton.jit
-def _step_kernel(Q, K, V, G, STATE, OUT, I, J, C, scale, D, E, d: tl.constexpr, dv: tl.constexpr,
+def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, d: tl.constexpr, dv: tl.constexpr,
                  SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Rows [g ROWS, (g + 1) ROWS) of one head's state, all E columns: a tile of BLOCK_D rows is one
+    contiguous stretch of memory. PART[bh, g] = this group's share of [num, den]."""
     bh = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    grp = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     v1 = tl.load(V + bh * dv + cols, mask=cols < dv, other=1.0).to(tl.float32)
     v1 = tl.where(cols < dv, v1, 1.0)
@@ -45,7 +50,7 @@ def _step_kernel(Q, K, V, G, STATE, OUT, I, J, C, scale, D, E, d: tl.constexpr, 
     if HAS_DECAY:
         decay = tl.exp(tl.load(G + bh).to(tl.float32))
     acc = tl.zeros([BLOCK_E], tl.float32)
-    for r0 in range(0, D, BLOCK_D):
+    for r0 in range(grp * ROWS, tl.minimum(grp * ROWS + ROWS, D), BLOCK_D):
         rows = r0 + tl.arange(0, BLOCK_D)
         rmask = rows < D
         i = tl.load(I + rows, mask=rmask, other=0)
@@ -61,7 +66,7 @@ def _step_kernel(Q, K, V, G, STATE, OUT, I, J, C, scale, D, E, d: tl.constexpr, 
         m = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v1[None, :]
         tl.store(ptrs, m, mask=mask)
         acc += tl.sum(fq[:, None] * m, axis=0)
-    tl.store(OUT + bh * E + cols, acc, mask=cmask)
+    tl.store(PART + (bh * tl.num_programs(1) + grp) * E + cols, acc, mask=cmask)
 
 
 def recurrent_step(q, k, v, g, state, *, power, scale):
@@ -70,13 +75,18 @@ def recurrent_step(q, k, v, g, state, *, power, scale):
     B, H, _, d = q.shape
     dv = v.shape[-1]
     D, E = state.shape[-2:]
-    out = torch.empty(B, H, 1, E, dtype=torch.float32, device=q.device)
+    block_e = triton.next_power_of_2(E)
+    block_d = max(16, min(triton.next_power_of_2(D), TILE // block_e))
+    row_blocks = triton.cdiv(D, block_d)
+    rows = triton.cdiv(row_blocks, min(row_blocks, triton.cdiv(TARGET_PROGRAMS, B * H))) * block_d
+    groups = triton.cdiv(D, rows)
+    part = torch.empty(B * H, groups, E, dtype=torch.float32, device=q.device)
     i, j, c = _feature_tables(d, power, q.device)
-    grid = (B * H, triton.cdiv(E, BLOCK_E))
-    _step_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous() if g is not None else q,
-                       state, out, i, j, c, float(scale), D, E, d=d, dv=dv, SQUARE=power == "2",
-                       HAS_DECAY=g is not None, BLOCK_D=BLOCK_D, BLOCK_E=BLOCK_E)
-    return out
+    _step_kernel[(B * H, groups)](q.contiguous(), k.contiguous(), v.contiguous(),
+                                  g.contiguous() if g is not None else q, state, part, i, j, c, float(scale), D, E,
+                                  rows, d=d, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None, BLOCK_D=block_d,
+                                  BLOCK_E=block_e)
+    return part.sum(1).view(B, H, 1, E)
 
 
 def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_state, output_final_state,
