@@ -188,10 +188,12 @@ def test_recurrent_step_kernel(power, tile, target, monkeypatch):
 
     monkeypatch.setattr(recurrent, "TILE", tile)
     monkeypatch.setattr(recurrent, "TARGET_PROGRAMS", target)
-    B, H, N, d, dv = 2, 2, 6, 8, 6
+    B, H, N, d, dv = 2, 3, 6, 8, 6
     q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))
     ref, ref_state = power_attention_naive(q.double(), k.double(), v.double(), g.double(), power=power,
                                            output_final_state=True)
+    # the projection's layout [B, N, H, .] seen as [B, H, N, .]: the step reads it through its strides
+    q, k, v, g = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, g))
     state, outs = None, []
     with torch.no_grad():
         for t in range(N):  # the first step starts from no state, later ones update theirs in place

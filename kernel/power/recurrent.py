@@ -36,31 +36,36 @@ def _feature_tables(d: int, power: str, device: torch.device):
 
 
 @triton.jit
-def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, d: tl.constexpr, dv: tl.constexpr,
-                 SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, H, sqb, sqh, skb, skh, svb, svh, sgb, sgh,
+                 d: tl.constexpr, dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """Rows [g ROWS, (g + 1) ROWS) of one head's state, all E columns: a tile of BLOCK_D rows is one
-    contiguous stretch of memory. PART[bh, g] = this group's share of [num, den]."""
+    contiguous stretch of memory. PART[bh, g] = this group's share of [num, den]. q, k, v and g are read
+    through their batch and head strides (views of the projection need no copy)."""
     bh = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
+    b, h = bh // H, bh % H
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
     cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
-    v1 = tl.load(V + bh * dv + cols, mask=cols < dv, other=1.0).to(tl.float32)
+    v1 = tl.load(V + b * svb + h * svh + cols, mask=cols < dv, other=1.0).to(tl.float32)
     v1 = tl.where(cols < dv, v1, 1.0)
     decay = 1.0
     if HAS_DECAY:
-        decay = tl.exp(tl.load(G + bh).to(tl.float32))
+        decay = tl.exp(tl.load(G + b * sgb + h * sgh).to(tl.float32))
     acc = tl.zeros([BLOCK_E], tl.float32)
     for r0 in range(grp * ROWS, tl.minimum(grp * ROWS + ROWS, D), BLOCK_D):
         rows = r0 + tl.arange(0, BLOCK_D)
         rmask = rows < D
         i = tl.load(I + rows, mask=rmask, other=0)
         c = tl.load(C + rows, mask=rmask, other=0.0)
-        fq = tl.load(Q + bh * d + i, mask=rmask, other=0.0).to(tl.float32) * scale * c
-        fk = tl.load(K + bh * d + i, mask=rmask, other=0.0).to(tl.float32) * c
+        fq = tl.load(Q + i, mask=rmask, other=0.0).to(tl.float32) * scale * c
+        fk = tl.load(K + i, mask=rmask, other=0.0).to(tl.float32) * c
         if SQUARE:
             j = tl.load(J + rows, mask=rmask, other=0)
-            fq *= tl.load(Q + bh * d + j, mask=rmask, other=0.0).to(tl.float32) * scale
-            fk *= tl.load(K + bh * d + j, mask=rmask, other=0.0).to(tl.float32)
+            fq *= tl.load(Q + j, mask=rmask, other=0.0).to(tl.float32) * scale
+            fk *= tl.load(K + j, mask=rmask, other=0.0).to(tl.float32)
         ptrs = STATE + bh * D * E + rows[:, None] * E + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         m = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v1[None, :]
@@ -82,10 +87,12 @@ def recurrent_step(q, k, v, g, state, *, power, scale):
     groups = triton.cdiv(D, rows)
     part = torch.empty(B * H, groups, E, dtype=torch.float32, device=q.device)
     i, j, c = _feature_tables(d, power, q.device)
-    _step_kernel[(B * H, groups)](q.contiguous(), k.contiguous(), v.contiguous(),
-                                  g.contiguous() if g is not None else q, state, part, i, j, c, float(scale), D, E,
-                                  rows, d=d, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None, BLOCK_D=block_d,
-                                  BLOCK_E=block_e)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    g_strides = (0, 0) if g is None else (g.stride(0), g.stride(1))
+    _step_kernel[(B * H, groups)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D, E, rows, H,
+                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                  *g_strides, d=d, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
+                                  BLOCK_D=block_d, BLOCK_E=block_e)
     return part.sum(1).view(B, H, 1, E)
 
 
