@@ -301,3 +301,19 @@ def test_reference_attention_on_gpu_matches_cpu():
     g = -torch.rand(1, 2, 64, dtype=torch.float64)
     gpu = attention_reference(*(t.cuda() for t in (q, k, v, g))).cpu()
     torch.testing.assert_close(gpu, attention_reference(q, k, v, g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_llamas(dtype):
+    """The block's RMSNorm == transformers' LlamaRMSNorm (float32 inside, the weight applied after the cast)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from GPT_Trainer.LlamaDecoderLayerClean import RMSNorm
+
+    gen = torch.Generator().manual_seed(3)
+    ours, theirs = RMSNorm(48), LlamaRMSNorm(48, eps=1e-5)
+    weight = torch.randn(48, generator=gen)
+    ours.weight.data.copy_(weight)
+    theirs.weight.data.copy_(weight)
+    x = (torch.randn(2, 5, 48, generator=gen) * 4).to(dtype)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
