@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
-from kernel import attention, causal_conv1d, power_attention
+from kernel import attention, causal_conv1d, causal_conv1d_step, power_attention
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,10 @@ def cached_causal_conv(x, weight, bias=None, conv_state=None):
     conv's zero padding), which then holds the last k-1 input rows. Without a state: the plain conv."""
     if conv_state is None:
         return causal_conv1d(x, weight, bias)
+    if x.shape[1] == 1:
+        return causal_conv1d_step(x, conv_state, weight, bias)
     window = torch.cat([conv_state, x], dim=1)
-    if x.shape[1] == 1:  # one token: a dot product with the window
-        y = torch.einsum("bkc,ck->bc", window, weight[:, 0].to(x.dtype))[:, None]
-        y = y if bias is None else y + bias.to(x.dtype)
-    else:
-        y = causal_conv1d(window, weight, bias)[:, conv_state.shape[1]:]
+    y = causal_conv1d(window, weight, bias)[:, conv_state.shape[1]:]
     conv_state.copy_(window[:, window.shape[1] - conv_state.shape[1]:])
     return y
 

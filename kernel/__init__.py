@@ -1,8 +1,8 @@
 """Attention-core math of 2Mamba: one public function per operation, reference beside the kernels."""
 from .attention import attention
-from .conv import causal_conv1d
+from .conv import causal_conv1d, causal_conv1d_step
 from .kron import kron
 from .power import power_attention
 from .reference import attention_reference
 
-__all__ = ["attention", "attention_reference", "causal_conv1d", "kron", "power_attention"]
+__all__ = ["attention", "attention_reference", "causal_conv1d", "causal_conv1d_step", "kron", "power_attention"]

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from kernel import attention, causal_conv1d
+from kernel import attention, causal_conv1d, causal_conv1d_step
 from kernel.kron import kron_reference
 from kernel.reference import attention_reference
 
@@ -119,6 +119,22 @@ def test_causal_conv_matches_definition(width):
             if src >= 0:
                 expected[:, t] += w[:, 0, i] * x[:, src]
     torch.testing.assert_close(causal_conv1d(x, w, bias), expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test on CPU tensors")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("width,has_bias", [(1, True), (2, True), (3, False), (4, True)])
+def test_conv_steps_continue_the_conv(backend, width, has_bias):
+    """Token by token from a zero state (the Triton kernel under the interpreter, 1500 channels: two blocks)
+    == the causal conv of the whole sequence; the state ends as the last width-1 inputs."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 7, 1500, generator=gen)
+    w = torch.randn(1500, 1, width, generator=gen)
+    bias = torch.randn(1500, generator=gen) if has_bias else None
+    state = torch.zeros(2, width - 1, 1500)
+    steps = torch.cat([causal_conv1d_step(x[:, t:t + 1], state, w, bias, backend=backend) for t in range(7)], dim=1)
+    torch.testing.assert_close(steps, causal_conv1d(x, w, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, x[:, 7 - (width - 1):])
 
 
 @pytest.mark.parametrize("d", [1, 4, 16, 64])
