@@ -179,8 +179,9 @@ def test_state_scan_triton_matches_torch():
 
 @interpreter
 @pytest.mark.parametrize("power", ["1", "2"])
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("tile,target", [(8192, 1024), (128, 1024), (128, 1)])
-def test_recurrent_step_kernel(power, tile, target, monkeypatch):
+def test_recurrent_step_kernel(power, normalize, tile, target, monkeypatch):
     """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence;
     with a small tile the state's rows span several blocks, split over programs (target 1024: one group per
     block, the last one partial) or walked by one program per head (target 1)."""
@@ -190,16 +191,17 @@ def test_recurrent_step_kernel(power, tile, target, monkeypatch):
     monkeypatch.setattr(recurrent, "TARGET_PROGRAMS", target)
     B, H, N, d, dv = 2, 3, 6, 8, 6
     q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))
+    k[0, 0, 0] = 0  # the first step of that head has no weight at all: den = 0, o = 0
     ref, ref_state = power_attention_naive(q.double(), k.double(), v.double(), g.double(), power=power,
-                                           output_final_state=True)
+                                           normalize=normalize, output_final_state=True)
     # the projection's layout [B, N, H, .] seen as [B, H, N, .]: the step reads it through its strides
     q, k, v, g = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, g))
     state, outs = None, []
     with torch.no_grad():
         for t in range(N):  # the first step starts from no state, later ones update theirs in place
             o, new_state = power_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], g[:, :, t:t + 1],
-                                           power=power, initial_state=state, output_final_state=True,
-                                           inplace=state is not None, backend="triton")
+                                           power=power, normalize=normalize, initial_state=state,
+                                           output_final_state=True, inplace=state is not None, backend="triton")
             assert state is None or new_state is state
             state = new_state
             outs.append(o)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import resolve_backend
-from .naive import normalized, power_attention_naive, state_size
+from .naive import power_attention_naive, state_size
 
 # Enough programs to fill the GPU at batch 1: the state's rows are split into groups when B * H is small.
 TARGET_PROGRAMS = 1024
@@ -74,9 +74,23 @@ def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, H, sqb, sq
     tl.store(PART + (bh * tl.num_programs(1) + grp) * E + cols, acc, mask=cmask)
 
 
-def recurrent_step(q, k, v, g, state, *, power, scale):
+@triton.jit
+def _finish_kernel(PART, OUT, GROUPS, E, dv, NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """o = num / den of one head from the groups' shares (0 where den = 0), in o's dtype."""
+    bh = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    total = tl.zeros([BLOCK_E], tl.float32)
+    for grp in range(GROUPS):
+        total += tl.load(PART + (bh * GROUPS + grp) * E + cols, mask=cols < E, other=0.0)
+    if NORMALIZE:
+        den = tl.sum(tl.where(cols == dv, total, 0.0), axis=0)
+        total = tl.where(den == 0.0, 0.0, total / tl.where(den == 0.0, 1.0, den))
+    tl.store(OUT + bh * dv + cols, total.to(OUT.dtype.element_ty), mask=cols < dv)
+
+
+def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
     """One token on the GPU: updates `state` ([B, H, D, dv + 1], float32, contiguous) in place and returns
-    the un-normalised [num, den] ([B, H, 1, dv + 1], float32)."""
+    o ([B, H, 1, dv], q's dtype): two kernels, the state update and the division."""
     B, H, _, d = q.shape
     dv = v.shape[-1]
     D, E = state.shape[-2:]
@@ -93,7 +107,9 @@ def recurrent_step(q, k, v, g, state, *, power, scale):
                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                   *g_strides, d=d, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
                                   BLOCK_D=block_d, BLOCK_E=block_e)
-    return part.sum(1).view(B, H, 1, E)
+    o = torch.empty(B, H, 1, dv, dtype=q.dtype, device=q.device)
+    _finish_kernel[(B * H,)](part, o, groups, E, dv, NORMALIZE=normalize, BLOCK_E=block_e)
+    return o
 
 
 def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_state, output_final_state,
@@ -112,6 +128,5 @@ def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_st
         state = initial_state
     else:
         state = initial_state.float().contiguous().clone()
-    total = recurrent_step(q, k, v, g, state, power=power, scale=scale)
-    o = normalized(total, normalize).to(q.dtype)
+    o = recurrent_step(q, k, v, g, state, power=power, scale=scale, normalize=normalize)
     return (o, state) if output_final_state else o
