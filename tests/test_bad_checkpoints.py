@@ -162,7 +162,7 @@ def test_config_pt_alone_with_a_bad_model_size(run_dir, capsys):
     os.remove(run_dir / "config.json")
     torch.save({"attention_type": TWO_MAMBA, "model_size": "huge"}, run_dir / "config.pt")
     line = infer_fails(run_dir, capsys)
-    assert f"{run_dir / 'config.pt'} has model_size 'huge'" in line and "among tiny, small" in line
+    assert f"{run_dir / 'config.pt'} has model_size 'huge'" in line and "among tiny, mini, small" in line
 
 
 def test_integer_weights_are_refused(run_dir, capsys):

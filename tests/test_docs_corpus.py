@@ -11,7 +11,7 @@ from GPT_Trainer import docs_corpus as dc
 from GPT_Trainer import train
 from GPT_Trainer.cli import UserError
 from GPT_Trainer.data import TokenWindows, load_token_dataset, load_tokenizer
-from test_train import read_metrics, tiny_args  # pytest puts tests/ (no __init__.py) on sys.path
+from test_train import read_metrics, resumed_metrics, tiny_args  # pytest puts tests/ (no __init__.py) on sys.path
 
 WORDS = ("the system reads each file and writes a short report about what it found before the next step begins "
          "when users open a window they see the list of packages with their names versions and sizes").split()
@@ -125,7 +125,7 @@ def test_train_py_trains_on_the_token_files_and_resumes_exactly(corpus, tmp_path
     train.main(tiny_args(tmp_path / "part", "softmax", num_steps_early_stop=3, **flags))
     train.main(tiny_args(tmp_path / "part", "softmax", num_steps_early_stop=6, load_checkpoint=True, num_workers=1,
                          **flags))
-    full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    full, part = read_metrics(tmp_path / "full"), resumed_metrics(tmp_path / "part", 2)
     assert [r["step"] for r in full] == [r["step"] for r in part] and any("test_loss" in r for r in full)
     for a, b in zip(full, part):
         for key in ("loss", "test_loss"):

@@ -40,6 +40,15 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def resumed_metrics(run_dir, stopped_at):
+    """metrics.jsonl of a run stopped after step `stopped_at` and resumed, less the one test evaluation its
+    first launch made of the model it stopped with (an uninterrupted run has none at that step)."""
+    records = read_metrics(run_dir)
+    launch_end = [r for r in records if r["step"] == stopped_at and "test_loss" in r]
+    assert len(launch_end) == 1
+    return [r for r in records if r is not launch_end[0]]
+
+
 def train_losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
@@ -76,12 +85,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     # resumed with DataLoader workers prefetching ahead: still exactly the batches of the uninterrupted run
     train.main(tiny_args(tmp_path / "part", num_steps=6, num_steps_early_stop=6, num_steps_test=3, load_checkpoint=True,
                          num_workers=2))
-    full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
-    # the interrupted launch evaluated its last model (step 2) too; the rest was appended to metrics.jsonl
-    extra = [r for r in part if r["step"] == 2 and "test_loss" in r]
-    assert len(extra) == 1 and [r["step"] for r in full if "test_loss" in r] == [3, 5]
-    part = [r for r in part if r is not extra[0]]
-    assert [r["step"] for r in part] == [r["step"] for r in full]
+    full, part = read_metrics(tmp_path / "full"), resumed_metrics(tmp_path / "part", 2)
+    assert [r["step"] for r in full if "test_loss" in r] == [3, 5]  # every num_steps_test, and the last step
+    assert [r["step"] for r in part] == [r["step"] for r in full]  # the resumed run appended to metrics.jsonl
     for a, b in zip(full, part):
         for key in ("loss", "lr", "test_loss", "test_perplexity", "loss_all_ranks"):
             assert a.get(key) == b.get(key), (a, b)
