@@ -21,5 +21,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     xt = x.transpose(1, 2)
     if causal_conv1d_fn is not None and x.is_cuda and 2 <= width <= 4:
         return causal_conv1d_fn(xt, weight[:, 0], bias).transpose(1, 2)
-    y = F.conv1d(xt, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=width - 1, groups=channels)
-    return y[..., : x.shape[1]].transpose(1, 2)
+    # Zero rows on the left only: y is [B, C, N] itself, so the [B, N, C] view returned has feature stride N
+    # (not N + k - 1: aligned for the attention kernels, which read it with its strides). The pad is the copy
+    # that conv1d would make of the transposed input anyway.
+    y = F.conv1d(F.pad(xt, (width - 1, 0)), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                 groups=channels)
+    return y.transpose(1, 2)
