@@ -4,16 +4,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import resolve_backend
+
 try:  # optional CUDA extension (Dao-AILab/causal-conv1d)
     from causal_conv1d import causal_conv1d_fn
 except ImportError:
     causal_conv1d_fn = None
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
     """y_t = bias + sum_i weight[:, 0, i] * x_{t-k+1+i} with zero left padding.
 
     x: [B, N, C]; weight: [C, 1, k] (nn.Conv1d's depthwise layout); bias: [C] or None. Returns [B, N, C].
+    backend as for attention (kernel/attention.py): "triton" runs kernel/triton_conv.py in the [B, N, C]
+    layout (contiguous y), "torch" nn.functional.conv1d; the causal-conv1d extension first when installed.
     """
     channels, _, width = weight.shape
     if x.shape[-1] != channels:
@@ -21,6 +26,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     xt = x.transpose(1, 2)
     if causal_conv1d_fn is not None and x.is_cuda and 2 <= width <= 4:
         return causal_conv1d_fn(xt, weight[:, 0], bias).transpose(1, 2)
+    if resolve_backend(backend, x) == "triton":
+        from .triton_conv import triton_causal_conv1d
+
+        return triton_causal_conv1d(x, weight, bias)
     # Zero rows on the left only: y is [B, C, N] itself, so the [B, N, C] view returned has feature stride N
     # (not N + k - 1: aligned for the attention kernels, which read it with its strides). The pad is the copy
     # that conv1d would make of the transposed input anyway.
