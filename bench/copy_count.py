@@ -55,8 +55,9 @@ def _numel(shape):
     return n
 
 
-def count_copies(fn):
-    """{(source op, pass): [calls, bytes]} of the aten::copy_ calls made by fn(), and the totals."""
+def count_copies(fn, batch, seq):
+    """{(source op, pass, per token): [calls, bytes]} of the aten::copy_ calls made by fn(); per token: the
+    copied tensor has the batch and token dims (an activation, not a parameter or its gradient)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         _mark_interpreter_launches()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -78,27 +79,32 @@ def count_copies(fn):
         backward = any(n.startswith("autograd::engine") for n in chain)
         shapes, dtypes = ev.input_shapes, ev.input_dtypes
         nbytes = sum(_numel(shapes[i]) * ELEMENT_SIZE.get(dtypes[i], 4) for i in (0, 1))
-        entry = table[(source, "bwd" if backward else "fwd")]
+        shape = shapes[0]
+        per_token = batch * seq in shape or (len(shape) > 1 and shape[0] == batch and seq in shape[1:])
+        entry = table[(source, "bwd" if backward else "fwd", per_token)]
         entry[0] += 1
         entry[1] += nbytes
     return dict(table)
 
 
-# Copies that are not the block's own: autocast's casts of the Linear weights (made inside aten::linear; few
-# bytes at real token counts) and, on a CPU only, the per-channel copies of the depthwise conv (cuDNN makes none).
-NOT_ACTIVATIONS = ("aten::linear", "aten::conv1d", "aten::convolution_backward")
+# On a CPU only: the per-channel copies inside the depthwise nn.functional.conv1d (cuDNN makes none).
+CPU_CONV = ("aten::conv1d", "aten::convolution_backward")
 
 
 def report(title, table, unit):
-    """Print the table; bytes also in units of `unit` bytes (one bf16 [B, N, hidden] activation)."""
+    """Print the table; bytes also in units of `unit` bytes (one bf16 [B, N, hidden] activation).
+
+    Totals: all copies; the activation copies (per token, what grows with the tokens of a step; the rest are
+    autocast's casts of parameters and of their gradients), without the CPU-only conv internals."""
     calls = sum(c for c, _ in table.values())
     nbytes = sum(b for _, b in table.values())
-    own = [(c, b) for (source, _), (c, b) in table.items() if source not in NOT_ACTIVATIONS]
+    own = [(c, b) for (source, _, per_token), (c, b) in table.items() if per_token and source not in CPU_CONV]
     own_calls, own_bytes = sum(c for c, _ in own), sum(b for _, b in own)
-    print(f"\n{title}: {calls} copy_ calls, {nbytes / 2**20:.2f} MiB moved = {nbytes / unit:.1f} x one bf16 "
-          f"[B, N, hidden]; without {', '.join(NOT_ACTIVATIONS)}: {own_calls} calls, {own_bytes / unit:.1f} x")
-    for (source, phase), (c, b) in sorted(table.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {phase} {source:<28} {c:>5} calls {b / 2**20:>9.2f} MiB {b / unit:>7.1f} x")
+    print(f"\n{title}: {calls} copy_ calls, {nbytes / 2**20:.2f} MiB moved; activation copies (without the CPU "
+          f"conv's internals): {own_calls} calls, {own_bytes / unit:.1f} x one bf16 [B, N, hidden]")
+    for (source, phase, per_token), (c, b) in sorted(table.items(), key=lambda kv: -kv[1][1]):
+        kind = "activation" if per_token else "parameter"
+        print(f"  {phase} {kind:<10} {source:<28} {c:>5} calls {b / 2**20:>9.2f} MiB {b / unit:>7.1f} x")
     return calls, nbytes
 
 
@@ -106,12 +112,13 @@ def block_pass(attention_type, batch, seq, hidden, heads, checkpoint):
     torch.manual_seed(0)
     block = GenericAttention(hidden, heads, attention_config(attention_type)).to(DEVICE)
     block.checkpoint_core = checkpoint
-    h = torch.randn(batch, seq, hidden, device=DEVICE, requires_grad=True)
+    h = torch.randn(batch, seq, hidden, device=DEVICE, requires_grad=True)  # fp32, as input_layernorm gives it
+    dout = torch.randn(batch, seq, hidden, device=DEVICE, dtype=torch.bfloat16)
 
     def run():
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             out = block(h)
-        out.float().square().mean().backward()
+        out.backward(dout.to(out.dtype))
 
     return run
 
@@ -137,8 +144,8 @@ def train_step(attention_type, batch, seq, model_size, vocab):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--type", choices=list(TYPES), default="2mamba")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=48, help="B*N (144) must not be a parameter dimension")
     parser.add_argument("--hidden", type=int, default=256, help="block only")
     parser.add_argument("--heads", type=int, default=4, help="block only (d = hidden / heads: 64 as in the small model)")
     parser.add_argument("--model_size", default="tiny", help="training step only")
@@ -151,11 +158,12 @@ def main(argv=None):
         run = block_pass(attention_type, args.batch, args.seq, args.hidden, args.heads, checkpoint=True)
         run()  # warm-up: autotuning, lazy initialisation
         report(f"block fwd+bwd ({args.type}, B={args.batch}, N={args.seq}, hidden={args.hidden}, H={args.heads}, "
-               f"bf16 autocast, checkpointed core)", count_copies(run), 2 * args.batch * args.seq * args.hidden)
+               f"bf16 autocast, checkpointed core)", count_copies(run, args.batch, args.seq),
+               2 * args.batch * args.seq * args.hidden)
     run = train_step(attention_type, args.batch, args.seq, args.model_size, args.vocab)
     run()
     report(f"training step ({args.type}, {args.model_size} model, B={args.batch}, N={args.seq}, bf16 autocast, "
-           f"activation checkpointing, AdamW)", count_copies(run),
+           f"activation checkpointing, AdamW)", count_copies(run, args.batch, args.seq),
            2 * args.batch * args.seq * get_model(args.model_size, args.seq, args.vocab, attention_type).config.hidden_size)
 
 

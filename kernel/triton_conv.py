@@ -14,9 +14,9 @@ import triton.language as tl
 
 from .triton_compat import INTERPRET
 
-# rows x channels per program (4 warps): 32 x 64 compiles for sm_90 without spills in the backward (64 x 128
-# spilled 4 KB, 64 x 64 40 B; checked offline with cuobjdump --dump-resource-usage). Small in the interpreter
-# so that tests cross block edges.
+# rows x channels per program (4 warps): 32 x 64 compiles for sm_90 without spills in either kernel (the
+# backward of 64 x 128 spills; checked offline with cuobjdump --dump-resource-usage). Small in the
+# interpreter so that tests cross block edges.
 BLOCK_N, BLOCK_C = (8, 16) if INTERPRET else (32, 64)
 
 
