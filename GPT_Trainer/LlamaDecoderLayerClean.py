@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
 from kernel import attention, causal_conv1d, causal_conv1d_step, power_attention
+from kernel.reference import bhnd_views
 
 
 @dataclass(frozen=True)
@@ -259,27 +260,25 @@ class GenericAttention(nn.Module):
         features = d * (d + 1) // 2 if cfg.power == "2" else d
         return RecurrentState(conv, torch.zeros(batch, self.num_heads, features, d + 1, device=device))
 
-    def _heads(self, x):  # [B, N, H*d] -> [B, H, N, d]
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
     def project(self, h, qkv):
-        """From the layer input h [B,N,D] and the (conv'd) qkv [B,N,3Hd]: q, k, v [B,H,N,d],
-        the per-token log decay g [B,H,N] (or None), the D residual and the Z gate (or None)."""
+        """From the layer input h [B,N,D] and the (conv'd) qkv [B,N,3Hd]: q, k, v as [B,N,H,d] views of qkv
+        (the layout the kernels take, so nothing is transposed or copied), the per-token log decay g [B,N,H]
+        (or None), the values the D residual multiplies (v before discretisation, or None) and the Z gate."""
         cfg = self.cfg
-        q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
+        b, n, _ = qkv.shape
+        q, k, v = (t.view(b, n, self.num_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
         dt = None
-        if cfg.uses_dt:
+        if cfg.uses_dt:  # softplus in fp32: dt and the decay go into a float64 cumsum over the sequence
             dt_in = self.dt_proj(h).float()
             if cfg.use_dt_bias:
                 dt_in = dt_in + self.dt_bias
-            dt = F.softplus(dt_in).transpose(1, 2)  # [B, H, N]
+            dt = F.softplus(dt_in)
         g = None
         if cfg.A_mask_type == "discretize":
-            g = -torch.exp(self.A_log.float())[None, :, None] * dt
+            g = -torch.exp(self.A_log.float()) * dt
         elif cfg.A_mask_type == "neg_softplus":
-            g = -F.softplus(self.A_mask_proj(h).float()).transpose(1, 2)
-        d_res = v * self.D[None, :, None, :].to(v.dtype) if cfg.use_D_res else None
+            g = -F.softplus(self.A_mask_proj(h).float())
+        v_res = v if cfg.use_D_res else None
         if cfg.value_disc_dtype == "dt":
             v = v * dt[..., None].to(v.dtype)
         if cfg.qk_activation_type == "relu":
@@ -287,18 +286,19 @@ class GenericAttention(nn.Module):
         elif cfg.qk_activation_type == "silu":
             q, k = F.silu(q), F.silu(k)
         z = F.silu(self.z_gate_proj(h)) if cfg.use_z_out_gate else None
-        return q, k, v, g, d_res, z
+        return q, k, v, g, v_res, z
 
-    def finish(self, o, d_res, z):
-        """o: [B, H, N, d] core output -> [B, N, D_model]."""
-        if d_res is not None:
-            o = o + d_res
-        b, _, n, _ = o.shape
-        o = o.transpose(1, 2).reshape(b, n, -1)
+    def finish(self, o, v_res, z):
+        """o: [B, N, H, d] core output (in the core's dtype: under autocast o_proj takes it as it is) ->
+        [B, N, D_model]."""
+        if v_res is not None:
+            o = torch.addcmul(o, v_res, self.D.to(o.dtype))  # the D residual, D [H, d] broadcast
+        b, n = o.shape[:2]
+        o = o.reshape(b, n, -1)
         if z is not None:
             o = o * z
         if self.cfg.norm_type == "output_norm":
-            o = self.out_norm(o)
+            o = self.out_norm(o.to(self.out_norm.weight.dtype))  # the norm in its parameters' precision
         return self.o_proj(o)
 
     def forward(self, h, cache=None, padding=None):
@@ -309,33 +309,39 @@ class GenericAttention(nn.Module):
         qkv = self.qkv_proj(h)
         if self.cfg.use_in_conv:
             qkv = cached_causal_conv(qkv, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.conv)
-        q, k, v, g, d_res, z = self.project(h, qkv)
+        q, k, v, g, v_res, z = self.project(h, qkv)
         if self.cfg.power == "exp":
             o = self._kv_core(q, k, v, g, entry, padding)
         else:
             if padding is not None:
-                k = k.masked_fill(~padding[:, None, :, None], 0)
+                k = k.masked_fill(~padding[:, :, None, None], 0)
             o = self._state_core(q, k, v, g, entry)
-        return self.finish(o.to(h.dtype), d_res, z)
+        return self.finish(o, v_res, z)
 
     def _state_core(self, q, k, v, g, entry):
-        """Powers 1 and 2; padding keys are zero, so they add nothing to the state."""
-        op = functools.partial(power_attention, power=self.cfg.power, normalize=self.normalize)
+        """Powers 1 and 2 on [B, N, H, d]; padding keys are zero, so they add nothing to the state."""
+        op = functools.partial(power_attention, power=self.cfg.power, normalize=self.normalize, layout="bnhd")
         if entry is None:
             return _maybe_checkpoint(self.checkpoint_core, op, q, k, v, g)
         return op(q, k, v, g, initial_state=entry.state, output_final_state=True, inplace=True)[0]
 
     def _kv_core(self, q, k, v, g, entry, padding):
-        """The exp types: the training op over a whole unpadded sequence, else attention over the KV cache."""
+        """The exp types on [B, N, H, d]: the training op over a whole unpadded sequence, else attention over the
+        KV cache (which holds [B, H, N, d])."""
+        if entry is None and padding is None:
+            op = functools.partial(attention, power="exp", normalize=self.normalize, layout="bnhd")
+            return _maybe_checkpoint(self.checkpoint_core, op, q, k, v, g)
+        q, k, v, g = bhnd_views("bnhd", q, k, v, g)
         a = None if g is None else g.double().cumsum(-1)
         if a is not None and entry is not None:
             a = a + entry.a_last
         keys, values, a_keys, allowed = kv_context(k, v, a, entry, padding)
-        if allowed is None:
-            op = functools.partial(attention, power="exp", normalize=self.normalize)
-            return _maybe_checkpoint(self.checkpoint_core and entry is None, op, q, k, v, g)
-        return masked_attention(q, keys, values, allowed, decay=None if a is None else (a, a_keys),
-                                normalize=self.normalize)
+        if allowed is None:  # a prefill into an empty cache
+            o = attention(q, k, v, g, power="exp", normalize=self.normalize)
+        else:
+            o = masked_attention(q, keys, values, allowed, decay=None if a is None else (a, a_keys),
+                                 normalize=self.normalize)
+        return o.transpose(1, 2)
 
 
 def rotary_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .reference import attention_reference, check_attention_args
+from .reference import attention_reference, bhnd_views, check_attention_args
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -22,16 +22,19 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, backend="auto"):
+def attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, backend="auto", layout="bhnd"):
     """Causal attention core of every generic 2Mamba block (docs/math.md#attention-core, #kernels).
 
     q, k, v: [B, H, N, d]; g: per-token log decay [B, H, N] (<= 0, cumulated inside) or None;
     power: "1" (s), "2" (s^2) or "exp" (e^s) with s = scale * q.k (scale defaults to 1/sqrt(d));
     normalize: divide by the row sum (sm_norm); rows whose sum is 0 give 0. Returns o in q's dtype.
+    layout "bnhd": q, k, v [B, N, H, d], g [B, N, H] and o [B, N, H, dv] instead (the Triton kernels read any
+    strides and write o in that layout, so a block passes its projections' views without copies).
     """
-    scale = check_attention_args(q, k, v, g, power, scale)
+    views = bhnd_views(layout, q, k, v, g)
+    scale = check_attention_args(*views, power, scale)
     if resolve_backend(backend, q) == "torch":
-        return attention_reference(q, k, v, g, power=power, normalize=normalize, scale=scale)
+        return bhnd_views(layout, attention_reference(*views, power=power, normalize=normalize, scale=scale))[0]
     from .triton_attention import triton_attention
 
-    return triton_attention(q, k, v, g, power=power, normalize=normalize, scale=scale)
+    return triton_attention(q, k, v, g, power=power, normalize=normalize, scale=scale, layout=layout)

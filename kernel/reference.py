@@ -8,6 +8,18 @@ from __future__ import annotations
 import torch
 
 POWERS = ("1", "2", "exp")
+LAYOUTS = ("bhnd", "bnhd")
+
+
+def bhnd_views(layout, *tensors):
+    """The tensors as [B, H, N, ...] views: as given for layout "bhnd", with dims 1 and 2 swapped for "bnhd"
+    ([B, N, H, ...], a projection's output before any transpose); no copies, None stays None. The swap is its
+    own inverse, so the same call turns [B, H, N, ...] results into the caller's layout."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "bhnd":
+        return tensors
+    return tuple(None if t is None else t.transpose(1, 2) for t in tensors)
 
 
 def check_attention_args(q, k, v, g, power, scale):

@@ -20,6 +20,11 @@ dO_i.v_i - Delta_i, the diagonal's factor in dL/ds_ii, would be a difference of 
 (then amplified by 1/s_ii for power 2). When normalising the forward also stores o_i without its diagonal
 term and 1 - P_ii, and the backward uses (1 - P_ii) dO_i.v_i - dO_i.(o_i - P_ii v_i) instead.
 
+Layout: every kernel takes the four strides (batch, head, token, feature) of each of q, k, v, o, dO and of
+the gradients, so [B, H, N, d] tensors and views of a block's [B, N, H, d] projections are read as they are
+(no .contiguous()); o, dq, dk, dv are written contiguous in the caller's layout. Delta and dO.o_off are
+formed by a small kernel from the strided dO, o and o_off (no fp32 temporaries of [B, H, N, dv]).
+
 Numerics: the cumulative decay a is summed in float64 and every tile subtracts a block-local reference
 (the first row of the block it belongs to) before going to float32, so a_i - a_j keeps full precision
 for any sequence length and decay strength. exp keeps a running row maximum folded into the exponent.
@@ -32,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import bhnd_views
 from .triton_compat import INTERPRET
 
 POWER_CODES = {"1": 1, "2": 2, "exp": 3}
@@ -60,10 +66,26 @@ _KEY = ["N_BUCKET", "BH_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY"]
 
 
 @triton.jit
-def _load_rows(ptr, offs, offs_d, N, D: tl.constexpr):
-    """A [rows, BLOCK_D] tile of a row-major [N, D] matrix, zero outside it."""
-    mask = (offs[:, None] < N) & (offs_d[None, :] < D)
-    return tl.load(ptr + offs[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+def _tile(ptr, offs, offs_d, N, D: tl.constexpr, s_n, s_d):
+    """Pointers to and mask of a [rows, BLOCK_D] tile of an [N, D] matrix with row stride s_n, column stride s_d.
+
+    Row offsets in int64: a row of a [B, N, H, d] view strides over all heads, so N * s_n can pass 2^31.
+    """
+    ptrs = ptr + offs[:, None].to(tl.int64) * s_n + offs_d[None, :] * s_d
+    return ptrs, (offs[:, None] < N) & (offs_d[None, :] < D)
+
+
+@triton.jit
+def _load_rows(ptr, offs, offs_d, N, D: tl.constexpr, s_n, s_d):
+    """A tile as in _tile, zero outside the matrix."""
+    ptrs, mask = _tile(ptr, offs, offs_d, N, D, s_n, s_d)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _head(ptr, bh, H, s_b, s_h):
+    """ptr moved to head bh % H of batch element bh // H."""
+    return ptr + (bh // H) * s_b + (bh % H) * s_h
 
 
 @triton.jit
@@ -76,7 +98,7 @@ def _local_decay(A, offs, a_ref, N):
 
 
 @triton.jit
-def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
+def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, sk_n, sk_d, sv_n, sv_d,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
                MASKED: tl.constexpr, WDTYPE: tl.constexpr):
@@ -84,8 +106,8 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, offs_d, N, D)
-        v = _load_rows(V, offs_n, offs_dv, N, DV)
+        k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
+        v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
         s = tl.dot(q, tl.trans(k)) * scale
         if POWER == 3:
             x = s * LOG2E
@@ -118,26 +140,28 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi,
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
+def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, scale,
+                sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Highest query blocks (most keys) first, so the short ones fill the tail of the grid.
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q += bh * N * D
-    K += bh * N * D
-    V += bh * N * DV
-    O += bh * N * DV
-    O_OFF += bh * N * DV
+    Q = _head(Q, bh, H, sq_b, sq_h)
+    K = _head(K, bh, H, sk_b, sk_h)
+    V = _head(V, bh, H, sv_b, sv_h)
+    O = _head(O, bh, H, so_b, so_h)
+    O_OFF = _head(O_OFF, bh, H, so_b, so_h)  # o_off is allocated like o
     A += bh * N
     STAT += bh * N
     FRAC += bh * N
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, offs_m, tl.arange(0, BLOCK_D), N, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, offs_m, offs_d, N, D, sq_n, sq_d)
     # s_ii from the rows of q and k themselves (before the loop, while few registers are live)
-    s_diag = tl.sum(q.to(tl.float32) * _load_rows(K, offs_m, tl.arange(0, BLOCK_D), N, D).to(tl.float32), 1) * scale
+    s_diag = tl.sum(q.to(tl.float32) * _load_rows(K, offs_m, offs_d, N, D, sk_n, sk_d).to(tl.float32), 1) * scale
     if HAS_DECAY:
         a_ref = tl.load(A + start_m)
         qa = _local_decay(A, offs_m, a_ref, N)
@@ -148,9 +172,9 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
     den = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
-                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
+                               sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
     acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
-                               tl.minimum(start_m + BLOCK_M, N),
+                               tl.minimum(start_m + BLOCK_M, N), sk_n, sk_d, sv_n, sv_d,
                                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
     # acc, den: sums strictly left of the diagonal; the diagonal term w_ii v_i (decay 1) joins here
     if POWER == 3:
@@ -165,7 +189,7 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
         wdiag = s_diag if POWER == 1 else s_diag * s_diag
     offs_dv = tl.arange(0, BLOCK_DV)
     total_den = den + wdiag
-    total = acc + wdiag[:, None] * _load_rows(V, offs_m, offs_dv, N, DV).to(tl.float32)
+    total = acc + wdiag[:, None] * _load_rows(V, offs_m, offs_dv, N, DV, sv_n, sv_d).to(tl.float32)
     if POWER == 3:
         if NORMALIZE:
             inv = 1.0 / total_den
@@ -180,12 +204,12 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, N_BUCKET, BH_BUCKET, scale,
         else:
             inv = tl.full([BLOCK_M], 1.0, tl.float32)
             stat = inv
-    o_mask = (offs_m[:, None] < N) & (offs_dv[None, :] < DV)
-    o_offs = offs_m[:, None] * DV + offs_dv[None, :]
-    tl.store(O + o_offs, (total * inv[:, None]).to(O.dtype.element_ty), mask=o_mask)
+    o_ptrs, o_mask = _tile(O, offs_m, offs_dv, N, DV, so_n, so_d)
+    tl.store(o_ptrs, (total * inv[:, None]).to(O.dtype.element_ty), mask=o_mask)
     tl.store(STAT + offs_m, stat, mask=offs_m < N)
     if NORMALIZE:
-        tl.store(O_OFF + o_offs, (acc * inv[:, None]).to(O_OFF.dtype.element_ty), mask=o_mask)
+        o_ptrs, o_mask = _tile(O_OFF, offs_m, offs_dv, N, DV, so_n, so_d)
+        tl.store(o_ptrs, (acc * inv[:, None]).to(O_OFF.dtype.element_ty), mask=o_mask)
         tl.store(FRAC + offs_m, den * inv, mask=offs_m < N)
 
 
@@ -251,15 +275,15 @@ def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr
 
 @triton.jit
 def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, lo, hi,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              sk_n, sk_d, sv_n, sv_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
               HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, offs_d, N, D)
-        v = _load_rows(V, offs_n, offs_dv, N, DV)
+        k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
+        v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
         s = tl.dot(q, tl.trans(k)) * scale
         dov = tl.dot(do, tl.trans(v))
         if HAS_DECAY:
@@ -275,17 +299,18 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, N_BUCKET, BH_BUCKET, scale,
-                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCKET, BH_BUCKET, scale,
+                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                   sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q += bh * N * D
-    K += bh * N * D
-    V += bh * N * DV
-    DO += bh * N * DV
-    DQ += bh * N * D
+    Q = _head(Q, bh, H, sq_b, sq_h)
+    K = _head(K, bh, H, sk_b, sk_h)
+    V = _head(V, bh, H, sv_b, sv_h)
+    DO = _head(DO, bh, H, sdo_b, sdo_h)
+    DQ = _head(DQ, bh, H, sdq_b, sdq_h)
     A += bh * N
     STAT += bh * N
     DELTA += bh * N
@@ -295,8 +320,8 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, N_BUCKET,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, offs_m, offs_d, N, D)
-    do = _load_rows(DO, offs_m, tl.arange(0, BLOCK_DV), N, DV)
+    q = _load_rows(Q, offs_m, offs_d, N, D, sq_n, sq_d)
+    do = _load_rows(DO, offs_m, tl.arange(0, BLOCK_DV), N, DV, sdo_n, sdo_d)
     stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
     delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE)
     if HAS_DECAY:
@@ -308,18 +333,18 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, N_BUCKET,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     da = tl.zeros([BLOCK_M], tl.float32)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
-                       D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, False, WDTYPE)
+                       sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, False, WDTYPE)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, start_m,
-                       tl.minimum(start_m + BLOCK_M, N),
+                       tl.minimum(start_m + BLOCK_M, N), sk_n, sk_d, sv_n, sv_d,
                        D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, True, WDTYPE)
-    dq_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
+    dq_ptrs, dq_mask = _tile(DQ, offs_m, offs_d, N, D, sdq_n, sdq_d)
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
     tl.store(DA + offs_m, da, mask=offs_m < N)
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale, lo, hi,
-                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                sq_n, sq_d, sdo_n, sdo_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
                 HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
     # Tiles are [keys, queries]. Query rows past N load q = dO = 0 and stat = delta = 0, which makes their
@@ -328,8 +353,8 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF,
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m, offs_d, N, D)
-        do = _load_rows(DO, offs_m, offs_dv, N, DV)
+        q = _load_rows(Q, offs_m, offs_d, N, D, sq_n, sq_d)
+        do = _load_rows(DO, offs_m, offs_dv, N, DV, sdo_n, sdo_d)
         stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
         delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE)
         s = tl.dot(k, tl.trans(q)) * scale
@@ -348,19 +373,21 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF,
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N, N_BUCKET, BH_BUCKET, scale,
+def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N, H, N_BUCKET, BH_BUCKET, scale,
+                     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                     sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
                      WDTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Lowest key blocks (most queries) first.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q += bh * N * D
-    K += bh * N * D
-    V += bh * N * DV
-    DO += bh * N * DV
-    DK += bh * N * D
-    DV_OUT += bh * N * DV
+    Q = _head(Q, bh, H, sq_b, sq_h)
+    K = _head(K, bh, H, sk_b, sk_h)
+    V = _head(V, bh, H, sv_b, sv_h)
+    DO = _head(DO, bh, H, sdo_b, sdo_h)
+    DK = _head(DK, bh, H, sdk_b, sdk_h)
+    DV_OUT = _head(DV_OUT, bh, H, sdv_b, sdv_h)
     A += bh * N
     STAT += bh * N
     DELTA += bh * N
@@ -371,8 +398,8 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K, offs_n, offs_d, N, D)
-    v = _load_rows(V, offs_n, offs_dv, N, DV)
+    k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
+    v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
     if HAS_DECAY:
         a_ref = tl.load(A + start_n)
         ka = _local_decay(A, offs_n, a_ref, N)
@@ -384,16 +411,31 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
     da = tl.zeros([BLOCK_N], tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, N)
     dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
-                             start_n, diag_end, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
+                             start_n, diag_end, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
                              HAS_DECAY, True, WDTYPE)
     dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
-                             diag_end, N, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
+                             diag_end, N, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
                              HAS_DECAY, False, WDTYPE)
-    dk_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    dv_mask = (offs_n[:, None] < N) & (offs_dv[None, :] < DV)
-    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
-    tl.store(DV_OUT + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=dv_mask)
+    dk_ptrs, dk_mask = _tile(DK, offs_n, offs_d, N, D, sdk_n, sdk_d)
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
+    dv_ptrs, dv_mask = _tile(DV_OUT, offs_n, offs_dv, N, DV, sdv_n, sdv_d)
+    tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=dv_mask)
     tl.store(DA + offs_n, da, mask=offs_n < N)
+
+
+@triton.jit
+def _delta_kernel(DO, O, O_OFF, DELTA, ROFF, N, H, sdo_b, sdo_h, sdo_n, sdo_d, so_b, so_h, so_n, so_d,
+                  DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The backward's row vectors when normalising: Delta_i = dO_i . o_i and dO_i . o_off_i (fp32, contiguous
+    [B, H, N]), read once from the strided dO, o and o_off without fp32 copies of them."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    do = _load_rows(_head(DO, bh, H, sdo_b, sdo_h), offs_m, offs_dv, N, DV, sdo_n, sdo_d).to(tl.float32)
+    o = _load_rows(_head(O, bh, H, so_b, so_h), offs_m, offs_dv, N, DV, so_n, so_d).to(tl.float32)
+    o_off = _load_rows(_head(O_OFF, bh, H, so_b, so_h), offs_m, offs_dv, N, DV, so_n, so_d).to(tl.float32)
+    tl.store(DELTA + bh * N + offs_m, tl.sum(do * o, 1), mask=offs_m < N)
+    tl.store(ROFF + bh * N + offs_m, tl.sum(do * o_off, 1), mask=offs_m < N)
 
 
 def _meta(q, v, power, normalize, g):
@@ -411,22 +453,36 @@ def _grid(n, bh, block):
     return lambda meta: (triton.cdiv(n, meta[block]), bh)
 
 
+def _empty(like, shape, bnhd):
+    """An uninitialised [B, H, N, x] tensor of like's dtype, stored as [B, N, H, x] when bnhd (so that its
+    transpose(1, 2), what the caller of layout "bnhd" gets, is contiguous)."""
+    B, H, N, x = shape
+    return like.new_empty(B, N, H, x).transpose(1, 2) if bnhd else like.new_empty(B, H, N, x)
+
+
 class _TritonAttention(torch.autograd.Function):
+    """q, k, v: [B, H, N, .] views with any strides; o, dq, dk, dv are allocated in the caller's layout (bnhd)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, power, normalize, scale):
+    def forward(ctx, q, k, v, g, power, normalize, scale, bnhd):
         B, H, N, _ = q.shape
-        # a = cumsum g in float64: long sequences with strong decay reach |a| ~ 1e5 and more.
-        a = torch.cumsum(g.to(torch.float64), dim=-1) if g is not None else q.new_empty(1, dtype=torch.float64)
-        o = torch.empty(v.shape, dtype=q.dtype, device=q.device)
-        stat = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        # a = cumsum g in float64: long sequences with strong decay reach |a| ~ 1e5 and more. The kernels index
+        # a and the per-row vectors below as contiguous [B, H, N].
+        if g is None:
+            a = q.new_empty(1, dtype=torch.float64)
+        else:
+            a = torch.cumsum(g, dim=-1, dtype=torch.float64, out=q.new_empty(B, H, N, dtype=torch.float64))
+        o = _empty(q, v.shape, bnhd)
+        stat = q.new_empty(B, H, N, dtype=torch.float32)
         # o without its diagonal term and 1 - P_ii, for the backward (see _bwd_tile); only when normalising
-        o_off = torch.empty_like(o) if normalize else o
+        o_off = _empty(q, v.shape, bnhd) if normalize else o
         frac = torch.empty_like(stat) if normalize else stat
         meta = _meta(q, v, power, normalize, g)
         buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
-        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, *buckets, scale, **meta)
+        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, H, *buckets, scale,
+                                                *q.stride(), *k.stride(), *v.stride(), *o.stride(), **meta)
         ctx.save_for_backward(q, k, v, a, o, stat, o_off, frac)
-        ctx.meta, ctx.scale, ctx.buckets = meta, scale, buckets
+        ctx.meta, ctx.scale, ctx.buckets, ctx.bnhd = meta, scale, buckets, bnhd
         ctx.g_dtype = None if g is None else g.dtype
         return o
 
@@ -435,32 +491,41 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, a, o, stat, o_off, frac = ctx.saved_tensors
         meta, scale = ctx.meta, ctx.scale
         B, H, N, _ = q.shape
-        do = do.to(q.dtype).contiguous()
+        do = do.to(q.dtype)  # read with its strides
         if meta["NORMALIZE"]:
-            delta = (do.float() * o.float()).sum(-1)
-            roff = (do.float() * o_off.float()).sum(-1)
+            delta, roff = torch.empty_like(stat), torch.empty_like(stat)
+            rows = 16 if INTERPRET else 4096 // meta["BLOCK_DV"]  # three fp32 tiles of 4096: no register spills
+            _delta_kernel[(triton.cdiv(N, rows), B * H)](do, o, o_off, delta, roff, N, H, *do.stride(), *o.stride(),
+                                                        DV=meta["DV"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=rows)
         else:
             delta = roff = stat
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk = _empty(q, q.shape, ctx.bnhd), _empty(q, k.shape, ctx.bnhd)
+        dv = _empty(q, v.shape, ctx.bnhd)
         da_q = torch.empty_like(stat)
         da_k = torch.empty_like(stat)
         rows = (stat, delta, frac, roff)
-        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, *ctx.buckets, scale, **meta)
-        _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, *ctx.buckets, scale,
-                                                      **meta)
+        strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, H, *ctx.buckets, scale,
+                                                    *strides, *dq.stride(), **meta)
+        _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, H, *ctx.buckets, scale,
+                                                      *strides, *dk.stride(), *dv.stride(), **meta)
         dg = None
         if meta["HAS_DECAY"]:
             da = da_q.double() + da_k.double()
             dg = da.flip(-1).cumsum(-1).flip(-1).to(ctx.g_dtype)
-        return dq, dk, dv, dg, None, None, None
+        return dq, dk, dv, dg, None, None, None, None
 
 
-def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None):
+def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, layout="bhnd"):
     """Causal attention core on the GPU (or under TRITON_INTERPRET=1); same contract as attention_reference.
 
-    q, k: [B, H, N, d]; v: [B, H, N, dv]; d, dv <= 256; fp32, fp16 or bf16 (k, v are cast to q's dtype);
-    g: per-token log decay [B, H, N] or None. Differentiable in q, k, v and g.
+    layout "bhnd": q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] or None; o [B, H, N, dv].
+    layout "bnhd": the same with dims 1 and 2 swapped (q [B, N, H, d], g [B, N, H], o [B, N, H, dv]), the
+    layout a projection's output has before any transpose. Inputs may have any strides (no copies are made);
+    o and the gradients of q, k, v are contiguous in the given layout. d, dv <= 256; fp32, fp16 or bf16 (k,
+    v are cast to q's dtype). Differentiable in q, k, v and g.
     """
+    q, k, v, g = bhnd_views(layout, q, k, v, g)
     if q.dtype not in DTYPES:
         raise TypeError(f"triton_attention supports {DTYPES}, got {q.dtype}; use backend='torch' for others")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -468,15 +533,17 @@ def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[2] == 0:
-        return q.new_zeros(v.shape)
+        return bhnd_views(layout, q.new_zeros(v.shape))[0]
     B, H = q.shape[:2]
     if B * H > MAX_GRID_HEADS:  # the kernels put batch x heads on the grid's second axis
         if H > MAX_GRID_HEADS:
             raise ValueError(f"at most {MAX_GRID_HEADS} heads per call, got {H}; fold them into the batch")
         step = MAX_GRID_HEADS // H
-        return torch.cat([triton_attention(q[i:i + step], k[i:i + step], v[i:i + step],
-                                           None if g is None else g[i:i + step], power=power, normalize=normalize,
-                                           scale=scale) for i in range(0, B, step)])
-    q, k, v = (t.to(q.dtype).contiguous() for t in (q, k, v))
-    g = None if g is None else g.contiguous()
-    return _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale))
+        # batch slices of the [B, H, N, .] views, put back into the caller's layout (the batch is dim 0 in both)
+        return torch.cat([triton_attention(*bhnd_views(layout, q[i:i + step], k[i:i + step], v[i:i + step],
+                                                       None if g is None else g[i:i + step]),
+                                           power=power, normalize=normalize, scale=scale, layout=layout)
+                          for i in range(0, B, step)])
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    o = _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale), layout == "bnhd")
+    return bhnd_views(layout, o)[0]

@@ -135,6 +135,23 @@ def test_zero_rows_give_zero():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("algorithm", ["quadratic", "chunk", "recurrent"])
+def test_bnhd_layout_equals_bhnd(algorithm):
+    """layout "bnhd" ([B, N, H, d] in, o out in it, the state as ever) == the [B, H, N, d] call, with and without
+    a state."""
+    q, k, v, g = make_inputs(18, 2, 3, 21, 8, 6)
+    s0 = random_state(19, 2, 3, 8, 6, "2")
+    bnhd = [t.transpose(1, 2) for t in (q, k, v, g)]
+    kw = dict(algorithm=algorithm, chunk_size=8, backend="torch")
+    ref_o, ref_s = power_attention(q, k, v, g, initial_state=s0, output_final_state=True, **kw)
+    o, state = power_attention(*bnhd, initial_state=s0, output_final_state=True, layout="bnhd", **kw)
+    torch.testing.assert_close(o, ref_o.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, ref_s, rtol=1e-12, atol=1e-12)
+    if algorithm != "recurrent":
+        o = power_attention(*bnhd, layout="bnhd", **kw)
+        torch.testing.assert_close(o, power_attention(q, k, v, g, **kw).transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
 def test_bad_arguments():
     q, k, v, g = make_inputs(7, 1, 1, 4, 4, 3)
     with pytest.raises(ValueError, match="algorithm must be one of"):
@@ -143,6 +160,8 @@ def test_bad_arguments():
         power_attention(q, k, v, g, power="exp", output_final_state=True)
     with pytest.raises(ValueError, match="initial_state must be"):
         power_attention(q, k, v, g, initial_state=torch.zeros(1, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        power_attention(q, k, v, g, layout="nhd")
     with pytest.raises(ValueError, match="chunk_size"):
         power_attention(q, k, v, g, algorithm="chunk", chunk_size=0)
 

@@ -139,6 +139,56 @@ def test_odd_head_dims_and_strided_inputs():
     _compare(inputs, 1e-4)
 
 
+def _bnhd_views(tensors, source):
+    """The [B, H, N, x] tensors as [B, N, H, x] views of one buffer, as a block holds them: "projection" slices a
+    [B, N, C] buffer (row stride C); "conv" slices a [B, N, C] view of [B, C, N] storage (unit row stride, the
+    output of a causal conv1d). Differentiable, so the gradients reach the tensors unchanged."""
+    B, H, N, _ = tensors[0].shape
+    buf = torch.cat([t.transpose(1, 2).reshape(B, N, -1) for t in tensors], dim=-1)
+    if source == "conv":
+        buf = buf.transpose(1, 2).contiguous().transpose(1, 2)
+    return [p.view(B, N, H, -1) for p in buf.split([t.shape[1] * t.shape[3] for t in tensors], dim=-1)]
+
+
+def _bnhd_op(source):
+    """attention through the "bnhd" layout from strided views, returned as [B, H, N, dv] for _compare; the
+    reference backend runs the plain [B, H, N, d] call."""
+    def op(q, k, v, g, *, backend, **kw):
+        if backend != "triton":
+            return attention(q, k, v, g, backend=backend, **kw)
+        qv, kv, vv = _bnhd_views([q, k, v], source)
+        gv = None if g is None else g.transpose(1, 2)
+        o = attention(qv, kv, vv, gv, backend=backend, layout="bnhd", **kw)
+        assert o.shape == vv.shape and o.is_contiguous()
+        return o.transpose(1, 2)  # the incoming gradient then reaches the kernel with other strides than o
+    return op
+
+
+@pytest.mark.parametrize("source", ["projection", "conv"])
+@pytest.mark.parametrize("power,normalize,decay", [("2", True, "mixed"), ("exp", True, "mixed"), ("1", False, "mixed"),
+                                                   ("2", False, None), ("2", True, -20.0), ("exp", True, -20.0)])
+def test_bnhd_layout_strided_views(power, normalize, decay, source):
+    # N = 45 crosses block edges, d = 24 != dv = 40; at decay -20 no allowance for the fp32 reference (as in
+    # test_extreme_decay, k pulled towards q)
+    B, H, N, d, dv = 2, 3, 45, 24, 40
+    inputs = Inputs(B, H, N, d, power=power, normalize=normalize, decay=decay)
+    q, k, _ = inputs.tensors
+    gen = torch.Generator().manual_seed(inputs.seed + 1)
+    extreme = decay == -20.0
+    inputs.tensors = [q, (q + k) / 2 if extreme else k, torch.randn(B, H, N, dv, generator=gen)]
+    inputs.do = torch.randn(B, H, N, dv, generator=gen)
+    _compare(inputs, 1e-3 if extreme else 1e-4, fp32_escape=not extreme, op=_bnhd_op(source))
+
+
+def test_bnhd_gradients_come_back_in_the_callers_layout():
+    q, k, v = _bnhd_views([torch.randn(2, 3, 20, 16, requires_grad=True) for _ in range(3)], "projection")
+    g = -torch.rand(2, 20, 3, requires_grad=True)
+    o = attention(q, k, v, g, backend="triton", layout="bnhd")
+    grads = torch.autograd.grad(o, [q, k, v, g], torch.randn_like(o))
+    assert o.is_contiguous() and all(x.shape == t.shape for x, t in zip(grads, [q, k, v, g]))
+    assert all(x.is_contiguous() for x in grads[:3])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "power,normalize,decay,d,dtype",
@@ -158,6 +208,20 @@ def test_gpu_real_shapes(power, normalize, decay, d, dtype):
         assert err <= 1e-2, f"{name}: rel err {err:.2e}, seed {inputs.seed}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["projection", "conv"])
+@pytest.mark.parametrize("power,normalize", [("2", True), ("exp", True), ("1", False)])
+def test_gpu_bnhd_layout(power, normalize, source):
+    """The block's call on the GPU: bf16 strided [B, N, H, d] views, o and every gradient within 1e-2."""
+    inputs = Inputs(2, 4, 2048, 64, power=power, normalize=normalize, decay="mixed", device="cuda",
+                    dtype=torch.bfloat16)
+    got = inputs.run("triton", op=_bnhd_op(source))
+    ref = inputs.run("torch", torch.float64)
+    for name, x, r in zip(NAMES, got, ref):
+        assert torch.isfinite(x).all(), f"{name}: non-finite values, seed {inputs.seed}"
+        assert _rel(x, r) <= 1e-2, f"{name}: rel err {_rel(x, r):.2e}, seed {inputs.seed}"
+
+
 def test_batch_times_heads_above_the_grid_limit_runs_in_slices(monkeypatch):
     """More batch x heads than a CUDA grid axis holds: the call is split along the batch, same result."""
     from kernel import triton_attention as ta
@@ -167,6 +231,35 @@ def test_batch_times_heads_above_the_grid_limit_runs_in_slices(monkeypatch):
     whole = ta.triton_attention(q, k, v, g)
     monkeypatch.setattr(ta, "MAX_GRID_HEADS", 4)
     torch.testing.assert_close(ta.triton_attention(q, k, v, g), whole)
+    bnhd = [t.transpose(1, 2) for t in (q, k, v, g)]
+    torch.testing.assert_close(ta.triton_attention(*bnhd, layout="bnhd"), whole.transpose(1, 2))
     monkeypatch.setattr(ta, "MAX_GRID_HEADS", 1)
     with pytest.raises(ValueError, match="heads per call"):
         ta.triton_attention(q, k, v, g)
+
+
+@pytest.mark.parametrize("attention_type", [
+    "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2",
+    "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2",
+    "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__D_res",
+    "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__Z_out_gate",
+])
+def test_block_through_the_kernels_matches_the_reference(attention_type, monkeypatch):
+    """A generic block's output and every gradient through the kernels (its conv'd [B, N, H, d] views passed
+    as they are) == through the PyTorch reference."""
+    from GPT_Trainer.LlamaDecoderLayerClean import GenericAttention, attention_config
+
+    block = GenericAttention(64, 2, attention_config(attention_type))
+    block.checkpoint_core = True
+    h, dout = torch.randn(2, 37, 64), torch.randn(2, 37, 64)
+
+    def run(backend):
+        monkeypatch.setenv("TWOMAMBA_ATTENTION_BACKEND", backend)
+        block.zero_grad()
+        x = h.clone().requires_grad_()
+        out = block(x)
+        out.backward(dout)
+        return [out.detach(), x.grad] + [p.grad for p in block.parameters()]
+
+    for got, ref in zip(run("triton"), run("torch")):
+        assert _rel(got, ref) < 1e-4

@@ -13,7 +13,7 @@ empty context, so a sequence split anywhere with the state passed on gives the o
 from __future__ import annotations
 
 from ..attention import attention
-from ..reference import check_attention_args
+from ..reference import bhnd_views, check_attention_args
 from .chunk import chunk_power_attention, state_scan
 from .naive import normalized, power_attention_naive, state_size
 from .recurrent import recurrent_power_attention, recurrent_step
@@ -37,7 +37,7 @@ def _check_state(state, q, v, power, name="initial_state"):
 
 def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, initial_state=None,
                     output_final_state=False, inplace=False, algorithm="auto", chunk_size=CHUNK_SIZE,
-                    backend="auto"):
+                    backend="auto", layout="bhnd"):
     """Causal power attention, o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij), with state in and out.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] (<= 0) or None; power "1"
@@ -47,8 +47,11 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     state and runs the quadratic kernel only. backend ("auto", "triton", "torch") picks the kernels.
     inplace=True (with initial_state and output_final_state) writes the final state into initial_state and
     returns that tensor: decoding into static buffers (the one-token step then updates it without a copy).
+    layout "bnhd": q, k, v [B, N, H, d], g [B, N, H], o [B, N, H, dv] (the state is [B, H, D, dv + 1] in both);
+    the quadratic kernel reads that layout with its strides, the chunk and recurrent algorithms transpose it.
     """
-    scale = check_attention_args(q, k, v, g, power, scale)
+    views = bhnd_views(layout, q, k, v, g)
+    scale = check_attention_args(*views, power, scale)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if chunk_size < 1:
@@ -58,16 +61,17 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
         if stateful or algorithm not in ("auto", "quadratic"):
             raise ValueError("power 'exp' has no finite state: only algorithm 'quadratic' (or 'auto') without "
                              "initial_state/output_final_state; decode it with a KV cache")
-        return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend)
+        return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend, layout=layout)
     if initial_state is not None:
-        _check_state(initial_state, q, v, power)
+        _check_state(initial_state, views[0], views[2], power)
     if inplace and (initial_state is None or not output_final_state):
         raise ValueError("inplace=True needs initial_state and output_final_state=True")
-    N = q.shape[2]
+    N = views[0].shape[2]
     if algorithm == "auto":
         algorithm = "recurrent" if N == 1 and stateful else "chunk" if N >= CHUNK_CROSSOVER[power] else "quadratic"
     if algorithm == "quadratic" and not stateful:
-        return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend)
+        return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend, layout=layout)
+    q, k, v, g = views
     if algorithm == "recurrent":
         result = recurrent_power_attention(q, k, v, g, power=power, normalize=normalize, scale=scale,
                                            initial_state=initial_state, output_final_state=output_final_state,
@@ -81,4 +85,6 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     if inplace and result[1] is not initial_state:
         initial_state.copy_(result[1])
         result = (result[0], initial_state)
-    return result
+    if output_final_state:
+        return bhnd_views(layout, result[0])[0], result[1]
+    return bhnd_views(layout, result)[0]
