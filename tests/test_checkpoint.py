@@ -289,7 +289,7 @@ def test_resume_an_authors_checkpoint_with_their_settings(tmp_path):
     assert config["model_size"] == "tiny" and config["wandb_name"] == "authors_run" and config["vocab_size"] == 320
     assert config["resumed_from_step"] == 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [4]
+    assert [r["step"] for r in records] == [4, 5] and "test_loss" in records[1]  # a log line; the final model's test
     assert records[0]["lr"] == pytest.approx(2e-3 * linear_warmup_decay(3, 40)(4))
     assert torch.load(out / "config.pt", weights_only=True)["step_ckpt"] == 6
     assert load_tokenizer(str(out))("The fox")["input_ids"] == load_tokenizer(str(tmp_path / "authors"))("The fox")["input_ids"]
