@@ -199,14 +199,15 @@ def test_state_scan_triton_matches_torch():
 @interpreter
 @pytest.mark.parametrize("power", ["1", "2"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("tile,target", [(8192, 1024), (128, 1024), (128, 1)])
-def test_recurrent_step_kernel(power, normalize, tile, target, monkeypatch):
+@pytest.mark.parametrize("block_d,block_e,target", [(64, 32, 1024), (16, 4, 1024), (16, 4, 1)])
+def test_recurrent_step_kernel(power, normalize, block_d, block_e, target, monkeypatch):
     """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence;
-    with a small tile the state's rows span several blocks, split over programs (target 1024: one group per
-    block, the last one partial) or walked by one program per head (target 1)."""
+    with small blocks the state spans two column blocks and several row blocks, split over programs (target
+    1024: one group per row block, the last one partial) or walked by one program each (target 1)."""
     from kernel.power import recurrent
 
-    monkeypatch.setattr(recurrent, "TILE", tile)
+    monkeypatch.setattr(recurrent, "BLOCK_D", block_d)
+    monkeypatch.setattr(recurrent, "BLOCK_E", block_e)
     monkeypatch.setattr(recurrent, "TARGET_PROGRAMS", target)
     B, H, N, d, dv = 2, 3, 6, 8, 6
     q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))

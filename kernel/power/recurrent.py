@@ -1,9 +1,9 @@
 """Recurrent power attention: the one-token decode step as one fused Triton kernel.
 
 For a single new token (per head): M <- e^g M + phi(k) [v, 1]^T, [num, den] = phi(scale q)^T M, updated
-in place. One program per (head, group of feature rows) walks its rows in blocks of all dv + 1 columns,
-forming phi(k) and phi(q) on the fly from the index tables of kron (docs/math.md#linear-time-form); the
-groups' shares of [num, den] are summed after. Longer inputs
+in place. One program per (head, block of state columns, group of feature rows) walks its rows in blocks,
+forming phi(k) and phi(q) on the fly from the index tables of kron (docs/math.md#linear-time-form); a
+second small kernel sums the groups' shares of [num, den] and divides. Longer inputs
 and CPU tensors use the token loop of naive.py.
 """
 from __future__ import annotations
@@ -19,9 +19,12 @@ from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it
 from ..attention import resolve_backend
 from .naive import power_attention_naive, state_size
 
-# Enough programs to fill the GPU at batch 1: the state's rows are split into groups when B * H is small.
+# A program updates BLOCK_D rows x BLOCK_E columns of the state at a time, walking a group of rows. The rows
+# are split into several groups only when B x H x column blocks gives fewer programs than this (batch 1):
+# at batch 32 one group per (head, column block), the configuration measured in bench/NOTES.md.
+BLOCK_D = 64
+BLOCK_E = 32
 TARGET_PROGRAMS = 1024
-TILE = 8192  # state entries one program holds at a time (BLOCK_D rows x BLOCK_E columns)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,15 +42,15 @@ def _feature_tables(d: int, power: str, device: torch.device):
 def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, H, sqb, sqh, skb, skh, svb, svh, sgb, sgh,
                  d: tl.constexpr, dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Rows [g ROWS, (g + 1) ROWS) of one head's state, all E columns: a tile of BLOCK_D rows is one
-    contiguous stretch of memory. PART[bh, g] = this group's share of [num, den]. q, k, v and g are read
-    through their batch and head strides (views of the projection need no copy)."""
+    """Rows [g ROWS, (g + 1) ROWS) and one block of columns of one head's state; PART[bh, g] = this group's
+    share of [num, den] in those columns. q, k, v and g are read through their batch and head strides (views
+    of the projection need no copy)."""
     bh = tl.program_id(0).to(tl.int64)
-    grp = tl.program_id(1)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    grp = tl.program_id(2)
     b, h = bh // H, bh % H
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
-    cols = tl.arange(0, BLOCK_E)
     cmask = cols < E
     v1 = tl.load(V + b * svb + h * svh + cols, mask=cols < dv, other=1.0).to(tl.float32)
     v1 = tl.where(cols < dv, v1, 1.0)
@@ -71,7 +74,7 @@ def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, H, sqb, sq
         m = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v1[None, :]
         tl.store(ptrs, m, mask=mask)
         acc += tl.sum(fq[:, None] * m, axis=0)
-    tl.store(PART + (bh * tl.num_programs(1) + grp) * E + cols, acc, mask=cmask)
+    tl.store(PART + (bh * tl.num_programs(2) + grp) * E + cols, acc, mask=cmask)
 
 
 @triton.jit
@@ -94,21 +97,20 @@ def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
     B, H, _, d = q.shape
     dv = v.shape[-1]
     D, E = state.shape[-2:]
-    block_e = triton.next_power_of_2(E)
-    block_d = max(16, min(triton.next_power_of_2(D), TILE // block_e))
-    row_blocks = triton.cdiv(D, block_d)
-    rows = triton.cdiv(row_blocks, min(row_blocks, triton.cdiv(TARGET_PROGRAMS, B * H))) * block_d
+    col_blocks, row_blocks = triton.cdiv(E, BLOCK_E), triton.cdiv(D, BLOCK_D)
+    rows = triton.cdiv(row_blocks, min(row_blocks, triton.cdiv(TARGET_PROGRAMS, B * H * col_blocks))) * BLOCK_D
     groups = triton.cdiv(D, rows)
     part = torch.empty(B * H, groups, E, dtype=torch.float32, device=q.device)
     i, j, c = _feature_tables(d, power, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     g_strides = (0, 0) if g is None else (g.stride(0), g.stride(1))
-    _step_kernel[(B * H, groups)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D, E, rows, H,
-                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                  *g_strides, d=d, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
-                                  BLOCK_D=block_d, BLOCK_E=block_e)
+    _step_kernel[(B * H, col_blocks, groups)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D,
+                                              E, rows, H, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                              v.stride(0), v.stride(1), *g_strides, d=d, dv=dv,
+                                              SQUARE=power == "2", HAS_DECAY=g is not None, BLOCK_D=BLOCK_D,
+                                              BLOCK_E=BLOCK_E)
     o = torch.empty(B, H, 1, dv, dtype=q.dtype, device=q.device)
-    _finish_kernel[(B * H,)](part, o, groups, E, dv, NORMALIZE=normalize, BLOCK_E=block_e)
+    _finish_kernel[(B * H,)](part, o, groups, E, dv, NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(E))
     return o
 
 
