@@ -22,8 +22,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, TWO_MAMBA_E, GenericAttention, attention_config  # noqa: E402
-from GPT_Trainer.modeling import get_model  # noqa: E402
-from GPT_Trainer.trainer import token_loss  # noqa: E402
+from GPT_Trainer.modeling import get_model, make_config  # noqa: E402
+from train_throughput import training_step  # noqa: E402  (bench/ is on sys.path: the script runs from it)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TYPES = {"2mamba": TWO_MAMBA, "2mamba-e": TWO_MAMBA_E, "softmax": "softmax"}
@@ -130,15 +130,7 @@ def train_step(attention_type, batch, seq, model_size, vocab):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tokens = torch.randint(3, vocab, (batch, seq + 1), device=DEVICE)
 
-    def run():  # as bench/train_throughput.py's step
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1]).logits
-        loss, _ = token_loss(logits, tokens[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return run
+    return lambda: training_step(model, tokens, optimizer, DEVICE)
 
 
 def main(argv=None):
@@ -164,7 +156,7 @@ def main(argv=None):
     run()
     report(f"training step ({args.type}, {args.model_size} model, B={args.batch}, N={args.seq}, bf16 autocast, "
            f"activation checkpointing, AdamW)", count_copies(run, args.batch, args.seq),
-           2 * args.batch * args.seq * get_model(args.model_size, args.seq, args.vocab, attention_type).config.hidden_size)
+           2 * args.batch * args.seq * make_config(args.model_size, args.seq, args.vocab, attention_type).hidden_size)
 
 
 if __name__ == "__main__":

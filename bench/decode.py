@@ -49,13 +49,18 @@ def steps(model, cache, tokens, n):
     return tokens
 
 
-def profile_steps(model, cache, tokens, new_tokens, device):
-    """(tokens, breakdown) of `new_tokens` timed steps, then PROFILED_STEPS steps under the profiler."""
+def timed_steps(model, cache, tokens, n, device):
+    """(tokens, seconds) of n synchronised one-token steps."""
     sync(device)
     start = time.perf_counter()
-    tokens = steps(model, cache, tokens, new_tokens)
+    tokens = steps(model, cache, tokens, n)
     sync(device)
-    wall_s = time.perf_counter() - start
+    return tokens, time.perf_counter() - start
+
+
+def profile_steps(model, cache, tokens, new_tokens, device):
+    """(tokens, breakdown) of `new_tokens` timed steps, then PROFILED_STEPS steps under the profiler."""
+    tokens, wall_s = timed_steps(model, cache, tokens, new_tokens, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         tokens = steps(model, cache, tokens, PROFILED_STEPS)
@@ -88,11 +93,7 @@ def run_case(model, batch, prompt_len, new_tokens, warmup, device, profiled=Fals
     sync(device)
     prefill_s = time.perf_counter() - start
     tokens = steps(model, cache, logits.argmax(-1), warmup)
-    sync(device)
-    start = time.perf_counter()
-    tokens = steps(model, cache, tokens, new_tokens)
-    sync(device)
-    decode_s = time.perf_counter() - start
+    tokens, decode_s = timed_steps(model, cache, tokens, new_tokens, device)
     row = {
         "prefill_s": round(prefill_s, 3),
         "ms_per_step": round(1000 * decode_s / new_tokens, 3),

@@ -27,6 +27,17 @@ TYPES = {
 }
 
 
+def training_step(model, tokens, optimizer, device_type: str):
+    """One optimizer step on the trainer's loss over tokens [B, N + 1] under bf16 autocast; returns the loss."""
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        logits = model(tokens[:, :-1]).logits
+    loss, _ = token_loss(logits, tokens[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
     torch.manual_seed(0)
     model = get_model(args.model_size, seq_len, args.vocab_size, attention_type).cuda().train()
@@ -35,13 +46,7 @@ def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
     tokens = torch.randint(3, args.vocab_size, (batch, seq_len + 1), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1]).logits
-        loss, _ = token_loss(logits, tokens[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return training_step(model, tokens, optimizer, "cuda")
 
     torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
