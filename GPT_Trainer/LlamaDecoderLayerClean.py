@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
 from kernel import attention, causal_conv1d, causal_conv1d_step, power_attention
+from kernel.power import state_size
 from kernel.reference import bhnd_views
 
 
@@ -179,7 +180,7 @@ def kv_context(k, v, a, entry, padding):
     return keys, values, a_keys, None if fresh and padding is None else causal_mask(n, valid)
 
 
-def masked_attention(q, k, v, allowed, *, decay=None, normalize=True, scale=None):
+def masked_attention(q, k, v, allowed, *, decay=None, normalize=True):
     """Attention of n queries over L keys (a KV cache, or a left-padded batch).
 
     q [B, H, n, d]; k, v [B, H, L, d]; allowed [B or 1, 1, n, L] bool: the keys each query sees (at least
@@ -187,7 +188,7 @@ def masked_attention(q, k, v, allowed, *, decay=None, normalize=True, scale=None
     the score. normalize: softmax over the keys; otherwise the exp-type weights exp(s + a_i - a_j) without
     normalisation.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = q.shape[-1] ** -0.5
     score_bias = 0.0 if decay is None else (decay[0][..., :, None] - decay[1][..., None, :]).float()  # [B, H, n, L]
     bias = torch.where(allowed, score_bias, float("-inf"))
     if normalize:
@@ -257,8 +258,7 @@ class GenericAttention(nn.Module):
         if cfg.power == "exp":
             return KVState.empty(batch, self.num_heads, d, d, capacity, device, dtype,
                                  decayed=cfg.A_mask_type != "none", conv=conv)
-        features = d * (d + 1) // 2 if cfg.power == "2" else d
-        return RecurrentState(conv, torch.zeros(batch, self.num_heads, features, d + 1, device=device))
+        return RecurrentState(conv, torch.zeros(batch, self.num_heads, state_size(d, cfg.power), d + 1, device=device))
 
     def project(self, h, qkv):
         """From the layer input h [B,N,D] and the (conv'd) qkv [B,N,3Hd]: q, k, v as [B,N,H,d] views of qkv
@@ -310,27 +310,22 @@ class GenericAttention(nn.Module):
         if self.cfg.use_in_conv:
             qkv = cached_causal_conv(qkv, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.conv)
         q, k, v, g, v_res, z = self.project(h, qkv)
-        if self.cfg.power == "exp":
+        if self.cfg.power == "exp" and (entry is not None or padding is not None):
             o = self._kv_core(q, k, v, g, entry, padding)
-        else:
-            if padding is not None:
-                k = k.masked_fill(~padding[:, :, None, None], 0)
-            o = self._state_core(q, k, v, g, entry)
+        else:  # padding keys are zero, so they add nothing to a state
+            o = self._state_core(q, _zero_padding(k, padding), v, g, entry)
         return self.finish(o, v_res, z)
 
     def _state_core(self, q, k, v, g, entry):
-        """Powers 1 and 2 on [B, N, H, d]; padding keys are zero, so they add nothing to the state."""
+        """power_attention on [B, N, H, d]: powers 1 and 2 with or without a state, the exp types over a whole
+        unpadded sequence without a cache (the training op)."""
         op = functools.partial(power_attention, power=self.cfg.power, normalize=self.normalize, layout="bnhd")
         if entry is None:
             return _maybe_checkpoint(self.checkpoint_core, op, q, k, v, g)
         return op(q, k, v, g, initial_state=entry.state, output_final_state=True, inplace=True)[0]
 
     def _kv_core(self, q, k, v, g, entry, padding):
-        """The exp types on [B, N, H, d]: the training op over a whole unpadded sequence, else attention over the
-        KV cache (which holds [B, H, N, d])."""
-        if entry is None and padding is None:
-            op = functools.partial(attention, power="exp", normalize=self.normalize, layout="bnhd")
-            return _maybe_checkpoint(self.checkpoint_core, op, q, k, v, g)
+        """The exp types on [B, N, H, d] with a KV cache (which holds [B, H, N, d]) or left padding."""
         q, k, v, g = bhnd_views("bnhd", q, k, v, g)
         a = None if g is None else g.double().cumsum(-1)
         if a is not None and entry is not None:

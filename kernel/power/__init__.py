@@ -28,11 +28,11 @@ CHUNK_SIZE = 128
 __all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "ALGORITHMS"]
 
 
-def _check_state(state, q, v, power, name="initial_state"):
+def _check_state(state, q, v, power):
     B, H, _, d = q.shape
     shape = (B, H, state_size(d, power), v.shape[-1] + 1)
     if tuple(state.shape) != shape:
-        raise ValueError(f"{name} must be [B, H, D, dv + 1] = {shape} for power {power!r}, got {tuple(state.shape)}")
+        raise ValueError(f"initial_state must be [B, H, D, dv + 1] = {shape} for power {power!r}, got {tuple(state.shape)}")
 
 
 def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, initial_state=None,

@@ -9,7 +9,6 @@ and CPU tensors use the token loop of naive.py.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -17,6 +16,7 @@ import triton.language as tl
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import resolve_backend
+from ..kron import kron_indices
 from .naive import power_attention_naive, state_size
 
 # A program updates BLOCK_D rows x BLOCK_E columns of the state at a time, walking a group of rows. The rows
@@ -31,16 +31,15 @@ TARGET_PROGRAMS = 1024
 def _feature_tables(d: int, power: str, device: torch.device):
     """(i_e, j_e, c_e): feature e of phi(x) is c_e x[i_e] x[j_e] (power "2") or x[i_e] (power "1")."""
     if power == "1":
-        i = torch.arange(d)
-        return i.to(torch.int32).to(device), i.to(torch.int32).to(device), torch.ones(d, device=device)
-    i, j = torch.triu_indices(d, d)
-    c = torch.where(i == j, 1.0, math.sqrt(2.0))
-    return i.to(torch.int32).to(device), j.to(torch.int32).to(device), c.to(device)
+        i = torch.arange(d, dtype=torch.int32, device=device)
+        return i, i, torch.ones(d, device=device)
+    i, j, c = kron_indices(d, device)
+    return i.int(), j.int(), c
 
 
 @triton.jit
 def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, H, sqb, sqh, skb, skh, svb, svh, sgb, sgh,
-                 d: tl.constexpr, dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
+                 dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """Rows [g ROWS, (g + 1) ROWS) and one block of columns of one head's state; PART[bh, g] = this group's
     share of [num, den] in those columns. q, k, v and g are read through their batch and head strides (views
@@ -106,7 +105,7 @@ def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
     g_strides = (0, 0) if g is None else (g.stride(0), g.stride(1))
     _step_kernel[(B * H, col_blocks, groups)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D,
                                               E, rows, H, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                              v.stride(0), v.stride(1), *g_strides, d=d, dv=dv,
+                                              v.stride(0), v.stride(1), *g_strides, dv=dv,
                                               SQUARE=power == "2", HAS_DECAY=g is not None, BLOCK_D=BLOCK_D,
                                               BLOCK_E=BLOCK_E)
     o = torch.empty(B, H, 1, dv, dtype=q.dtype, device=q.device)
