@@ -22,11 +22,11 @@ REPO_DIR="${REPO_DIR:-$HOME/2Mamba2Furious}"          # this repository
 VENV_DIR="${VENV_DIR:-$REPO_DIR/.venv}"               # its Python environment (pip install -r requirements-gpu.txt)
 PORT="${PORT:-29889}"                                 # rendezvous port on the first node (theirs: 29889)
 # ---- the run ------------------------------------------------------------------------------------------
-NNODES=2
-NPROC_PER_NODE=8
+NNODES="${SLURM_JOB_NUM_NODES:-2}"                    # from #SBATCH --nodes
+NPROC_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"             # from #SBATCH --gres=gpu:N
 SEQ_LEN=8192
-RUN_NAME="medium_8192sl_gpu_32bs__squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2"
 ATTENTION_TYPE="squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2"
+RUN_NAME="medium_${SEQ_LEN}sl_gpu_32bs__${ATTENTION_TYPE}"
 DATASET="gmongaras/SlimPajama-627B_Reupload"          # has its own test split
 RESUME="${RESUME:-0}"
 

@@ -32,11 +32,8 @@ DEFAULT_HUB_TOKENIZER = "meta-llama/Llama-2-7b-hf"
 TEST_SPLIT_SEED = 123
 PAD_MULTIPLE = 128
 
-# The paper's hub datasets. Any hub dataset with a text column works; these two need special handling
-# exactly as the authors' trainer had it: fineweb's default config, SlimPajama's own test split.
-PAPER_DATASETS = (
-    "HuggingFaceFW/fineweb", "gmongaras/EleutherAI_the_pile_deduplicated", "gmongaras/SlimPajama-627B_Reupload",
-)
+# Any hub dataset with a text column works; two of the paper's need special handling exactly as the
+# authors' trainer had it: fineweb's default config, SlimPajama's own test split.
 DEFAULT_CONFIGS = {"HuggingFaceFW/fineweb": "CC-MAIN-2024-51"}
 OWN_TEST_SPLIT = {"gmongaras/SlimPajama-627B_Reupload": "test"}
 ORIGINAL_DEFAULT_DATASET = "gmongaras/SlimPajama-627B_Reupload"  # the authors' train.py default
@@ -344,7 +341,6 @@ def _select_text(ds, column: str, where: str):
     if column not in ds.column_names:
         raise ValueError(f"{where} has no {column!r} column (columns: {', '.join(ds.column_names)}); "
                          "name the text column with --text_column")
-    return ds
 
 
 def _load_local_dataset(path: str, text_column: str, keep_in_memory: bool):

@@ -127,9 +127,9 @@ def resolve_package(source: Source, debs: str) -> str:
     there (so a rebuild from carried .debs needs no apt lists), else from apt's Depends of the meta-package."""
     if source.concrete is None:
         return source.package
-    carried = sorted(glob.glob(os.path.join(debs, f"{source.concrete}_*.deb")))
+    carried = _deb_for(debs, source.concrete)
     if carried:
-        return os.path.basename(carried[-1]).split("_")[0]
+        return os.path.basename(carried).split("_")[0]
     for line in _sh(["apt-cache", "depends", source.package]).splitlines():
         key, _, value = line.strip().partition(": ")
         if key == "Depends" and fnmatch.fnmatch(value, source.concrete):

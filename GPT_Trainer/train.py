@@ -329,13 +329,17 @@ def build_model(cfg: RunConfig, vocab_size: int, device: torch.device):
     return model
 
 
+def _resumes_in_place(cfg: RunConfig) -> bool:
+    return cfg.load_checkpoint and os.path.abspath(cfg.model_save_path) == os.path.abspath(cfg.checkpoint_path)
+
+
 def check_run_dir(cfg: RunConfig) -> None:
     """Never replace an existing run directory unless asked to (--overwrite); resuming in place is fine."""
     checkpoint.recover_run_dir(cfg.model_save_path)
     path = cfg.model_save_path
     if not os.path.isdir(path) or not os.listdir(path):
         return
-    if cfg.load_checkpoint and os.path.abspath(path) == os.path.abspath(cfg.checkpoint_path):
+    if _resumes_in_place(cfg):
         return
     if not cfg.overwrite:
         raise UserError(f"{path} already holds a run; resume it with --load_checkpoint, choose another RUN_NAME or "
@@ -384,21 +388,18 @@ def main(argv=None) -> str:
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, cfg.num_steps))
 
-    start_step, nonfinite_steps, wandb_id, batches_drawn = 0, 0, None, 0
+    start_step, nonfinite_steps, wandb_id = 0, 0, None
     if cfg.load_checkpoint:
         resumed = checkpoint.restore_training_state(cfg.checkpoint_path, optimizer, scheduler, model)
         start_step, nonfinite_steps, wandb_id = resumed.step, resumed.nonfinite_steps, resumed.wandb_id
-        batches_drawn = start_step
         if resumed.sampler is not None and "batches_drawn" in resumed.sampler:
             RandomBatchSampler(len(train_data), cfg.batch_size, cfg.seed).check_state(resumed.sampler)
-            batches_drawn = int(resumed.sampler["batches_drawn"])
         if resumed.rng is not None:
             checkpoint.set_rng_state(resumed.rng, dist_info.device)
 
     logger = None
     if dist_info.is_main:
-        if cfg.overwrite and os.path.isdir(cfg.model_save_path) and not (
-                cfg.load_checkpoint and os.path.abspath(cfg.model_save_path) == os.path.abspath(cfg.checkpoint_path)):
+        if cfg.overwrite and os.path.isdir(cfg.model_save_path) and not _resumes_in_place(cfg):
             shutil.rmtree(cfg.model_save_path)
         appending = cfg.load_checkpoint and os.path.isfile(os.path.join(cfg.model_save_path, METRICS_FILE))
         wandb_run = open_wandb(cfg, wandb_id, dist_info)
@@ -417,7 +418,7 @@ def main(argv=None) -> str:
               f"starting at step {start_step}", flush=True)
 
     trainer = Trainer(cfg, model, ddp_model, tokenizer, train_data, test_data, optimizer, scheduler,
-                      dist_info, logger, start_step, nonfinite_steps, wandb_id, batches_drawn)
+                      dist_info, logger, start_step, nonfinite_steps, wandb_id)
     saved = trainer.train()
     if dist_info.is_main:
         if logger.wandb_run is not None:

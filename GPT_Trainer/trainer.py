@@ -99,24 +99,23 @@ class Trainer:
 
     def __init__(self, args, model, ddp_model, tokenizer, train_data, test_data, optimizer, scheduler,
                  dist_info: Distributed, logger: MetricsLogger | None, start_step: int = 0, nonfinite_steps: int = 0,
-                 wandb_id: str | None = None, batches_drawn: int | None = None):
+                 wandb_id: str | None = None):
         self.args, self.model, self.ddp_model, self.tokenizer = args, model, ddp_model, tokenizer
         self.train_data, self.test_data = train_data, test_data
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dist, self.logger = dist_info, logger
         self.step, self.nonfinite_steps, self.wandb_id = start_step, nonfinite_steps, wandb_id
-        self.batches_drawn = start_step if batches_drawn is None else batches_drawn
         self.per_rank_batch = args.batch_size // dist_info.world_size
         self.amp = args.use_amp and dist_info.device.type == "cuda"
         self.sampler = RandomBatchSampler(len(train_data), args.batch_size, args.seed, dist_info.rank,
-                                          dist_info.world_size, start=self.batches_drawn)
+                                          dist_info.world_size, start=self.step)  # one batch per step
         self._last_bad_batch = None
 
     def _loader(self, data, batch_sampler):
         return make_loader(data, batch_sampler, self.tokenizer, self.args.seq_len,
-                           num_workers=getattr(self.args, "num_workers", 0),
+                           num_workers=self.args.num_workers,
                            pin_memory=self.dist.device.type == "cuda",
-                           prefetch_factor=getattr(self.args, "prefetch_factor", 4))
+                           prefetch_factor=self.args.prefetch_factor)
 
     def _forward_loss(self, model, inputs, labels):
         device = self.dist.device
@@ -176,7 +175,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = {
-            "step": self.step, "sampler": self.sampler.state_dict(self.batches_drawn),
+            "step": self.step, "sampler": self.sampler.state_dict(self.step),
             "rng": checkpoint.rng_state(self.dist.device), "nonfinite_steps": self.nonfinite_steps,
             "wandb_id": self.wandb_id, "batch_size": self.args.batch_size, "seq_len": self.args.seq_len,
             "param_names": [name for name, _ in self.model.named_parameters()],
@@ -221,7 +220,6 @@ class Trainer:
             wait_start = time.perf_counter()
             inputs, labels = next(batches)
             window_wait += time.perf_counter() - wait_start
-            self.batches_drawn += 1
             loss, tokens, finite = self.train_step(inputs, labels)
             self.step += 1
             bar.update(1)
