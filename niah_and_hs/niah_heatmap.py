@@ -51,8 +51,8 @@ def read_result(file) -> dict:
     try:
         with open(file) as f:
             result = json.load(f)
-        for entry in result["per_length"]:
-            float(entry["accuracy"]), int(entry["context_length"])
+        for entry in result["per_length"]:  # checked and converted once here
+            entry["accuracy"], entry["context_length"] = float(entry["accuracy"]), int(entry["context_length"])
         return result
     except OSError as e:
         raise UserError(f"cannot read {file}: {e.strerror}") from e
@@ -73,19 +73,19 @@ def table_from_results(files, labels=None):
         labels = [type_name(r.get("attention_type") or os.path.basename(str(r.get("model_path", "")))) for r in results]
         labels = [f"{label} ({os.path.basename(str(r.get('model_path', file)).rstrip('/'))})"
                   if labels.count(label) > 1 else label for label, r, file in zip(labels, results, files)]
-    lengths = sorted({int(e["context_length"]) for r in results for e in r["per_length"]})
+    lengths = sorted({e["context_length"] for r in results for e in r["per_length"]})
     if not lengths:
         raise UserError(f"{', '.join(map(str, files))}: no accuracy to plot (empty per_length)")
     tokens = {}
     for r in results:
         for e in r["per_length"]:
             if e.get("mean_prompt_tokens") is not None:
-                tokens.setdefault(int(e["context_length"]), []).append(e["mean_prompt_tokens"])
+                tokens.setdefault(e["context_length"], []).append(e["mean_prompt_tokens"])
     columns = [column_label(n, np.mean(tokens[n]) if n in tokens else None) for n in lengths]
     values = np.full((len(results), len(lengths)), np.nan)
     for i, r in enumerate(results):
         for e in r["per_length"]:
-            values[i, lengths.index(int(e["context_length"]))] = e["accuracy"]
+            values[i, lengths.index(e["context_length"])] = e["accuracy"]
     return labels, columns, values
 
 

@@ -14,3 +14,8 @@ def tiny_two_layer_model(max_len: int, attention_type: str = TWO_MAMBA):
     model.config.num_hidden_layers = 2
     model.model.layers = model.model.layers[:2]
     return model, tokenizer
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error in norm, in float64 (0 / 0 counts as 0)."""
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()

@@ -147,7 +147,7 @@ def test_resume_from_an_authors_style_checkpoint(tmp_path, tokenizer):
 
 
 class Pickled:
-    """Stands for an arbitrary object pickled into a foreign optimizer.pt: never unpickled."""
+    """Stands for an arbitrary object pickled into a foreign checkpoint file: never unpickled."""
 
 
 def test_an_optimizer_file_that_needs_unpickling_is_refused(tmp_path, tokenizer):
@@ -179,10 +179,6 @@ def authors_order(model, attention_type):
             out.extend(prefix + suffix for suffix in AUTHORS_ATTENTION_ORDER[attention_type])
     assert sorted(out) == sorted(names)
     return out
-
-
-class PickledObject:
-    """Their tokenizer.pt and scaler.pt pickle whole objects; we never unpickle them."""
 
 
 def write_authors_checkpoint(directory, attention_type, dataset, steps=4):
@@ -221,8 +217,8 @@ def write_authors_checkpoint(directory, attention_type, dataset, steps=4):
                 "wandb_name": "authors_run", "log_steps": 2, "use_amp": True, "dev": "gpu",
                 "attention_type": attention_type, "mlp_type": "normal", "clipping_value": None, "weight_decay": 0.01,
                 "step_ckpt": steps, "wandb_id": None, "model_max_length": 64}, directory / "config.pt")
-    torch.save(PickledObject(), directory / "tokenizer.pt")
-    torch.save(PickledObject(), directory / "scaler.pt")
+    torch.save(Pickled(), directory / "tokenizer.pt")  # their tokenizer.pt and scaler.pt pickle whole objects
+    torch.save(Pickled(), directory / "scaler.pt")
     return model, optimizer
 
 

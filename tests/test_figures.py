@@ -13,6 +13,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from GPT_Trainer import cli
+from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA
 from niah_and_hs import niah_heatmap
 from niah_and_hs.plotting import wrap_label
 from wandb_graphs import my_main, render
@@ -23,7 +24,6 @@ from wandb_graphs.render import Line, latex_escape, line_figure, trailing_mean
 # The seed's own definitions (its my_main.py's list of dicts), kept to check our compact JSON against.
 SEED_DEFINITIONS = Path(__file__).resolve().parent / "data" / "seed_figure_definitions.json"
 GROUPS = {group.name: group for group in load_groups()}
-TWO_MAMBA = "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2"
 LONG_TYPE = "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on_values__Z_out_gate"
 
 

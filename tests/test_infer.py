@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from GPT_Trainer.cache import KVState, RecurrentState, TwoMambaCache
-from GPT_Trainer.infer2 import generate
+from GPT_Trainer.infer2 import generate, left_padded
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, TWO_MAMBA_E, AttentionConfig, GenericAttention
 from GPT_Trainer.modeling import TwoMambaForCausalLM, load_model, make_config
 
@@ -73,9 +73,7 @@ def test_generate_ragged_batch_matches_each_prompt_alone_recomputed(attention_ty
     assert all(len(out) == 10 for out in efficient)
     assert len({tuple(out) for out in efficient}) > 1  # different prompts, different continuations
 
-    longest = max(map(len, prompts))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = (torch.arange(longest) >= torch.tensor([longest - len(p) for p in prompts])[:, None]).long()
+    ids, mask = left_padded(prompts, 0, "cpu")
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                          eos_token_id=[], output_logits=True, return_dict_in_generate=True)
     for row, prompt in enumerate(prompts):
@@ -116,8 +114,7 @@ def test_fixed_shape_kv_step_matches_full_recompute(attention_type, monkeypatch)
     model = tiny_model(attention_type)
     prompts = random_prompts([13, 4, 9])
     longest, new = 13, 6
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = (ids > 0).long()  # prompt tokens are >= 3
+    ids, mask = left_padded(prompts, 0, "cpu")
     cache = model.new_cache(longest + new, batch_size=len(prompts))
     logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
     for entry in cache.layers:
@@ -366,11 +363,11 @@ def test_bf16_cuda_graph_kv_step_matches_eager_on_a_ragged_batch(attention_type)
     model = tiny_model(attention_type).cuda().to(torch.bfloat16)
     assert model.new_cache(8, batch_size=3).step_graph is not None
     prompts = random_prompts([150, 37, 90])
-    ids = torch.tensor([[0] * (150 - len(p)) + p for p in prompts], device="cuda")
+    ids, mask = left_padded(prompts, 0, "cuda")
 
     def decode(cuda_graph):
         model.decode_with_cuda_graph = cuda_graph
-        return model.generate(ids, attention_mask=(ids > 0).long(), max_new_tokens=16, do_sample=False,
+        return model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                               pad_token_id=0, eos_token_id=[], output_logits=True, return_dict_in_generate=True)
 
     graphed, eager = decode(True), decode(False)

@@ -8,6 +8,7 @@ run here under the interpreter on CPU tensors; on CUDA machines the gpu tests co
 import pytest
 import torch
 
+from helpers import rel_err
 from kernel import attention_reference, power_attention
 from kernel.power import power_attention_naive, state_scan
 
@@ -54,8 +55,6 @@ def assert_rel_close(got, ref, tol):
         assert rel_err(a, b) < tol, f"output/gradient {i}: relative error {rel_err(a, b):.2e}"
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("power,normalize", [("1", False), ("1", True), ("2", False), ("2", True)])

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel_err
 from kernel.attention import attention
 
 POWERS = ["1", "2", "exp"]
@@ -50,8 +51,6 @@ class Inputs:
         return [o.detach()] + list(grads)
 
 
-def _rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
 
 def _compare(inputs, tol, fp32_escape=True, op=attention):
@@ -124,7 +123,7 @@ def test_half_precision_inputs(power, normalize):
     ref = inputs.run("torch", torch.float64)
     for name, x, r, dtype in zip(NAMES, got, ref, [torch.float16] * 4 + [torch.float32]):
         assert x.dtype == dtype
-        assert _rel(x, r) <= 2e-3, f"{name}: rel err {_rel(x, r):.2e}, seed {inputs.seed}"
+        assert rel_err(x, r) <= 2e-3, f"{name}: rel err {rel_err(x, r):.2e}, seed {inputs.seed}"
 
 
 def test_odd_head_dims_and_strided_inputs():
@@ -204,7 +203,7 @@ def test_gpu_real_shapes(power, normalize, decay, d, dtype):
     assert got[0].dtype == dtype
     for name, x, r in zip(NAMES, got, ref):
         assert torch.isfinite(x).all(), f"{name}: non-finite values, seed {inputs.seed}"
-        err = _rel(x, r)
+        err = rel_err(x, r)
         assert err <= 1e-2, f"{name}: rel err {err:.2e}, seed {inputs.seed}"
 
 
@@ -219,7 +218,7 @@ def test_gpu_bnhd_layout(power, normalize, source):
     ref = inputs.run("torch", torch.float64)
     for name, x, r in zip(NAMES, got, ref):
         assert torch.isfinite(x).all(), f"{name}: non-finite values, seed {inputs.seed}"
-        assert _rel(x, r) <= 1e-2, f"{name}: rel err {_rel(x, r):.2e}, seed {inputs.seed}"
+        assert rel_err(x, r) <= 1e-2, f"{name}: rel err {rel_err(x, r):.2e}, seed {inputs.seed}"
 
 
 def test_batch_times_heads_above_the_grid_limit_runs_in_slices(monkeypatch):
@@ -262,4 +261,4 @@ def test_block_through_the_kernels_matches_the_reference(attention_type, monkeyp
         return [out.detach(), x.grad] + [p.grad for p in block.parameters()]
 
     for got, ref in zip(run("triton"), run("torch")):
-        assert _rel(got, ref) < 1e-4
+        assert rel_err(got, ref) < 1e-4
