@@ -198,16 +198,14 @@ def test_state_scan_triton_matches_torch():
 @interpreter
 @pytest.mark.parametrize("power", ["1", "2"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("block_d,block_e,target", [(64, 32, 1024), (16, 4, 1024), (16, 4, 1)])
-def test_recurrent_step_kernel(power, normalize, block_d, block_e, target, monkeypatch):
+@pytest.mark.parametrize("block_r", [64, 16, 8])
+def test_recurrent_step_kernel(power, normalize, block_r, monkeypatch):
     """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence;
-    with small blocks the state spans two column blocks and several row blocks, split over programs (target
-    1024: one group per row block, the last one partial) or walked by one program each (target 1)."""
+    the state's rows (36 for power 2, 8 for power 1) in one block or several (the last one partial), its 6
+    value columns in a tile of 8."""
     from kernel.power import recurrent
 
-    monkeypatch.setattr(recurrent, "BLOCK_D", block_d)
-    monkeypatch.setattr(recurrent, "BLOCK_E", block_e)
-    monkeypatch.setattr(recurrent, "TARGET_PROGRAMS", target)
+    monkeypatch.setattr(recurrent, "BLOCK_R", block_r)
     B, H, N, d, dv = 2, 3, 6, 8, 6
     q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))
     k[0, 0, 0] = 0  # the first step of that head has no weight at all: den = 0, o = 0

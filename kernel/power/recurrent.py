@@ -1,10 +1,9 @@
 """Recurrent power attention: the one-token decode step as one fused Triton kernel.
 
 For a single new token (per head): M <- e^g M + phi(k) [v, 1]^T, [num, den] = phi(scale q)^T M, updated
-in place. One program per (head, block of state columns, group of feature rows) walks its rows in blocks,
-forming phi(k) and phi(q) on the fly from the index tables of kron (docs/math.md#linear-time-form); a
-second small kernel sums the groups' shares of [num, den] and divides. Longer inputs
-and CPU tensors use the token loop of naive.py.
+in place. One program per (head, block of feature rows) forms phi(k) and phi(q) for its rows from the index
+tables of kron (docs/math.md#linear-time-form) and updates them; a second small kernel sums the blocks'
+shares of [num, den] and divides. Longer inputs and CPU tensors use the token loop of naive.py.
 """
 from __future__ import annotations
 
@@ -19,12 +18,11 @@ from ..attention import resolve_backend
 from ..kron import kron_indices
 from .naive import power_attention_naive, state_size
 
-# A program updates BLOCK_D rows x BLOCK_E columns of the state at a time, walking a group of rows. The rows
-# are split into several groups only when B x H x column blocks gives fewer programs than this (batch 1):
-# at batch 32 one group per (head, column block), the configuration measured in bench/NOTES.md.
-BLOCK_D = 64
-BLOCK_E = 32
-TARGET_PROGRAMS = 1024
+# One program per (head, block of BLOCK_R feature rows), every column at once and no loop: the step only
+# streams the float32 state through (read once, written once), so at batch 32 the grid (B H x D / BLOCK_R =
+# 16,896 programs for the small model) keeps every SM's loads in flight; the rows' shares of [num, den] are
+# summed by a second small kernel.
+BLOCK_R = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,47 +36,49 @@ def _feature_tables(d: int, power: str, device: torch.device):
 
 
 @triton.jit
-def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, E, ROWS, H, sqb, sqh, skb, skh, svb, svh, sgb, sgh,
+def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, H, sqb, sqh, skb, skh, svb, svh, sgb, sgh,
                  dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Rows [g ROWS, (g + 1) ROWS) and one block of columns of one head's state; PART[bh, g] = this group's
-    share of [num, den] in those columns. q, k, v and g are read through their batch and head strides (views
-    of the projection need no copy)."""
+                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Rows [r BLOCK_R, (r + 1) BLOCK_R) of one head's state [S, z] ([D, dv + 1]): the numerator columns as one
+    [BLOCK_R, BLOCK_V] tile, the normaliser column z apart (no tile padded to 2 dv for one column).
+    PART[bh, r] = these rows' share of [num, den]. q, k, v and g are read through their batch and head
+    strides (views of the projection need no copy)."""
     bh = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    grp = tl.program_id(2)
+    blk = tl.program_id(1)
     b, h = bh // H, bh % H
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
-    cmask = cols < E
-    v1 = tl.load(V + b * svb + h * svh + cols, mask=cols < dv, other=1.0).to(tl.float32)
-    v1 = tl.where(cols < dv, v1, 1.0)
+    cols = tl.arange(0, BLOCK_V)
+    cmask = cols < dv
+    rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < D
+    v = tl.load(V + b * svb + h * svh + cols, mask=cmask, other=0.0).to(tl.float32)
+    i = tl.load(I + rows, mask=rmask, other=0)
+    c = tl.load(C + rows, mask=rmask, other=0.0)
+    fq = tl.load(Q + i, mask=rmask, other=0.0).to(tl.float32) * scale * c
+    fk = tl.load(K + i, mask=rmask, other=0.0).to(tl.float32) * c
+    if SQUARE:
+        j = tl.load(J + rows, mask=rmask, other=0)
+        fq *= tl.load(Q + j, mask=rmask, other=0.0).to(tl.float32) * scale
+        fk *= tl.load(K + j, mask=rmask, other=0.0).to(tl.float32)
     decay = 1.0
     if HAS_DECAY:
         decay = tl.exp(tl.load(G + b * sgb + h * sgh).to(tl.float32))
-    acc = tl.zeros([BLOCK_E], tl.float32)
-    for r0 in range(grp * ROWS, tl.minimum(grp * ROWS + ROWS, D), BLOCK_D):
-        rows = r0 + tl.arange(0, BLOCK_D)
-        rmask = rows < D
-        i = tl.load(I + rows, mask=rmask, other=0)
-        c = tl.load(C + rows, mask=rmask, other=0.0)
-        fq = tl.load(Q + i, mask=rmask, other=0.0).to(tl.float32) * scale * c
-        fk = tl.load(K + i, mask=rmask, other=0.0).to(tl.float32) * c
-        if SQUARE:
-            j = tl.load(J + rows, mask=rmask, other=0)
-            fq *= tl.load(Q + j, mask=rmask, other=0.0).to(tl.float32) * scale
-            fk *= tl.load(K + j, mask=rmask, other=0.0).to(tl.float32)
-        ptrs = STATE + bh * D * E + rows[:, None] * E + cols[None, :]
-        mask = rmask[:, None] & cmask[None, :]
-        m = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v1[None, :]
-        tl.store(ptrs, m, mask=mask)
-        acc += tl.sum(fq[:, None] * m, axis=0)
-    tl.store(PART + (bh * tl.num_programs(2) + grp) * E + cols, acc, mask=cmask)
+    row_ptr = STATE + bh * D * (dv + 1) + rows * (dv + 1)
+    ptrs = row_ptr[:, None] + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    s = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v[None, :]
+    z = decay * tl.load(row_ptr + dv, mask=rmask, other=0.0) + fk
+    tl.store(ptrs, s, mask=mask)
+    tl.store(row_ptr + dv, z, mask=rmask)
+    part = PART + (bh * tl.num_programs(1) + blk) * (dv + 1)
+    tl.store(part + cols, tl.sum(fq[:, None] * s, axis=0), mask=cmask)
+    tl.store(part + dv, tl.sum(fq * z, axis=0))
 
 
 @triton.jit
 def _finish_kernel(PART, OUT, GROUPS, E, dv, NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
-    """o = num / den of one head from the groups' shares (0 where den = 0), in o's dtype."""
+    """o = num / den of one head from the row blocks' shares (0 where den = 0), in o's dtype."""
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     total = tl.zeros([BLOCK_E], tl.float32)
@@ -96,20 +96,17 @@ def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
     B, H, _, d = q.shape
     dv = v.shape[-1]
     D, E = state.shape[-2:]
-    col_blocks, row_blocks = triton.cdiv(E, BLOCK_E), triton.cdiv(D, BLOCK_D)
-    rows = triton.cdiv(row_blocks, min(row_blocks, triton.cdiv(TARGET_PROGRAMS, B * H * col_blocks))) * BLOCK_D
-    groups = triton.cdiv(D, rows)
-    part = torch.empty(B * H, groups, E, dtype=torch.float32, device=q.device)
+    blocks = triton.cdiv(D, BLOCK_R)
+    part = torch.empty(B * H, blocks, E, dtype=torch.float32, device=q.device)
     i, j, c = _feature_tables(d, power, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     g_strides = (0, 0) if g is None else (g.stride(0), g.stride(1))
-    _step_kernel[(B * H, col_blocks, groups)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D,
-                                              E, rows, H, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                              v.stride(0), v.stride(1), *g_strides, dv=dv,
-                                              SQUARE=power == "2", HAS_DECAY=g is not None, BLOCK_D=BLOCK_D,
-                                              BLOCK_E=BLOCK_E)
+    _step_kernel[(B * H, blocks)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D, H,
+                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                  *g_strides, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
+                                  BLOCK_R=BLOCK_R, BLOCK_V=triton.next_power_of_2(dv))
     o = torch.empty(B, H, 1, dv, dtype=q.dtype, device=q.device)
-    _finish_kernel[(B * H,)](part, o, groups, E, dv, NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(E))
+    _finish_kernel[(B * H,)](part, o, blocks, E, dv, NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(E))
     return o
 
 
