@@ -182,7 +182,7 @@ def profile_chunk(N, B, H, d):
         power_attention(*leaves, algorithm="chunk", chunk_size=CHUNK_SIZES[0]).backward(do)
         torch.cuda.synchronize()
     print(f"\nprofile: chunked fwd+bwd, N={N} B={B} C={CHUNK_SIZES[0]}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))
 
 
 def main():

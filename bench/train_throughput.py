@@ -5,6 +5,9 @@ runs it; the same number of tokens per step at every length. A few warm-up steps
 then the timed steps between CUDA events. Prints a table and writes JSON under bench/results/.
 
     python bench/train_throughput.py [--seq_lens 2048 8192] [--types softmax 2mamba 2mamba-e mamba]
+
+--profile N adds, per case, the N largest CUDA-time entries of one more step under torch.profiler (the JSON
+row's "profile": name, calls, CUDA ms) and the step's total kernel time, printed after the case.
 """
 from __future__ import annotations
 
@@ -58,10 +61,29 @@ def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
     end.record()
     torch.cuda.synchronize()
     seconds = start.elapsed_time(end) / 1e3
-    return {
+    row = {
         "tokens_per_s": batch * seq_len * args.steps / seconds, "step_ms": 1e3 * seconds / args.steps,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": loss.item(),
     }
+    if args.profile:
+        row["profile"] = profile_step(step, args.profile)
+    return row
+
+
+def profile_step(step, top: int) -> dict:
+    """One step under torch.profiler: the `top` ops by CUDA time (self time, so nothing is counted twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    ops = [{"name": e.key[:80], "calls": e.count, "cuda_ms": e.self_device_time_total / 1e3} for e in events[:top]]
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    for op in ops:
+        print(f"    {op['cuda_ms']:8.2f} ms {op['calls']:6d}x  {op['name']}")
+    print(f"    {total:8.2f} ms of kernels in the step")
+    return {"kernel_ms": total, "ops": ops}
 
 
 def main(argv=None):
@@ -74,6 +96,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N largest ops of a step")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
