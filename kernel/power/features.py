@@ -3,13 +3,19 @@
 For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d + 1) / 2 features):
     feature_outer(a, b) = phi(a)^T b        [T, D, E]   (chunk states from keys, d state from queries)
     feature_apply(a, M) = phi(a) M           [T, C, E]   (queries read a state, d values from d state)
-The two are adjoint, so their gradients are each other plus one kernel for d a (_grad_kernel): the kron
+The two are adjoint, so their gradients are each other plus one kernel for d a (_grad_kernel), the kron
 backward of d loss / d phi(a_t) = M dy_t, never materialised either.
-Each Triton program keeps a tile of a on chip and walks i = 0..d-1: the entries of phi with first index i
-are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a contiguous segment of D starting at
-e(i) = i d - i (i - 1) / 2, so step i is one [C, d] x [d, E] product on tensor cores with the rows j < i
-masked (half-width tiles once i passes d / 2). CPU tensors and the "torch" backend materialise phi with
-kron_reference instead.
+The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
+contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
+product per step, the d-wide factor formed in registers (half-width once i passes d / 2):
+    outer  step i: rows e(i) + j of the result = (c_ij a_j a_i)^T b, the transposed factor formed directly
+           from a loaded transposed (no transpose of a register tile);
+    apply  step i: (c_ij a_i a_j) [C, j] times rows e(i) + j of M;
+    grad   through the unpacked symmetric state M'[m, j] = c' M_(min(m, j), max(m, j)) (c' = 2 on the
+           diagonal, sqrt 2 off it): d a = sum_m (dy M'[m]^T) * a[:, m], one multiply-add per element and
+           no per-step row sums (a full d-wide product per m, a third more tensor-core work than the
+           triangle, but 3.4x faster on an H200: bench/NOTES.md).
+CPU tensors and the "torch" backend materialise phi with kron_reference instead.
 """
 from __future__ import annotations
 
@@ -47,10 +53,10 @@ def _load_rows(PTR, t_, c, cmask, C, cols, W, W1):
 
 
 @triton.jit
-def _outer_rows(a, ai, b, i, j, IEEE: tl.constexpr):
-    """Rows (i, j) of phi(a)^T b for one block of tokens: a [C, BLOCK_J] (float32), ai [C], b [C, E]."""
-    p = a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :]
-    return _dot(tl.trans(p.to(b.dtype)), b, IEEE)
+def _load_cols(PTR, t_, c, cmask, C, j, W):
+    """Block t_ of a [T, C, W] tensor transposed: rows j, columns c, float32."""
+    return tl.load(PTR + t_ * C * W + c[None, :] * W + j[:, None], mask=cmask[None, :] & (j[:, None] < W),
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -60,20 +66,21 @@ def _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, J0: tl.constexpr, BLOCK_J: t
     j = J0 + tl.arange(0, BLOCK_J)
     c = tl.arange(0, BLOCK_C)
     if ONE_BLOCK:  # the chunk is one block of tokens: a and b are loaded once for all BLOCK_I steps
-        a = _load_rows(A, t_, c, c < C, C, j, D, D).to(tl.float32)
+        a_t = _load_cols(A, t_, c, c < C, C, j, D)
         b = _load_rows(B, t_, c, c < C, C, e, E, E1)
     for ii in range(BLOCK_I):
         i = i0 + ii
+        coef = tl.where(j == i, 1.0, SQRT2)[:, None]
         if ONE_BLOCK:
             ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0).to(tl.float32)
-            out = _outer_rows(a, ai, b, i, j, IEEE)
+            out = _dot((a_t * ai[None, :] * coef).to(b.dtype), b, IEEE)
         else:  # a longer chunk (a stateful prefill) in blocks of tokens, so that it fits in shared memory
             out = tl.zeros([BLOCK_J, BLOCK_E], tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cb = c0 + c
-                a_blk = _load_rows(A, t_, cb, cb < C, C, j, D, D).to(tl.float32)
                 ai = tl.load(A + t_ * C * D + cb * D + i, mask=(cb < C) & (i < D), other=0.0).to(tl.float32)
-                out += _outer_rows(a_blk, ai, _load_rows(B, t_, cb, cb < C, C, e, E, E1), i, j, IEEE)
+                p_t = _load_cols(A, t_, cb, cb < C, C, j, D) * ai[None, :] * coef
+                out += _dot(p_t.to(B.dtype.element_ty), _load_rows(B, t_, cb, cb < C, C, e, E, E1), IEEE)
         rows = _segment(i, D) + j
         mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E1)
         tl.store(OUT + t_ * NF * E + rows[:, None] * E + e[None, :], out.to(OUT.dtype.element_ty), mask=mask)
@@ -139,55 +146,26 @@ def _grad_rows(M, dy, t_, rows, rmask, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEE
 
 
 @triton.jit
-def _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, I0, I1, J0: tl.constexpr, BLOCK_J: tl.constexpr,
-               D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-               IEEE: tl.constexpr):
-    """The steps i in [I0, I1): their contributions to da[:, J0:J0 + BLOCK_J], where all their j >= i lie."""
-    j = J0 + tl.arange(0, BLOCK_J)
-    a = _load_rows(A, t_, c, cmask, C, j, D, D).to(tl.float32)
-    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN)  # the same for every i
-    if BLOCK_TAIL > 0:
-        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E)
-    da = tl.zeros([BLOCK_C, BLOCK_J], tl.float32)
-    for i in range(I0, I1):
-        ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
-        rows = _segment(i, D) + j
-        rmask = (j >= i) & (j < D)
-        # d loss / d phi_(i, j) (0 for j < i)
-        g = _grad_rows(M, dy, t_, rows, rmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
-        if BLOCK_TAIL > 0:
-            g += _grad_rows(M, dy_tail, t_, rows, rmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
-        da_i = tl.sum(g * a * tl.where(j == i, 2.0, SQRT2)[None, :], axis=1)
-        da += tl.where(j[None, :] > i, SQRT2 * g * ai[:, None], 0.0)
-        da += tl.where(j[None, :] == i, da_i[:, None], 0.0)
-    return da
-
-
-@triton.jit
 def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
     """d a (float32) for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E)."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     j = tl.arange(0, BLOCK_D)
-    ptrs = DA + t_ * C * D + c[:, None] * D + j[None, :]
-    mask = cmask[:, None] & (j[None, :] < D)
-    if SPLIT < BLOCK_D:
-        da = _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, 0, SPLIT, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN,
-                        BLOCK_TAIL, IEEE)
-        tl.store(ptrs, da, mask=mask)
-        upper = _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, SPLIT, D, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C,
-                           BLOCK_MAIN, BLOCK_TAIL, IEEE)
-        ju = SPLIT + tl.arange(0, BLOCK_D - SPLIT)
-        ptrs_u = DA + t_ * C * D + c[:, None] * D + ju[None, :]
-        mask_u = cmask[:, None] & (ju[None, :] < D)
-        tl.debug_barrier()  # the upper columns were just stored by other threads of this program
-        tl.store(ptrs_u, tl.load(ptrs_u, mask=mask_u, other=0.0) + upper, mask=mask_u)
-    else:
-        da = _grad_part(A, M, DY, t_, c, cmask, C, E, E_MAIN, NF, 0, D, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN,
-                        BLOCK_TAIL, IEEE)
-        tl.store(ptrs, da, mask=mask)
+    jmask = j < D
+    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN)  # the same for every m
+    if BLOCK_TAIL > 0:
+        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E)
+    da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    for m in range(D):
+        rows = _segment(tl.minimum(j, m), D) + tl.maximum(j, m)  # packed row of feature (m, j) or (j, m)
+        g = _grad_rows(M, dy, t_, rows, jmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
+        if BLOCK_TAIL > 0:
+            g += _grad_rows(M, dy_tail, t_, rows, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
+        am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
+        da += g * (am[:, None] * tl.where(j == m, 2.0, SQRT2)[None, :])
+    tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da, mask=cmask[:, None] & jmask[None, :])
 
 
 def _column_tiles(E):
@@ -206,7 +184,10 @@ def _split(block_d):
     return block_d // 2 if block_d >= 32 else block_d
 
 
-BLOCK_I = 8
+# Steps of i per outer program and warps per program of the outer and grad kernels: the fastest of the sweep in
+# bench/NOTES.md (H200, C = 128 and 256, d = 64).
+BLOCK_I = 16
+NUM_WARPS = 4
 
 
 def _outer(a, b):
@@ -214,14 +195,14 @@ def _outer(a, b):
     E = b.shape[-1]
     nf = d * (d + 1) // 2
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
-    block_c = _block(C, 128)
+    block_c = _block(C, 256)
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(e1 - e0, block_e))
         block_d = _block(d, 1 << 30)
         _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=block_c, BLOCK_D=block_d,
                             SPLIT=_split(block_d), BLOCK_E=block_e, BLOCK_I=BLOCK_I, ONE_BLOCK=C <= block_c,
-                            IEEE=a.dtype == torch.float32, num_warps=8)
+                            IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return out
 
 
@@ -244,12 +225,12 @@ def _grad(a, m, dy):
     E = m.shape[-1]
     da = torch.empty(T, C, d, dtype=torch.float32, device=a.device)
     tiles = _column_tiles(E)
-    block_c, block_d = _block(C), _block(d, 1 << 30)
+    block_c, block_d = _block(C, 128), _block(d, 1 << 30)
     tail = _block(tiles[1][1] - tiles[1][0], 1 << 30) if len(tiles) > 1 else 0
     _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, tiles[0][1], D=d,
                                                NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
-                                               SPLIT=_split(block_d), BLOCK_MAIN=_block(tiles[0][1], 1 << 30),
-                                               BLOCK_TAIL=tail, IEEE=a.dtype == torch.float32, num_warps=8)
+                                               BLOCK_MAIN=_block(tiles[0][1], 1 << 30), BLOCK_TAIL=tail,
+                                               IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return da.to(a.dtype)
 
 
