@@ -23,6 +23,7 @@ from .naive import power_attention_naive, state_size
 # 16,896 programs for the small model) keeps every SM's loads in flight; the rows' shares of [num, den] are
 # summed by a second small kernel.
 BLOCK_R = 64
+NUM_WARPS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,7 +105,7 @@ def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
     _step_kernel[(B * H, blocks)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D, H,
                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                   *g_strides, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
-                                  BLOCK_R=BLOCK_R, BLOCK_V=triton.next_power_of_2(dv))
+                                  BLOCK_R=BLOCK_R, BLOCK_V=triton.next_power_of_2(dv), num_warps=NUM_WARPS)
     o = torch.empty(B, H, 1, dv, dtype=q.dtype, device=q.device)
     _finish_kernel[(B * H,)](part, o, blocks, E, dv, NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(E))
     return o
