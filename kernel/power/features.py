@@ -7,14 +7,15 @@ The two are adjoint, so their gradients are each other plus one kernel for d a (
 backward of d loss / d phi(a_t) = M dy_t, never materialised either.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
-product per step, the d-wide factor formed in registers (half-width once i passes d / 2):
-    outer  step i: rows e(i) + j of the result = (c_ij a_j a_i)^T b, the transposed factor formed directly
-           from a loaded transposed (no transpose of a register tile);
-    apply  step i: (c_ij a_i a_j) [C, j] times rows e(i) + j of M;
-    grad   through the unpacked symmetric state M'[m, j] = c' M_(min(m, j), max(m, j)) (c' = 2 on the
-           diagonal, sqrt 2 off it): d a = sum_m (dy M'[m]^T) * a[:, m], one multiply-add per element and
-           no per-step row sums (a full d-wide product per m, a third more tensor-core work than the
-           triangle, but 3.4x faster on an H200: bench/NOTES.md).
+product per step:
+    outer  step i: rows e(i) + j of the result = (c_ij a_j a_i)^T b, the transposed factor formed in
+           registers from a loaded transposed (half-width once i passes d / 2);
+    apply and grad read the state as the unpacked symmetric matrix, row (m, j) = packed row (min, max), so
+           that one operand of every step is fixed and the step's scalar a_m multiplies its result:
+    apply  phi(a) M = sum_m a_m (a / sqrt 2) M[(m, j)] + (1 - 1 / sqrt 2) (a * a) M[(j, j)];
+    grad   d a = sum_m (dy M[(m, j)]^T) * c'_mj a[:, m], c' = 2 on the diagonal, sqrt 2 off it.
+A full d-wide product per m is a third more tensor-core work than the triangle, but with no factor formed
+per step and no per-step row sums the two run 1.3x and 3.4x faster on an H200 (bench/NOTES.md).
 CPU tensors and the "torch" backend materialise phi with kron_reference instead.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it
 from ..kron import kron_reference
 
 SQRT2 = tl.constexpr(1.4142135623730951)
+INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
@@ -104,35 +106,31 @@ def _outer_kernel(A, B, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.cons
 
 
 @triton.jit
-def _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, I0, I1, J0: tl.constexpr, BLOCK_J: tl.constexpr,
-                D: tl.constexpr, IEEE: tl.constexpr):
-    j = J0 + tl.arange(0, BLOCK_J)
-    a = tl.load(A + t_ * C * D + c[:, None] * D + j[None, :], mask=cmask[:, None] & (j[None, :] < D),
-                other=0.0).to(tl.float32)
-    for i in range(I0, I1):
-        ai = tl.load(A + t_ * C * D + c * D + i, mask=cmask, other=0.0).to(tl.float32)
-        p = tl.where((j >= i)[None, :], a * ai[:, None] * tl.where(j == i, 1.0, SQRT2)[None, :], 0.0)
-        rows = _segment(i, D) + j
-        m = tl.load(M + t_ * NF * E + rows[:, None] * E + e[None, :],
-                    mask=((j >= i) & (j < D))[:, None] & (e[None, :] < E1), other=0.0)
-        acc += _dot(p.to(m.dtype), m, IEEE)
-    return acc
+def _sym_rows(j, m, D: tl.constexpr):
+    """Packed rows of the features (m, j) for every j: (m, j) or (j, m), whichever has the smaller index first."""
+    return _segment(tl.minimum(j, m), D) + tl.maximum(j, m)
 
 
 @triton.jit
 def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
-    """Columns [E0, E1) of phi(a) M for a block of tokens."""
+                  BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    """Columns [E0, E1) of phi(a) M for a block of tokens, as sum_m a_m (a / sqrt 2) M[(m, j) or (j, m)] plus
+    (1 - 1 / sqrt 2) (a * a) M[(j, j)] for the diagonal (each pair j != m is met twice, at m and at j)."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     cmask = c < C
+    j = tl.arange(0, BLOCK_D)
+    mask = (j < D)[:, None] & (e[None, :] < E1)
+    a = _load_rows(A, t_, c, cmask, C, j, D, D).to(tl.float32)
+    a_half = (a * INV_SQRT2).to(M.dtype.element_ty)  # the fixed operand of every step
     acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
-    if SPLIT < BLOCK_D:
-        acc = _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, 0, SPLIT, 0, BLOCK_D, D, IEEE)
-        acc = _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, SPLIT, D, SPLIT, BLOCK_D - SPLIT, D, IEEE)
-    else:
-        acc = _apply_part(acc, A, M, t_, c, cmask, e, E, E1, C, NF, 0, D, 0, BLOCK_D, D, IEEE)
+    for m in range(D):
+        rows = tl.load(M + t_ * NF * E + _sym_rows(j, m, D)[:, None] * E + e[None, :], mask=mask, other=0.0)
+        am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
+        acc += am[:, None] * _dot(a_half, rows, IEEE)
+    diag = tl.load(M + t_ * NF * E + (_segment(j, D) + j)[:, None] * E + e[None, :], mask=mask, other=0.0)
+    acc += _dot((a * a * (1.0 - INV_SQRT2)).to(diag.dtype), diag, IEEE)
     tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
              mask=cmask[:, None] & (e[None, :] < E1))
 
@@ -159,7 +157,7 @@ def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.co
         dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E)
     da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for m in range(D):
-        rows = _segment(tl.minimum(j, m), D) + tl.maximum(j, m)  # packed row of feature (m, j) or (j, m)
+        rows = _sym_rows(j, m, D)
         g = _grad_rows(M, dy, t_, rows, jmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
         if BLOCK_TAIL > 0:
             g += _grad_rows(M, dy_tail, t_, rows, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
@@ -184,7 +182,7 @@ def _split(block_d):
     return block_d // 2 if block_d >= 32 else block_d
 
 
-# Steps of i per outer program and warps per program of the outer and grad kernels: the fastest of the sweep in
+# Steps of i per outer program and warps per program of the three kernels: the fastest of the sweeps in
 # bench/NOTES.md (H200, C = 128 and 256, d = 64).
 BLOCK_I = 16
 NUM_WARPS = 4
@@ -210,13 +208,13 @@ def _apply(a, m, out_dtype):
     T, C, d = a.shape
     E = m.shape[-1]
     out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
-    block_c = _block(C)
+    block_c = _block(C, 128)
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
-        block_d = _block(d, 1 << 30)
-        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
-                            SPLIT=_split(block_d), BLOCK_E=block_e, IEEE=a.dtype == torch.float32)
+        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c,
+                            BLOCK_D=_block(d, 1 << 30), BLOCK_E=block_e, IEEE=a.dtype == torch.float32,
+                            num_warps=NUM_WARPS)
     return out
 
 
