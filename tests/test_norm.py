@@ -1,5 +1,5 @@
 """kernel.rms_norm: the Triton kernel (CPU interpreter here, compiled on a GPU) against the PyTorch formula
-weight * F.rms_norm(x.float(), ...).to(x.dtype).
+weight * F.rms_norm(x.float(), ...).to(x.dtype), and RMSNorm's dispatch (the formula whenever autograd records).
 
 The kernel sums a row's squares in another order than ATen, so on random rows rstd may differ by a few float32
 ulps. Rows of multiples of 1/8 (|x| <= 4) have squares and partial sums exact in float32 in any order: there the
@@ -8,10 +8,13 @@ kernel must give the formula's bits. The interpreter has no bfloat16 (numpy has 
 import pytest
 import torch
 
+import kernel.triton_norm
+from GPT_Trainer.LlamaDecoderLayerClean import RMSNorm
 from kernel import rms_norm
 from kernel.triton_norm import MAX_CHANNELS
 
 CPU_DTYPES = [torch.float32, torch.float16]
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
 
 def _exact_rows(shape, dtype, device="cpu", scale=1.0):
@@ -79,6 +82,39 @@ def test_bad_inputs():
         rms_norm(torch.randn(2, 48), torch.ones(47), 1e-5, backend="triton")
     with pytest.raises(ValueError, match=f"at most {MAX_CHANNELS} channels"):
         rms_norm(torch.randn(1, MAX_CHANNELS + 1), torch.ones(MAX_CHANNELS + 1), 1e-5, backend="triton")
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_rmsnorm_dispatch(device, monkeypatch):
+    """RMSNorm runs the kernel only when autograd records nothing; with gradients its grads are the formula's."""
+    calls = []
+    kernel_fn = kernel.triton_norm.triton_rms_norm
+    monkeypatch.setattr(kernel.triton_norm, "triton_rms_norm", lambda *a: calls.append(1) or kernel_fn(*a))
+    monkeypatch.setenv("TWOMAMBA_ATTENTION_BACKEND", "triton")  # "auto" picks the kernel on the CPU too
+    norm = RMSNorm(48).to(device)
+    norm.weight.data.normal_()
+    x = _exact_rows((3, 5, 48), torch.float32, device).requires_grad_(True)
+    dy = torch.randn(3, 5, 48, device=device)
+
+    y = norm(x)
+    assert not calls and y.grad_fn is not None
+    dx, dw = torch.autograd.grad(y, (x, norm.weight), dy)
+    w = norm.weight.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = w * torch.nn.functional.rms_norm(x_ref, (48,), eps=norm.eps)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x_ref, w), dy)
+    _assert_bitwise(y.detach(), y_ref.detach())
+    _assert_bitwise(dx, dx_ref)
+    _assert_bitwise(dw, dw_ref)
+
+    norm.weight.requires_grad_(False)
+    norm(x)  # x still requires grad
+    assert not calls
+    with torch.no_grad():
+        _assert_bitwise(norm(x), y.detach())
+    with torch.inference_mode():
+        norm(x)
+    assert len(calls) == 2
 
 
 @pytest.mark.gpu
