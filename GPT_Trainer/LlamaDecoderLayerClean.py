@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
-from kernel import attention, causal_conv1d, causal_conv1d_step, power_attention
+from kernel import attention, causal_conv1d, causal_conv1d_step, power_attention, rms_norm
 from kernel.power import state_size
 from kernel.reference import bhnd_views
 
@@ -137,8 +137,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # F.rms_norm: x * rsqrt(mean(x^2) + eps), one fused kernel where torch has one (fewer launches per step)
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # weight * F.rms_norm(x.float(), ...).to(x.dtype), as one Triton kernel on CUDA when no gradient is
+        # needed (kernel/norm.py)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def cached_causal_conv(x, weight, bias=None, conv_state=None):

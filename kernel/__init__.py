@@ -2,7 +2,10 @@
 from .attention import attention
 from .conv import causal_conv1d, causal_conv1d_step
 from .kron import kron
+from .norm import rms_norm
 from .power import power_attention
 from .reference import attention_reference
 
-__all__ = ["attention", "attention_reference", "causal_conv1d", "causal_conv1d_step", "kron", "power_attention"]
+__all__ = [
+    "attention", "attention_reference", "causal_conv1d", "causal_conv1d_step", "kron", "power_attention", "rms_norm",
+]
