@@ -133,7 +133,8 @@ def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size
     E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
     v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
     # padded keys are 0 (no weight, no state), padded decays 0 (no decay); padded queries are cut off
-    q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
+    if pad:
+        q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
     gl = torch.zeros(B, H, n, C, dtype=torch.float64, device=q.device) if g is None else \
         F.pad(g, (0, pad)).to(torch.float64).reshape(B, H, n, C)
 
@@ -142,22 +143,20 @@ def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size
 
     intra = attention(chunks(q), chunks(k), chunks(v1), None if g is None else gl.reshape(B * H * n, 1, C),
                       power=power, normalize=False, scale=scale, backend=backend)
-    intra = intra.reshape(B, H, n, C, E).to(compute)
 
     b = torch.cumsum(gl, dim=-1)  # in-chunk cumulative decay, float64
     L = b[..., -1]
-    # [B H n, C, .] blocks; phi is formed on chip by the fused products (features.py) on the GPU
+    # [B H n, C, .] blocks; phi is formed on chip by the fused products (features.py) on the GPU. The queries
+    # enter unscaled: phi(scale q) = scale^p phi(q) joins the e^b factor below (no scaled copy of q)
     fused = resolve_backend(backend, q) == "triton" and compute == torch.float32
-    a_q = (q * scale).reshape(B * H * n, C, d)
-    a_k = k.reshape(B * H * n, C, d)
     key_decay = torch.exp(L[..., None] - b).to(v1.dtype).reshape(B * H * n, C, 1)
-    u = feature_outer(a_k, v1.reshape(B * H * n, C, E) * key_decay, power=power, fused=fused)
+    u = feature_outer(k.reshape(B * H * n, C, d), v1.reshape(B * H * n, C, E) * key_decay, power=power, fused=fused)
     D = u.shape[1]
     h0 = None if initial_state is None else F.pad(initial_state, (0, E - dv - 1)).reshape(B * H, D * E)
     states, final = state_scan(u.reshape(B * H, n, D * E), L.reshape(B * H, n), h0, states_dtype=q.dtype,
                                backend=backend)
-    inter = feature_apply(a_q, states.reshape(B * H * n, D, E), power=power, fused=fused)
-    inter = inter.reshape(B, H, n, C, E).to(compute)
-    total = intra + inter * torch.exp(b).to(compute)[..., None]
+    inter = feature_apply(q.reshape(B * H * n, C, d), states.reshape(B * H * n, D, E), power=power, fused=fused)
+    query_decay = (torch.exp(b) * scale ** int(power)).to(compute)[..., None]
+    # one kernel: intra (q's dtype) + inter * query_decay, promoted to the compute dtype
+    total = torch.addcmul(intra.reshape(B, H, n, C, E), inter.reshape(B, H, n, C, E).to(compute), query_decay)
     return total.reshape(B, H, n * C, E)[:, :, :N, :dv + 1], final.reshape(B, H, D, E)[..., :dv + 1]
-
