@@ -166,9 +166,9 @@ def test_bad_arguments():
 
 
 @interpreter
-@pytest.mark.parametrize("power", ["1", "2"])
+@pytest.mark.parametrize("power,normalize", [("1", False), ("2", True), ("2", False)])
 @pytest.mark.parametrize("has_state", [True, False])
-def test_chunk_triton_interpreter(power, has_state):
+def test_chunk_triton_interpreter(power, normalize, has_state):
     """The chunked form through the Triton kernels (fp32) against the float64 recurrence, all gradients."""
     B, H, N, d, dv = 1, 2, 21, 8, 6
     q, k, v, g = make_inputs(8, B, H, N, d, dv, decay=2.0)
@@ -177,10 +177,33 @@ def test_chunk_triton_interpreter(power, has_state):
     def tensors(dtype):
         return [t.to(dtype) for t in (q, k, v, g)] + ([s0.to(dtype)] if has_state else [])
 
-    outs, gs = stateful_grads(power_attention, tensors(torch.float32), power, algorithm="chunk", chunk_size=8,
-                              backend="triton")
-    routs, rgs = stateful_grads(power_attention_naive, tensors(torch.float64), power)
+    outs, gs = stateful_grads(power_attention, tensors(torch.float32), power, normalize=normalize,
+                              algorithm="chunk", chunk_size=8, backend="triton")
+    routs, rgs = stateful_grads(power_attention_naive, tensors(torch.float64), power, normalize=normalize)
     assert_rel_close(outs + gs, routs + rgs, 2e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_combine(normalize):
+    """intra + inter * decay, divided and cast in one kernel each way == the PyTorch formula: o and the three
+    gradients, over rows that span two programs, E columns of which the last are padding, and rows whose
+    normaliser is 0 (o = 0, zero gradients)."""
+    from kernel.power.chunk import COMBINE_ROWS, combine
+
+    gen = torch.Generator().manual_seed(20)
+    R, dv, E = COMBINE_ROWS + 5, 6, 16
+    intra, inter = torch.randn(R, E, generator=gen), torch.randn(R, E, generator=gen)
+    intra[:, dv + 1:] = inter[:, dv + 1:] = 0  # the zero columns of [v, 1] padded to E
+    intra[:3, dv], inter[:3, dv] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1
+    decay = torch.rand(R, generator=gen) + 0.5
+    decay[:3] = 1.0
+    fused, gs = grads(lambda a, b, c: combine(a, b, c, dv=dv, normalize=normalize, fused=True), (intra, inter, decay))
+    ref, rgs = grads(lambda a, b, c: combine(a, b, c, dv=dv, normalize=normalize, fused=False),
+                     [t.double() for t in (intra, inter, decay)])
+    assert_rel_close(fused + gs, ref + rgs, 1e-5)  # float32 against float64
+    if normalize:
+        assert torch.equal(fused[0][:3], torch.zeros(3, dv)) and not gs[0][:3].any() and not gs[2][:3].any()
 
 
 @interpreter

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..attention import attention
 from ..reference import bhnd_views, check_attention_args
 from .chunk import chunk_power_attention, state_scan
-from .naive import normalized, power_attention_naive, state_size
+from .naive import power_attention_naive, state_size
 from .recurrent import recurrent_power_attention, recurrent_step
 
 ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
@@ -77,10 +77,9 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
                                            initial_state=initial_state, output_final_state=output_final_state,
                                            inplace=inplace, backend=backend)
     else:  # the quadratic algorithm with a state is the chunked one with a single chunk
-        total, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, initial_state=initial_state,
-                                             chunk_size=N if algorithm == "quadratic" else chunk_size,
-                                             backend=backend)
-        o = normalized(total, normalize).to(q.dtype)
+        o, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
+                                         initial_state=initial_state,
+                                         chunk_size=N if algorithm == "quadratic" else chunk_size, backend=backend)
         result = (o, final) if output_final_state else o
     if inplace and result[1] is not initial_state:
         initial_state.copy_(result[1])

@@ -9,8 +9,9 @@ the state entering chunk c ([D, dv + 1], float32):
 The states M_c come from one sequential pass over the chunks (a Triton kernel on the GPU, forward and
 backward), not from a product over all chunk pairs. Every exponent is a difference inside one chunk, so
 each factor is <= 1 and nothing overflows at any length; b is summed in float64.
-Everything else is the fused feature products of features.py (phi formed on chip), the quadratic kernel and
-a few elementwise ops, so autograd reaches q, k, v, g and the initial state.
+Everything else is the fused feature products of features.py (phi formed on chip), the quadratic kernel, one
+fused kernel that combines intra and inter, divides and casts (forward and backward), and a few elementwise
+ops, so autograd reaches q, k, v, g and the initial state.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import triton.language as tl
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import attention, resolve_backend
 from .features import feature_apply, feature_outer
+from .naive import normalized
 
 SCAN_BLOCK = 1024
+COMBINE_ROWS = 32
 
 
 @triton.jit
@@ -118,8 +121,86 @@ def state_scan(u, log_decay, h0=None, *, states_dtype=None, backend="auto"):
                                   None if h0 is None else h0.float().contiguous(), states_dtype or torch.float32)
 
 
-def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size, backend="auto"):
-    """Un-normalised [num, den] ([B, H, N, dv + 1], float32 or float64) and the final state.
+@triton.jit
+def _combine_fwd_kernel(INTRA, INTER, QD, O, DEN, R, E, dv, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """o = num / den (0 where den = 0) or num, with [num, den] = intra + inter * qd, for BLOCK_R rows."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols[None, :] <= dv)
+    offs = rows[:, None] * E + cols[None, :]
+    qd = tl.load(QD + rows, mask=rmask, other=0.0)
+    t = tl.load(INTRA + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(INTER + offs, mask=mask, other=0.0) * qd[:, None]
+    if NORMALIZE:
+        den = tl.sum(tl.where(cols[None, :] == dv, t, 0.0), axis=1)
+        t = tl.where(den[:, None] == 0.0, 0.0, t / tl.where(den == 0.0, 1.0, den)[:, None])
+        tl.store(DEN + rows, den, mask=rmask)
+    tl.store(O + rows[:, None] * dv + cols[None, :], t.to(O.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < dv))
+
+
+@triton.jit
+def _combine_bwd_kernel(DO, O, DEN, INTER, QD, DINTRA, DINTER, DQD, R, E, dv, NORMALIZE: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """d [num, den] from d o, then d intra = d t, d inter = d t * qd, d qd = <d t, inter> per row."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < R
+    omask = rmask[:, None] & (cols[None, :] < dv)
+    do = tl.load(DO + rows[:, None] * dv + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+    if NORMALIZE:  # o = num / den: d num = d o / den, d den = -<d o, o> / den (both 0 where den = 0)
+        den = tl.load(DEN + rows, mask=rmask, other=0.0)
+        o = tl.load(O + rows[:, None] * dv + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+        inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+        dt = tl.where(cols[None, :] == dv, -(tl.sum(do * o, axis=1) * inv)[:, None], do * inv[:, None])
+    else:
+        dt = do
+    offs = rows[:, None] * E + cols[None, :]
+    emask = rmask[:, None] & (cols[None, :] < E)  # the zero columns past dv get a zero gradient
+    qd = tl.load(QD + rows, mask=rmask, other=0.0)
+    inter = tl.load(INTER + offs, mask=emask, other=0.0)
+    tl.store(DINTRA + offs, dt.to(DINTRA.dtype.element_ty), mask=emask)
+    tl.store(DINTER + offs, dt * qd[:, None], mask=emask)
+    tl.store(DQD + rows, tl.sum(dt * inter, axis=1), mask=rmask)
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, intra, inter, qd, normalize, dv):
+        R, E = inter.shape
+        o = torch.empty(R, dv, dtype=intra.dtype, device=intra.device)
+        den = torch.empty(R if normalize else 0, dtype=torch.float32, device=intra.device)
+        grid = (triton.cdiv(R, COMBINE_ROWS),)
+        _combine_fwd_kernel[grid](intra, inter, qd, o, den, R, E, dv, NORMALIZE=normalize, BLOCK_R=COMBINE_ROWS,
+                                  BLOCK_E=triton.next_power_of_2(E))
+        ctx.save_for_backward(o, den, inter, qd)
+        ctx.normalize, ctx.intra_dtype = normalize, intra.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        o, den, inter, qd = ctx.saved_tensors
+        R, E = inter.shape
+        dintra = torch.empty(R, E, dtype=ctx.intra_dtype, device=o.device)
+        dinter, dqd = torch.empty_like(inter), torch.empty_like(qd)
+        _combine_bwd_kernel[(triton.cdiv(R, COMBINE_ROWS),)](do.contiguous(), o, den, inter, qd, dintra, dinter, dqd, R,
+                                                             E, o.shape[1], NORMALIZE=ctx.normalize,
+                                                             BLOCK_R=COMBINE_ROWS, BLOCK_E=triton.next_power_of_2(E))
+        return dintra, dinter, dqd, None, None
+
+
+def combine(intra, inter, query_decay, *, dv, normalize, fused):
+    """o = normalized(intra + inter * query_decay) in intra's dtype, from the first dv + 1 of E columns:
+    intra [R, E] (q's dtype), inter [R, E] and query_decay [R] in the compute dtype; o [R, dv]. fused: one
+    Triton kernel each way (no float32 [R, E] temporaries); otherwise the same formula in PyTorch."""
+    if fused:
+        return _Combine.apply(intra.contiguous(), inter.contiguous(), query_decay.contiguous(), normalize, dv)
+    total = torch.addcmul(intra[:, :dv + 1], inter[:, :dv + 1], query_decay[:, None])  # promoted to inter's dtype
+    return normalized(total, normalize).to(intra.dtype)
+
+
+def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, chunk_size, backend="auto"):
+    """o ([B, H, N, dv], q's dtype) and the final state ([B, H, D, dv + 1], float32 or float64).
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] or None; initial_state: [B, H, D, dv + 1] or None.
     """
@@ -129,6 +210,7 @@ def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size
     pad = (-N) % C
     n = (N + pad) // C
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.contiguous(), k.contiguous()  # once: the [B, N, H, d] layout's views would be copied by each reshape
     # [v, 1] padded with zero columns to a multiple of 16 (aligned rows for the tensor-core products)
     E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
     v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
@@ -156,7 +238,7 @@ def chunk_power_attention(q, k, v, g, *, power, scale, initial_state, chunk_size
     states, final = state_scan(u.reshape(B * H, n, D * E), L.reshape(B * H, n), h0, states_dtype=q.dtype,
                                backend=backend)
     inter = feature_apply(q.reshape(B * H * n, C, d), states.reshape(B * H * n, D, E), power=power, fused=fused)
-    query_decay = (torch.exp(b) * scale ** int(power)).to(compute)[..., None]
-    # one kernel: intra (q's dtype) + inter * query_decay, promoted to the compute dtype
-    total = torch.addcmul(intra.reshape(B, H, n, C, E), inter.reshape(B, H, n, C, E).to(compute), query_decay)
-    return total.reshape(B, H, n * C, E)[:, :, :N, :dv + 1], final.reshape(B, H, D, E)[..., :dv + 1]
+    query_decay = (torch.exp(b) * scale ** int(power)).to(compute)
+    o = combine(intra.reshape(-1, E), inter.reshape(-1, E).to(compute), query_decay.reshape(-1), dv=dv,
+                normalize=normalize, fused=fused)
+    return o.reshape(B, H, n * C, dv)[:, :, :N], final.reshape(B, H, D, E)[..., :dv + 1]
