@@ -286,10 +286,11 @@ def test_gpu_recurrent_step(power):
 
 @interpreter
 @pytest.mark.parametrize("T,C,d,E", [(2, 5, 8, 16), (1, 16, 12, 33), (1, 17, 40, 80), (1, 150, 8, 16),
-                                     (1, 300, 8, 16)])
+                                     (1, 300, 8, 16), (1, 300, 8, 33)])
 def test_fused_feature_products(T, C, d, E):
     """phi(a)^T b and phi(a) M with phi formed on chip == the materialised kron products, with gradients;
-    C = 300 walks the chunk in blocks of tokens (the outer product's long-chunk path)."""
+    C = 300 walks the chunk in blocks of tokens (the outer product's long-chunk path), E = 33 and 80 take a
+    second column tile."""
     from kernel.power.features import feature_apply, feature_outer
 
     gen = torch.Generator().manual_seed(15)

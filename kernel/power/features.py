@@ -9,7 +9,8 @@ The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the 
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
     outer  step i: rows e(i) + j of the result = (c_ij a_j a_i)^T b, the transposed factor formed in
-           registers from a loaded transposed (half-width once i passes d / 2);
+           registers from a transposed once per program, for both column tiles of b at once (half-width
+           once i passes d / 2);
     apply and grad read the state as the unpacked symmetric matrix, row (m, j) = packed row (min, max), so
            that one operand of every step is fixed and the step's scalar a_m multiplies its result:
     apply  phi(a) M = sum_m a_m (a / sqrt 2) M[(m, j)] + (1 - 1 / sqrt 2) (a * a) M[(j, j)];
@@ -55,54 +56,71 @@ def _load_rows(PTR, t_, c, cmask, C, cols, W, W1):
 
 
 @triton.jit
-def _load_cols(PTR, t_, c, cmask, C, j, W):
-    """Block t_ of a [T, C, W] tensor transposed: rows j, columns c, float32."""
-    return tl.load(PTR + t_ * C * W + c[None, :] * W + j[:, None], mask=cmask[None, :] & (j[:, None] < W),
-                   other=0.0).to(tl.float32)
+def _store_rows(OUT, out, t_, rows, ok, cols, E, E1, NF):
+    """Rows `rows` (where ok), columns cols (< E1) of block t_ of a [T, NF, E] tensor."""
+    tl.store(OUT + t_ * NF * E + rows[:, None] * E + cols[None, :], out.to(OUT.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < E1))
 
 
 @triton.jit
-def _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                IEEE: tl.constexpr):
+def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
+                ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
     j = J0 + tl.arange(0, BLOCK_J)
     c = tl.arange(0, BLOCK_C)
-    if ONE_BLOCK:  # the chunk is one block of tokens: a and b are loaded once for all BLOCK_I steps
-        a_t = _load_cols(A, t_, c, c < C, C, j, D)
-        b = _load_rows(B, t_, c, c < C, C, e, E, E1)
+    em = tl.arange(0, BLOCK_MAIN)
+    if BLOCK_TAIL > 0:
+        et = E_MAIN + tl.arange(0, BLOCK_TAIL)
+    if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once) and b loaded once
+        a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D).to(tl.float32))
+        b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
+        if BLOCK_TAIL > 0:
+            b_tail = _load_rows(B, t_, c, c < C, C, et, E, E)
     for ii in range(BLOCK_I):
         i = i0 + ii
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
         if ONE_BLOCK:
             ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0).to(tl.float32)
-            out = _dot((a_t * ai[None, :] * coef).to(b.dtype), b, IEEE)
+            p_t = (a_t * ai[None, :] * coef).to(b.dtype)  # formed once for both column tiles
+            out = _dot(p_t, b, IEEE)
+            if BLOCK_TAIL > 0:
+                out_tail = _dot(p_t, b_tail, IEEE)
         else:  # a longer chunk (a stateful prefill) in blocks of tokens, so that it fits in shared memory
-            out = tl.zeros([BLOCK_J, BLOCK_E], tl.float32)
+            out = tl.zeros([BLOCK_J, BLOCK_MAIN], tl.float32)
+            if BLOCK_TAIL > 0:
+                out_tail = tl.zeros([BLOCK_J, BLOCK_TAIL], tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cb = c0 + c
                 ai = tl.load(A + t_ * C * D + cb * D + i, mask=(cb < C) & (i < D), other=0.0).to(tl.float32)
-                p_t = _load_cols(A, t_, cb, cb < C, C, j, D) * ai[None, :] * coef
-                out += _dot(p_t.to(B.dtype.element_ty), _load_rows(B, t_, cb, cb < C, C, e, E, E1), IEEE)
+                a_t = tl.trans(_load_rows(A, t_, cb, cb < C, C, j, D, D).to(tl.float32))
+                p_t = (a_t * ai[None, :] * coef).to(B.dtype.element_ty)
+                out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN), IEEE)
+                if BLOCK_TAIL > 0:
+                    out_tail += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, et, E, E), IEEE)
         rows = _segment(i, D) + j
-        mask = ((j >= i) & (j < D) & (i < D))[:, None] & (e[None, :] < E1)
-        tl.store(OUT + t_ * NF * E + rows[:, None] * E + e[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+        ok = (j >= i) & (j < D) & (i < D)
+        _store_rows(OUT, out, t_, rows, ok, em, E, E_MAIN, NF)
+        if BLOCK_TAIL > 0:
+            _store_rows(OUT, out_tail, t_, rows, ok, et, E, E, NF)
 
 
 @triton.jit
-def _outer_kernel(A, B, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                  IEEE: tl.constexpr):
-    """Columns [E0, E1) of phi(a)^T b for BLOCK_I values of i."""
+def _outer_kernel(A, B, OUT, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
+                  ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """phi(a)^T b for BLOCK_I values of i, the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E)."""
     t_ = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_I
-    e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
-    if SPLIT < BLOCK_D:
+    if SPLIT < BLOCK_D:  # constexpr first: the Triton frontend does not mix it with a runtime test in one `and`
         if i0 >= SPLIT:
-            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_E, BLOCK_I, ONE_BLOCK, IEEE)
+            _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_MAIN,
+                        BLOCK_TAIL, BLOCK_I, ONE_BLOCK, IEEE)
         else:
-            _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, ONE_BLOCK, IEEE)
+            _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
+                        BLOCK_I, ONE_BLOCK, IEEE)
     else:
-        _outer_part(A, B, OUT, e, E, E1, t_, C, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_E, BLOCK_I, ONE_BLOCK, IEEE)
+        _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL, BLOCK_I,
+                    ONE_BLOCK, IEEE)
 
 
 @triton.jit
@@ -184,7 +202,7 @@ def _split(block_d):
 
 # Steps of i per outer program and warps per program of the three kernels: the fastest of the sweeps in
 # bench/NOTES.md (H200, C = 128 and 256, d = 64).
-BLOCK_I = 16
+BLOCK_I = 32
 NUM_WARPS = 4
 
 
@@ -193,14 +211,15 @@ def _outer(a, b):
     E = b.shape[-1]
     nf = d * (d + 1) // 2
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
-    block_c = _block(C, 256)
-    for e0, e1 in _column_tiles(E):
-        block_e = _block(e1 - e0)
-        grid = (T, triton.cdiv(d, BLOCK_I), triton.cdiv(e1 - e0, block_e))
-        block_d = _block(d, 1 << 30)
-        _outer_kernel[grid](a, b, out, C, E, e0, e1, D=d, NF=nf, BLOCK_C=block_c, BLOCK_D=block_d,
-                            SPLIT=_split(block_d), BLOCK_E=block_e, BLOCK_I=BLOCK_I, ONE_BLOCK=C <= block_c,
-                            IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+    tiles = _column_tiles(E)
+    tail = _block(tiles[1][1] - tiles[1][0], 1 << 30) if len(tiles) > 1 else 0
+    block_c, block_d = _block(C, 256), _block(d, 1 << 30)
+    block_i = min(BLOCK_I, block_d)
+    _outer_kernel[(T, triton.cdiv(d, block_i))](a, b, out, C, E, tiles[0][1], D=d, NF=nf, BLOCK_C=block_c,
+                                                BLOCK_D=block_d, SPLIT=_split(block_d),
+                                                BLOCK_MAIN=_block(tiles[0][1], 1 << 30), BLOCK_TAIL=tail,
+                                                BLOCK_I=block_i, ONE_BLOCK=C <= block_c,
+                                                IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return out
 
 
