@@ -11,10 +11,10 @@ if ls .whl/retention-*.whl > /dev/null 2>&1 && \
    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers .whl/retention-*.whl; then
   PEERS="retention"
 fi
-timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -m gpu tests/test_power_attention.py tests/test_kron.py \
+timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_power_attention.py tests/test_kron.py \
   tests/test_infer.py tests/test_model.py tests/test_triton_attention.py tests/test_triton_conv.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit $?"; tail -5 "$OUT/gpu_tests.log"
-timeout ${ATTN_TIMEOUT:-100} python3 bench/attention.py --lengths 2048 8192 32768 --chunk-sizes 128 --peers \
+timeout ${ATTN_TIMEOUT:-100} python3 bench/attention.py --lengths 2048 8192 32768 --chunk-sizes 256 --peers \
   --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
 echo "attention exit $?"; grep -v "^N=" "$OUT/attention.log" | tail -20
 timeout ${TRAIN_TIMEOUT:-140} python3 bench/train_throughput.py --seq_lens 2048 32768 --types softmax 2mamba mamba \
@@ -26,6 +26,6 @@ echo "decode exit $?"; tail -16 "$OUT/decode.log"
 # last, as its first call compiles and autotunes for minutes: the peer beside ours at one length
 if [ -n "$PEERS" ]; then
   PYTHONPATH=$PYTHONPATH:/tmp/peers timeout ${PEER_TIMEOUT:-90} python3 bench/attention.py --lengths 32768 \
-    --chunk-sizes 128 --peers $PEERS --error-length 512 --out "$OUT/attention_peers.json" > "$OUT/attention_peers.log" 2>&1
+    --chunk-sizes 256 --peers $PEERS --error-length 512 --out "$OUT/attention_peers.json" > "$OUT/attention_peers.log" 2>&1
   echo "peers exit $?"; grep "^N=" "$OUT/attention_peers.log"
 fi
