@@ -45,9 +45,6 @@ def _dot(x, y, IEEE: tl.constexpr):
     return tl.dot(x, y)
 
 
-# For i in the upper half of the head dimension every needed j (j >= i) lies in the upper half too, so those
-# steps use half-width tiles (SPLIT = BLOCK_D / 2): a quarter of the products saved.
-
 @triton.jit
 def _load_rows(PTR, t_, c, cmask, C, cols, W, W1):
     """Rows c, columns cols (< W1) of block t_ of a [T, C, W] tensor."""
@@ -108,7 +105,9 @@ def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: 
 def _outer_kernel(A, B, OUT, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                   SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
                   ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
-    """phi(a)^T b for BLOCK_I values of i, the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E)."""
+    """phi(a)^T b for BLOCK_I values of i, the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). For i
+    in the upper half of the head dimension every needed j (j >= i) lies in the upper half too: those steps
+    use half-width tiles (SPLIT = BLOCK_D / 2), a quarter of the products saved."""
     t_ = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_I
     if SPLIT < BLOCK_D:  # constexpr first: the Triton frontend does not mix it with a runtime test in one `and`
