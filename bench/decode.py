@@ -16,6 +16,10 @@ their summed GPU time per step. Where kernel time is far below wall time, the st
     python bench/decode.py                       # small model, bf16, prompts 1K-32K, batches 1 and 32
     python bench/decode.py --device cpu --model_size tiny --prompt_lengths 64 256 --batch_sizes 1 2  # smoke run
     python bench/decode.py --types softmax --prompt_lengths 1024 --batch_sizes 1 --profile   # per-step breakdown
+
+--profile_prefill N adds, per case, a second prefill on a fresh cache (warm: nothing left to compile),
+timed, then a third under torch.profiler with its N largest ops by device time (CPU time on a CPU): the
+JSON's "prefill_warm_s" and "prefill_profile".
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 from GPT_Trainer.infer2 import DTYPES
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, TWO_MAMBA_E
 from GPT_Trainer.modeling import get_model
+from train_throughput import profile_step  # bench/ is on sys.path: the script runs from it
 
 TYPES = {"softmax": "softmax", "2Mamba": TWO_MAMBA, "2Mamba-E": TWO_MAMBA_E}
 DEFAULT_TYPES = ["softmax", "2Mamba"]
@@ -77,8 +82,22 @@ def profile_steps(model, cache, tokens, new_tokens, device):
     return tokens, breakdown
 
 
+def prefill_breakdown(model, ids, device, top):
+    """(seconds of a warm prefill, the profile of another) on fresh caches made outside the timing."""
+    cache = model.new_cache(ids.shape[1], ids.shape[0])
+    sync(device)
+    start = time.perf_counter()
+    model(ids, past_key_values=cache, logits_to_keep=1)
+    sync(device)
+    seconds = time.perf_counter() - start
+    del cache
+    cache = model.new_cache(ids.shape[1], ids.shape[0])
+    return round(seconds, 3), profile_step(lambda: model(ids, past_key_values=cache, logits_to_keep=1), top,
+                                           device.type)
+
+
 @torch.no_grad()
-def run_case(model, batch, prompt_len, new_tokens, warmup, device, profiled=False):
+def run_case(model, batch, prompt_len, new_tokens, warmup, device, profiled=False, profile_prefill=0):
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -110,6 +129,9 @@ def run_case(model, batch, prompt_len, new_tokens, warmup, device, profiled=Fals
         if graph is not None:
             cache.step_graph = graph
             _, row["profile"]["graphed"] = profile_steps(model, cache, tokens, new_tokens, device)
+    if profile_prefill:  # the first prefill's cache freed first (a 32 x 32K KV cache is 82 GB)
+        del cache
+        row["prefill_warm_s"], row["prefill_profile"] = prefill_breakdown(model, ids, device, profile_prefill)
     return row
 
 
@@ -123,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no_cuda_graph", action="store_true", help="eager one-token steps on CUDA too")
     parser.add_argument("--profile", action="store_true", help="per-step breakdown (module docstring)")
+    parser.add_argument("--profile_prefill", type=int, default=0, metavar="N",
+                        help="a warm prefill's time and N largest ops (module docstring)")
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -141,7 +165,8 @@ def main(argv=None):
             for batch in args.batch_sizes:
                 row = {"attention": label, "prompt_tokens": prompt_len, "batch": batch}
                 try:
-                    row.update(run_case(model, batch, prompt_len, args.new_tokens, args.warmup, device, args.profile))
+                    row.update(run_case(model, batch, prompt_len, args.new_tokens, args.warmup, device, args.profile,
+                                        args.profile_prefill))
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
                 rows.append(row)

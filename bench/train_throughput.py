@@ -7,7 +7,7 @@ then the timed steps between CUDA events. Prints a table and writes JSON under b
     python bench/train_throughput.py [--seq_lens 2048 8192] [--types softmax 2mamba 2mamba-e mamba]
 
 --profile N adds, per case, the N largest CUDA-time entries of one more step under torch.profiler (the JSON
-row's "profile": name, calls, CUDA ms) and the step's total kernel time, printed after the case.
+row's "profile": name, calls, ms) and the step's total kernel time, printed after the case.
 """
 from __future__ import annotations
 
@@ -70,20 +70,27 @@ def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
     return row
 
 
-def profile_step(step, top: int) -> dict:
-    """One step under torch.profiler: the `top` ops by CUDA time (self time, so nothing is counted twice)."""
+def profile_step(step, top: int, device_type: str = "cuda") -> dict:
+    """One call of step() under torch.profiler: the `top` ops by self time on the device (CPU time on a CPU),
+    self time so that nothing is counted twice, and the total."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device_type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         step()
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-    ops = [{"name": e.key[:80], "calls": e.count, "cuda_ms": e.self_device_time_total / 1e3} for e in events[:top]]
-    total = sum(e.self_device_time_total for e in events) / 1e3
+        if cuda:
+            torch.cuda.synchronize()
+
+    def self_us(e):
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    ops = [{"name": e.key[:80], "calls": e.count, "ms": self_us(e) / 1e3} for e in events[:top]]
+    total = sum(self_us(e) for e in events) / 1e3
     for op in ops:
-        print(f"    {op['cuda_ms']:8.2f} ms {op['calls']:6d}x  {op['name']}")
-    print(f"    {total:8.2f} ms of kernels in the step")
-    return {"kernel_ms": total, "ops": ops}
+        print(f"    {op['ms']:8.2f} ms {op['calls']:6d}x  {op['name']}")
+    print(f"    {total:8.2f} ms of {'kernels' if cuda else 'CPU ops'} in all")
+    return {"total_ms": total, "ops": ops}
 
 
 def main(argv=None):
