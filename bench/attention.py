@@ -171,18 +171,19 @@ def errors_at(N, H, d, peers=None):
     return result
 
 
-def profile_chunk(N, B, H, d):
+def profile_chunk(N, B, H, d, top=18):
     """Kernel time by op of one forward+backward of the chunked form (after a warm-up call)."""
-    from torch.profiler import ProfilerActivity, profile
+    from train_throughput import profile_step  # bench/ is on sys.path: the script runs from it
 
     q, k, v, g, do = make_inputs(B, H, N, d)
     leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
-    power_attention(*leaves, algorithm="chunk", chunk_size=CHUNK_SIZES[0]).backward(do)  # compiles
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+
+    def step():
         power_attention(*leaves, algorithm="chunk", chunk_size=CHUNK_SIZES[0]).backward(do)
-        torch.cuda.synchronize()
+
+    step()  # compiles
     print(f"\nprofile: chunked fwd+bwd, N={N} B={B} C={CHUNK_SIZES[0]}")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))
+    profile_step(step, top)
 
 
 def main():
@@ -199,6 +200,8 @@ def main():
     parser.add_argument("--profile", type=int, default=None, metavar="N",
                         help="also print a torch.profiler table of one chunked fwd+bwd at this N (B = tokens / N)")
     args = parser.parse_args()
+    if args.profile is not None and args.profile < 1:
+        parser.error(f"--profile takes a sequence length >= 1, got {args.profile}")
     CHUNK_SIZES[:] = args.chunk_sizes
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")

@@ -152,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--out", default=os.path.join("bench", "results", "decode.json"))
     args = parser.parse_args(argv)
+    if args.profile_prefill < 0:
+        parser.error(f"--profile_prefill takes a number of ops >= 0 (0: none), got {args.profile_prefill}")
 
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # the recurrent state math runs in float32

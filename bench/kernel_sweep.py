@@ -73,6 +73,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.batch < 1 or min(args.chunk_sizes) < 1:
+        parser.error(f"--batch and --chunk-sizes take values >= 1, got {args.batch} and {args.chunk_sizes}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_sweep.py needs a CUDA GPU")
     rows = [row for C in args.chunk_sizes for row in sweep_features(C)] + sweep_recurrent(args.batch)

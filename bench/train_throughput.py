@@ -106,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N largest ops of a step")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error(f"--profile takes a number of ops >= 0 (0: no profile), got {args.profile}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/train_throughput.py needs a CUDA GPU")
 

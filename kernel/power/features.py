@@ -190,6 +190,14 @@ def _column_tiles(E):
     return [(0, min(main, E))] + ([(main, E)] if E > main else [])
 
 
+def _main_and_tail(E):
+    """(E_MAIN, BLOCK_MAIN, BLOCK_TAIL) of kernels that take both column tiles in one program (BLOCK_TAIL 0: one
+    tile)."""
+    tiles = _column_tiles(E)
+    tail = _block(tiles[1][1] - tiles[1][0], 1 << 30) if len(tiles) > 1 else 0
+    return tiles[0][1], _block(tiles[0][1], 1 << 30), tail
+
+
 def _block(width, cap=64):
     return min(cap, max(16, triton.next_power_of_2(width)))
 
@@ -210,14 +218,12 @@ def _outer(a, b):
     E = b.shape[-1]
     nf = d * (d + 1) // 2
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
-    tiles = _column_tiles(E)
-    tail = _block(tiles[1][1] - tiles[1][0], 1 << 30) if len(tiles) > 1 else 0
+    e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
     block_i = min(BLOCK_I, block_d)
-    _outer_kernel[(T, triton.cdiv(d, block_i))](a, b, out, C, E, tiles[0][1], D=d, NF=nf, BLOCK_C=block_c,
-                                                BLOCK_D=block_d, SPLIT=_split(block_d),
-                                                BLOCK_MAIN=_block(tiles[0][1], 1 << 30), BLOCK_TAIL=tail,
-                                                BLOCK_I=block_i, ONE_BLOCK=C <= block_c,
+    _outer_kernel[(T, triton.cdiv(d, block_i))](a, b, out, C, E, e_main, D=d, NF=nf, BLOCK_C=block_c,
+                                                BLOCK_D=block_d, SPLIT=_split(block_d), BLOCK_MAIN=block_main,
+                                                BLOCK_TAIL=block_tail, BLOCK_I=block_i, ONE_BLOCK=C <= block_c,
                                                 IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return out
 
@@ -240,12 +246,11 @@ def _grad(a, m, dy):
     T, C, d = a.shape
     E = m.shape[-1]
     da = torch.empty(T, C, d, dtype=torch.float32, device=a.device)
-    tiles = _column_tiles(E)
-    block_c, block_d = _block(C, 128), _block(d, 1 << 30)
-    tail = _block(tiles[1][1] - tiles[1][0], 1 << 30) if len(tiles) > 1 else 0
-    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, tiles[0][1], D=d,
-                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
-                                               BLOCK_MAIN=_block(tiles[0][1], 1 << 30), BLOCK_TAIL=tail,
+    e_main, block_main, block_tail = _main_and_tail(E)
+    block_c = _block(C, 128)
+    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, e_main, D=d,
+                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
+                                               BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
                                                IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return da.to(a.dtype)
 
