@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
 from kernel import attention, causal_conv1d, causal_conv1d_step, power_attention, rms_norm
-from kernel.power import state_size
+from kernel.power import state_size, zero_state
 from kernel.reference import bhnd_views
 
 
@@ -259,7 +259,7 @@ class GenericAttention(nn.Module):
         if cfg.power == "exp":
             return KVState.empty(batch, self.num_heads, d, d, capacity, device, dtype,
                                  decayed=cfg.A_mask_type != "none", conv=conv)
-        return RecurrentState(conv, torch.zeros(batch, self.num_heads, state_size(d, cfg.power), d + 1, device=device))
+        return RecurrentState(conv, zero_state(batch, self.num_heads, state_size(d, cfg.power), d, device))
 
     def project(self, h, qkv):
         """From the layer input h [B,N,D] and the (conv'd) qkv [B,N,3Hd]: q, k, v as [B,N,H,d] views of qkv
@@ -443,7 +443,7 @@ class Mamba2(nn.Module):
 
     def new_cache(self, batch: int, device, dtype, capacity: int) -> RecurrentState:
         conv = torch.zeros(batch, self.conv1d.kernel_size[0] - 1, self.conv1d.in_channels, device=device, dtype=dtype)
-        return RecurrentState(conv, torch.zeros(batch, self.nheads, self.d_state, self.d_ssm + 1, device=device))
+        return RecurrentState(conv, zero_state(batch, self.nheads, self.d_state, self.d_ssm, device))
 
     def split(self, zxbcdt):
         d_mlp = self.d_mlp

@@ -28,7 +28,7 @@ def _tensor_bytes(*tensors) -> int:
 @dataclasses.dataclass
 class RecurrentState:
     conv: torch.Tensor | None  # [B, k-1, C] last pre-conv rows (None without a conv)
-    state: torch.Tensor  # [B, H, D, dv + 1] float32, kernel.power_attention's state
+    state: torch.Tensor  # [B, H, D, dv + 1] float32, kernel.power_attention's state (zero_state's layout)
 
     def nbytes(self) -> int:
         return _tensor_bytes(self.conv, self.state)

@@ -1,13 +1,14 @@
 """Tuning sweep of the linear-time kernels on one CUDA GPU: the constants they are launched with, timed in turn.
 
-    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32]
+    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent]
 
 The fused feature products of the chunked form (kernel/power/features.py: outer, apply, grad) at the
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = 64, [v, 1] padded to 80 columns,
 bf16) for each BLOCK_I and NUM_WARPS, and the one-token recurrent step (kernel/power/recurrent.py) at
-`--batch` sequences of the small model (16 heads, d = 64, float32 state) for each BLOCK_R and NUM_WARPS,
-with the state's bytes read and written per second. triton.testing.do_bench medians in ms; results are
-printed and written as JSON (bench/results/kernel_sweep_<gpu>.json or --out).
+`--batch` sequences of the small model (16 heads, d = 64, float32 state, contiguous "rows" or zero_state's
+column-major "columns") for each BLOCK_R and NUM_WARPS, with the state's bytes read and written per second.
+triton.testing.do_bench medians in ms; results are printed and written as JSON
+(bench/results/kernel_sweep_<gpu>.json or --out).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import torch
 from triton.testing import do_bench
 
-from kernel.power import features, recurrent
+from kernel.power import features, recurrent, zero_state
 
 
 def sweep_features(C: int, d: int = 64, E: int = 80, heads: int = 16, tokens: int = 32768) -> list[dict]:
@@ -51,16 +52,17 @@ def sweep_recurrent(batch: int, heads: int = 16, d: int = 64) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(batch, heads, 1, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
     g = -torch.rand(batch, heads, 1, device="cuda", generator=gen)
-    state = torch.randn(batch, heads, d * (d + 1) // 2, d + 1, device="cuda", generator=gen)
-    state_bytes = 2 * state.numel() * state.element_size()  # read and written once per step
+    states = {"rows": torch.randn(batch, heads, d * (d + 1) // 2, d + 1, device="cuda", generator=gen)}
+    states["columns"] = zero_state(batch, heads, d * (d + 1) // 2, d, "cuda").copy_(states["rows"])
+    state_bytes = 2 * states["rows"].numel() * 4  # float32, read and written once per step
     rows = []
     default = (recurrent.BLOCK_R, recurrent.NUM_WARPS)
-    for block_r, warps in itertools.product((32, 64, 128, 256), (2, 4, 8)):
+    for layout, block_r, warps in itertools.product(("rows", "columns"), (32, 64, 128, 256), (1, 2, 4, 8)):
         recurrent.BLOCK_R, recurrent.NUM_WARPS = block_r, warps
-        ms = do_bench(lambda: recurrent.recurrent_step(q, k, v, g, state, power="2", scale=d ** -0.5,
+        ms = do_bench(lambda: recurrent.recurrent_step(q, k, v, g, states[layout], power="2", scale=d ** -0.5,
                                                        normalize=True), warmup=5, rep=30)
-        row = {"kernel": "recurrent step", "batch": batch, "BLOCK_R": block_r, "NUM_WARPS": warps, "ms": ms,
-               "state_TB_per_s": state_bytes / ms / 1e9}
+        row = {"kernel": "recurrent step", "batch": batch, "layout": layout, "BLOCK_R": block_r, "NUM_WARPS": warps,
+               "ms": ms, "state_TB_per_s": state_bytes / ms / 1e9}
         print(json.dumps(row), flush=True)
         rows.append(row)
     recurrent.BLOCK_R, recurrent.NUM_WARPS = default
@@ -71,13 +73,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
+    parser.add_argument("--kernels", nargs="+", choices=["features", "recurrent"], default=["features", "recurrent"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.batch < 1 or min(args.chunk_sizes) < 1:
         parser.error(f"--batch and --chunk-sizes take values >= 1, got {args.batch} and {args.chunk_sizes}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_sweep.py needs a CUDA GPU")
-    rows = [row for C in args.chunk_sizes for row in sweep_features(C)] + sweep_recurrent(args.batch)
+    rows = [row for C in args.chunk_sizes for row in sweep_features(C)] if "features" in args.kernels else []
+    if "recurrent" in args.kernels:
+        rows += sweep_recurrent(args.batch)
     gpu = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_sweep_{gpu.replace(' ', '_')}.json")

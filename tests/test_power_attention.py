@@ -10,7 +10,7 @@ import torch
 
 from helpers import rel_err
 from kernel import attention_reference, power_attention
-from kernel.power import power_attention_naive, state_scan
+from kernel.power import power_attention_naive, state_scan, state_size, zero_state
 
 interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test on CPU tensors")
 
@@ -111,6 +111,25 @@ def test_split_anywhere_equals_one_call(power):
             start = end
         torch.testing.assert_close(torch.cat(pieces, dim=2), whole, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(state, final, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("power", ["1", "2"])
+def test_prefill_in_segments(power, monkeypatch):
+    """Without gradients a long input runs in segments of whole chunks (here 2 chunks of 8 tokens, then 5
+    tokens) with the state passed on: o and the final state == the float64 recurrence, with or without an
+    initial state, decay or no decay."""
+    from kernel.power import chunk
+
+    B, H, N, d, dv = 2, 2, 37, 8, 4
+    monkeypatch.setattr(chunk, "SEGMENT_TOKENS", B * H * 8 * 2)
+    q, k, v, g = make_inputs(16, B, H, N, d, dv, decay=0.5, positive=power == "1")
+    for s0, gg in ((None, g), (random_state(17, B, H, d, dv, power), None)):
+        ref, ref_state = power_attention_naive(q, k, v, gg, power=power, initial_state=s0, output_final_state=True)
+        with torch.no_grad():
+            out, state = power_attention(q, k, v, gg, power=power, initial_state=s0, output_final_state=True,
+                                         algorithm="chunk", chunk_size=8, backend="torch")
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(state, ref_state, rtol=1e-9, atol=1e-10)
 
 
 def test_extreme_decay_and_no_decay():
@@ -221,11 +240,12 @@ def test_state_scan_triton_matches_torch():
 @interpreter
 @pytest.mark.parametrize("power", ["1", "2"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("block_r", [64, 16, 8])
-def test_recurrent_step_kernel(power, normalize, block_r, monkeypatch):
+@pytest.mark.parametrize("block_r,layout", [(64, "none"), (16, "rows"), (8, "columns"), (64, "columns")])
+def test_recurrent_step_kernel(power, normalize, block_r, layout, monkeypatch):
     """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence;
     the state's rows (36 for power 2, 8 for power 1) in one block or several (the last one partial), its 6
-    value columns in a tile of 8."""
+    value columns in a tile of 8; the state made by the first step ("none"), or given contiguous ("rows") or
+    in zero_state's column-major layout ("columns") and updated in place from the first step on."""
     from kernel.power import recurrent
 
     monkeypatch.setattr(recurrent, "BLOCK_R", block_r)
@@ -236,9 +256,11 @@ def test_recurrent_step_kernel(power, normalize, block_r, monkeypatch):
                                            normalize=normalize, output_final_state=True)
     # the projection's layout [B, N, H, .] seen as [B, H, N, .]: the step reads it through its strides
     q, k, v, g = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, g))
-    state, outs = None, []
+    D = state_size(d, power)
+    state = {"none": None, "rows": torch.zeros(B, H, D, dv + 1), "columns": zero_state(B, H, D, dv, "cpu")}[layout]
+    outs = []
     with torch.no_grad():
-        for t in range(N):  # the first step starts from no state, later ones update theirs in place
+        for t in range(N):  # a step without a state makes one, the others update theirs in place
             o, new_state = power_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], g[:, :, t:t + 1],
                                            power=power, normalize=normalize, initial_state=state,
                                            output_final_state=True, inplace=state is not None, backend="triton")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..attention import attention
 from ..reference import bhnd_views, check_attention_args
 from .chunk import chunk_power_attention, state_scan
-from .naive import power_attention_naive, state_size
+from .naive import power_attention_naive, state_size, zero_state
 from .recurrent import recurrent_power_attention, recurrent_step
 
 ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
@@ -25,7 +25,8 @@ ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
 CHUNK_CROSSOVER = {"1": 4096, "2": 16384}
 CHUNK_SIZE = 256  # the faster of 128 and 256 (bench/NOTES.md): half the state traffic of 128 for a longer quadratic part
 
-__all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "ALGORITHMS"]
+__all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "zero_state",
+           "ALGORITHMS"]
 
 
 def _check_state(state, q, v, power):

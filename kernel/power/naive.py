@@ -23,6 +23,14 @@ def state_size(d: int, power: str) -> int:
     return d if power == "1" else d * (d + 1) // 2
 
 
+def zero_state(batch: int, heads: int, D: int, dv: int, device, dtype=torch.float32) -> torch.Tensor:
+    """An empty context's state, [batch, heads, D, dv + 1] as a view of [batch, heads, dv + 1, D] memory: the
+    state's column-major layout, in which the one-token step (recurrent.py) reads and writes every column of a
+    block of feature rows in aligned vectors (a row of dv + 1 = 65 floats is not 16-byte aligned). The
+    algorithms take a state of any strides; decoding caches allocate theirs here."""
+    return torch.zeros(batch, heads, dv + 1, D, device=device, dtype=dtype).transpose(-1, -2)
+
+
 def normalized(total: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Split [..., dv + 1] = [num, den] and divide; rows with den == 0 give 0 (and a zero gradient)."""
     num, den = total[..., :-1], total[..., -1:]

@@ -16,14 +16,14 @@ import triton.language as tl
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import resolve_backend
 from ..kron import kron_indices
-from .naive import power_attention_naive, state_size
+from .naive import power_attention_naive, state_size, zero_state
 
 # One program per (head, block of BLOCK_R feature rows), every column at once and no loop: the step only
 # streams the float32 state through (read once, written once), so at batch 32 the grid (B H x D / BLOCK_R =
-# 16,896 programs for the small model) keeps every SM's loads in flight; the rows' shares of [num, den] are
-# summed by a second small kernel.
-BLOCK_R = 64
-NUM_WARPS = 2
+# 8,704 programs for the small model) keeps every SM's loads in flight; the rows' shares of [num, den] are
+# summed by a second small kernel. The fastest of bench/kernel_sweep.py (H200, batch 32, zero_state's layout).
+BLOCK_R = 128
+NUM_WARPS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,12 +38,12 @@ def _feature_tables(d: int, power: str, device: torch.device):
 
 @triton.jit
 def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, H, sqb, sqh, skb, skh, svb, svh, sgb, sgh,
-                 dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
+                 ssb, ssh, ssr, ssc, dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """Rows [r BLOCK_R, (r + 1) BLOCK_R) of one head's state [S, z] ([D, dv + 1]): the numerator columns as one
     [BLOCK_R, BLOCK_V] tile, the normaliser column z apart (no tile padded to 2 dv for one column).
-    PART[bh, r] = these rows' share of [num, den]. q, k, v and g are read through their batch and head
-    strides (views of the projection need no copy)."""
+    PART[bh, r] = these rows' share of [num, den]. q, k, v, g and the state are read through their strides
+    (views of the projection need no copy; the column-major state of zero_state is read in aligned vectors)."""
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -65,13 +65,13 @@ def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, H, sqb, sqh, skb, s
     decay = 1.0
     if HAS_DECAY:
         decay = tl.exp(tl.load(G + b * sgb + h * sgh).to(tl.float32))
-    row_ptr = STATE + bh * D * (dv + 1) + rows * (dv + 1)
-    ptrs = row_ptr[:, None] + cols[None, :]
+    row_ptr = STATE + b * ssb + h * ssh + rows.to(tl.int64) * ssr
+    ptrs = row_ptr[:, None] + cols[None, :] * ssc
     mask = rmask[:, None] & cmask[None, :]
     s = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v[None, :]
-    z = decay * tl.load(row_ptr + dv, mask=rmask, other=0.0) + fk
+    z = decay * tl.load(row_ptr + dv * ssc, mask=rmask, other=0.0) + fk
     tl.store(ptrs, s, mask=mask)
-    tl.store(row_ptr + dv, z, mask=rmask)
+    tl.store(row_ptr + dv * ssc, z, mask=rmask)
     part = PART + (bh * tl.num_programs(1) + blk) * (dv + 1)
     tl.store(part + cols, tl.sum(fq[:, None] * s, axis=0), mask=cmask)
     tl.store(part + dv, tl.sum(fq * z, axis=0))
@@ -92,8 +92,9 @@ def _finish_kernel(PART, OUT, GROUPS, E, dv, NORMALIZE: tl.constexpr, BLOCK_E: t
 
 
 def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
-    """One token on the GPU: updates `state` ([B, H, D, dv + 1], float32, contiguous) in place and returns
-    o ([B, H, 1, dv], q's dtype): two kernels, the state update and the division."""
+    """One token on the GPU: updates `state` ([B, H, D, dv + 1], float32, any strides; fastest in zero_state's
+    column-major layout) in place and returns o ([B, H, 1, dv], q's dtype): two kernels, the state update and
+    the division."""
     B, H, _, d = q.shape
     dv = v.shape[-1]
     D, E = state.shape[-2:]
@@ -104,7 +105,7 @@ def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
     g_strides = (0, 0) if g is None else (g.stride(0), g.stride(1))
     _step_kernel[(B * H, blocks)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D, H,
                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                  *g_strides, dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
+                                  *g_strides, *state.stride(), dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
                                   BLOCK_R=BLOCK_R, BLOCK_V=triton.next_power_of_2(dv), num_warps=NUM_WARPS)
     o = torch.empty(B, H, 1, dv, dtype=q.dtype, device=q.device)
     _finish_kernel[(B * H,)](part, o, blocks, E, dv, NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(E))
@@ -114,18 +115,18 @@ def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
 def recurrent_power_attention(q, k, v, g, *, power, normalize, scale, initial_state, output_final_state,
                               inplace=False, backend="auto"):
     """Token-by-token power attention (inference: no gradients through the fused step). inplace: the fused
-    step updates a float32 contiguous initial_state itself instead of a copy."""
+    step updates a float32 initial_state itself instead of a copy."""
     use_kernel = (q.shape[2] == 1 and resolve_backend(backend, q) == "triton" and q.dtype != torch.float64
                   and not torch.is_grad_enabled())
     if not use_kernel:
         return power_attention_naive(q, k, v, g, power=power, normalize=normalize, scale=scale,
                                      initial_state=initial_state, output_final_state=output_final_state)
-    B, H, _, d = q.shape
-    if initial_state is None:
-        state = torch.zeros(B, H, state_size(d, power), v.shape[-1] + 1, dtype=torch.float32, device=q.device)
-    elif inplace and initial_state.dtype == torch.float32 and initial_state.is_contiguous():
+    if inplace and initial_state.dtype == torch.float32:
         state = initial_state
     else:
-        state = initial_state.float().contiguous().clone()
+        B, H, _, d = q.shape
+        state = zero_state(B, H, state_size(d, power), v.shape[-1], q.device)
+        if initial_state is not None:
+            state.copy_(initial_state)
     o = recurrent_step(q, k, v, g, state, power=power, scale=scale, normalize=normalize)
     return (o, state) if output_final_state else o
