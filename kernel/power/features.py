@@ -68,8 +68,10 @@ def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: 
     em = tl.arange(0, BLOCK_MAIN)
     if BLOCK_TAIL > 0:
         et = E_MAIN + tl.arange(0, BLOCK_TAIL)
+    # The factor a_j a_i is formed in a's dtype: in bf16 one rounding of the exact product, as a float32 product
+    # rounded to bf16 would give, at half the registers and no conversions; c_ij scales the float32 result.
     if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once) and b loaded once
-        a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D).to(tl.float32))
+        a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D))
         b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
         if BLOCK_TAIL > 0:
             b_tail = _load_rows(B, t_, c, c < C, C, et, E, E)
@@ -77,8 +79,8 @@ def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: 
         i = i0 + ii
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
         if ONE_BLOCK:
-            ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0).to(tl.float32)
-            p_t = (a_t * ai[None, :] * coef).to(b.dtype)  # formed once for both column tiles
+            ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0)
+            p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
                 out_tail = _dot(p_t, b_tail, IEEE)
@@ -88,17 +90,17 @@ def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: 
                 out_tail = tl.zeros([BLOCK_J, BLOCK_TAIL], tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cb = c0 + c
-                ai = tl.load(A + t_ * C * D + cb * D + i, mask=(cb < C) & (i < D), other=0.0).to(tl.float32)
-                a_t = tl.trans(_load_rows(A, t_, cb, cb < C, C, j, D, D).to(tl.float32))
-                p_t = (a_t * ai[None, :] * coef).to(B.dtype.element_ty)
+                ai = tl.load(A + t_ * C * D + cb * D + i, mask=(cb < C) & (i < D), other=0.0)
+                a_t = tl.trans(_load_rows(A, t_, cb, cb < C, C, j, D, D))
+                p_t = (a_t * ai[None, :]).to(B.dtype.element_ty)
                 out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN), IEEE)
                 if BLOCK_TAIL > 0:
                     out_tail += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, et, E, E), IEEE)
         rows = _segment(i, D) + j
         ok = (j >= i) & (j < D) & (i < D)
-        _store_rows(OUT, out, t_, rows, ok, em, E, E_MAIN, NF)
+        _store_rows(OUT, out * coef, t_, rows, ok, em, E, E_MAIN, NF)
         if BLOCK_TAIL > 0:
-            _store_rows(OUT, out_tail, t_, rows, ok, et, E, E, NF)
+            _store_rows(OUT, out_tail * coef, t_, rows, ok, et, E, E, NF)
 
 
 @triton.jit
