@@ -27,6 +27,7 @@ from .naive import normalized
 
 SCAN_BLOCK = 1024
 COMBINE_ROWS = 32
+SEGMENT_TOKENS = 1 << 23  # token-heads per piece of a long input without gradients: ~11 GB of bf16 states
 
 
 @triton.jit
@@ -203,7 +204,27 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
     """o ([B, H, N, dv], q's dtype) and the final state ([B, H, D, dv + 1], float32 or float64).
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] or None; initial_state: [B, H, D, dv + 1] or None.
+    Without gradients (a prefill) a long input runs in segments of whole chunks with the state passed on
+    (exact: a split anywhere gives the outputs of one call), so that the per-chunk states held at once stay
+    within SEGMENT_TOKENS token-heads (32 prompts of 128K tokens would otherwise need 350 GB of them).
     """
+    B, H, N = q.shape[:3]
+    C = max(1, min(chunk_size, N))
+    segment = max(1, SEGMENT_TOKENS // (B * H * C)) * C
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, initial_state))
+    if needs_grad or N <= segment:
+        return _chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
+                                      initial_state=initial_state, chunk_size=C, backend=backend)
+    outs, state = [], initial_state
+    for s in range(0, N, segment):
+        piece = (t[:, :, s:s + segment] for t in (q, k, v))
+        o, state = _chunk_power_attention(*piece, None if g is None else g[:, :, s:s + segment], power=power, scale=scale,
+                                          normalize=normalize, initial_state=state, chunk_size=C, backend=backend)
+        outs.append(o)
+    return torch.cat(outs, dim=2), state
+
+
+def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, chunk_size, backend):
     B, H, N, d = q.shape
     dv = v.shape[-1]
     C = max(1, min(chunk_size, N))
