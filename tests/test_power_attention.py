@@ -205,24 +205,28 @@ def test_chunk_triton_interpreter(power, normalize, has_state):
 @interpreter
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fused_combine(normalize):
-    """intra + inter * decay, divided and cast in one kernel each way == the PyTorch formula: o and the three
-    gradients, over rows that span two programs, E columns of which the last are padding, and rows whose
-    normaliser is 0 (o = 0, zero gradients)."""
+    """intra + [inter, inter_z] * decay, divided and cast in one kernel each way == the PyTorch formula: o and
+    the four gradients, over rows that span two programs, E columns of intra of which the last are padding, and
+    rows whose normaliser is 0 (o = 0, zero gradients)."""
     from kernel.power.chunk import COMBINE_ROWS, combine
 
     gen = torch.Generator().manual_seed(20)
     R, dv, E = COMBINE_ROWS + 5, 6, 16
-    intra, inter = torch.randn(R, E, generator=gen), torch.randn(R, E, generator=gen)
-    intra[:, dv + 1:] = inter[:, dv + 1:] = 0  # the zero columns of [v, 1] padded to E
-    intra[:3, dv], inter[:3, dv] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1
+    intra, inter, inter_z = torch.randn(R, E, generator=gen), torch.randn(R, dv, generator=gen), torch.randn(R, generator=gen)
+    intra[:, dv + 1:] = 0  # the zero columns of [v, 1] padded to E
+    intra[:3, dv], inter_z[:3] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1
     decay = torch.rand(R, generator=gen) + 0.5
     decay[:3] = 1.0
-    fused, gs = grads(lambda a, b, c: combine(a, b, c, dv=dv, normalize=normalize, fused=True), (intra, inter, decay))
-    ref, rgs = grads(lambda a, b, c: combine(a, b, c, dv=dv, normalize=normalize, fused=False),
-                     [t.double() for t in (intra, inter, decay)])
-    assert_rel_close(fused + gs, ref + rgs, 1e-5)  # float32 against float64
+
+    def run(fused):
+        return lambda *t: combine(*t, normalize=normalize, fused=fused)
+
+    out, gs = grads(run(True), (intra, inter, inter_z, decay))
+    ref, rgs = grads(run(False), [t.double() for t in (intra, inter, inter_z, decay)])
+    assert_rel_close(out + gs, ref + rgs, 1e-5)  # float32 against float64
     if normalize:
-        assert torch.equal(fused[0][:3], torch.zeros(3, dv)) and not gs[0][:3].any() and not gs[2][:3].any()
+        assert torch.equal(out[0][:3], torch.zeros(3, dv))
+        assert not any(gs[i][:3].any() for i in range(4))
 
 
 @interpreter
@@ -304,6 +308,39 @@ def test_gpu_recurrent_step(power):
     ref, ref_state = power_attention_naive(q, k, v, g, power=power, output_final_state=True)
     assert rel_err(o, ref[:, :, -1:]) < 1e-4
     assert rel_err(s, ref_state) < 1e-4
+
+
+def _normaliser_products(power, fused, T, C, d, dtype):
+    """feature_weighted_sum and feature_dot against the materialised features in float64, with gradients."""
+    from kernel.power.features import feature_dot, feature_weighted_sum
+    from kernel.power.naive import feature_map
+
+    gen = torch.Generator().manual_seed(21)
+    D = state_size(d, power)
+    a, w, z = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((T, C, d), (T, C), (T, D)))
+    got = grads(lambda a, w, z: (feature_weighted_sum(a, w, power=power, fused=fused),
+                                 feature_dot(a, z, power=power, fused=fused)), [t.to(dtype) for t in (a, w, z)])
+    ref = grads(lambda a, w, z: ((feature_map(a, power).transpose(1, 2) @ w[..., None]).squeeze(-1),
+                                 (feature_map(a, power) @ z[..., None]).squeeze(-1)), (a, w, z))
+    return got[0] + got[1], ref[0] + ref[1]
+
+
+@pytest.mark.parametrize("power", ["1", "2"])
+def test_normaliser_products(power):
+    """The state's normaliser part through d x d products == the materialised features, with gradients:
+    phi(a)^T w (feature_weighted_sum) and phi(a) z (feature_dot), float64, d = 7 (odd, no tiling)."""
+    for x, y in zip(*_normaliser_products(power, False, 3, 10, 7, torch.float64)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+@interpreter
+@pytest.mark.parametrize("T,C,d", [(2, 10, 7), (1, 150, 12), (1, 33, 16)])
+def test_fused_normaliser_products(T, C, d):
+    """The same through the Triton kernels (_gram_kernel, _quad_kernel and their adjoint backward), float32
+    against float64: head widths below and at a 16-wide tile, C = 150 over three blocks of tokens of the
+    gram and two programs of the quadratic form."""
+    got, ref = _normaliser_products("2", True, T, C, d, torch.float32)
+    assert_rel_close(got, ref, 1e-5)
 
 
 @interpreter

@@ -20,9 +20,9 @@ from .recurrent import recurrent_power_attention, recurrent_step
 
 ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
 # "auto" uses the chunked form from this many tokens on, per power; measured on an H200 with bench/attention.py
-# (forward + backward, bf16, H = 16, d = 64; see bench/NOTES.md): power 2 quadratic 10.1 ms vs chunked 13.3 ms
-# at 8K, 19.3 vs 13.3 at 16K; power 1 (unnormalised) 2.2 vs 4.4 ms at 2K, 8.3 vs 3.8 at 8K.
-CHUNK_CROSSOVER = {"1": 4096, "2": 16384}
+# (forward + backward, bf16, H = 16, d = 64; see bench/NOTES.md): power 2 quadratic 10.0 ms vs chunked 9.6 ms
+# at 8K (state split in S and z); power 1 (unnormalised) 2.2 vs 4.4 ms at 2K, 8.2 vs 5.1 at 8K.
+CHUNK_CROSSOVER = {"1": 4096, "2": 8192}
 CHUNK_SIZE = 256  # the faster of 128 and 256 (bench/NOTES.md): half the state traffic of 128 for a longer quadratic part
 
 __all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "zero_state",

@@ -9,9 +9,11 @@ the state entering chunk c ([D, dv + 1], float32):
 The states M_c come from one sequential pass over the chunks (a Triton kernel on the GPU, forward and
 backward), not from a product over all chunk pairs. Every exponent is a difference inside one chunk, so
 each factor is <= 1 and nothing overflows at any length; b is summed in float64.
-Everything else is the fused feature products of features.py (phi formed on chip), the quadratic kernel, one
-fused kernel that combines intra and inter, divides and casts (forward and backward), and a few elementwise
-ops, so autograd reaches q, k, v, g and the initial state.
+The state's two parts go apart: S [D, dv] through the fused feature products of features.py (phi formed on
+chip), z [D] through d x d products (the normaliser kernels there), so no product runs over a [v, 1] padded
+to 16 columns for the one column of z. With the quadratic kernel, one fused kernel that combines intra and
+inter, divides and casts (forward and backward), and a few elementwise ops, autograd reaches q, k, v, g and
+the initial state.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import triton.language as tl
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import attention, resolve_backend
-from .features import feature_apply, feature_outer
+from .features import feature_apply, feature_dot, feature_outer, feature_weighted_sum
 from .naive import normalized
 
 SCAN_BLOCK = 1024
@@ -123,16 +125,24 @@ def state_scan(u, log_decay, h0=None, *, states_dtype=None, backend="auto"):
 
 
 @triton.jit
-def _combine_fwd_kernel(INTRA, INTER, QD, O, DEN, R, E, dv, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+def _inter_rows(INTER, INTER_Z, rows, rmask, cols, dv):
+    """[inter, inter_z] of some rows as one [rows, BLOCK_E] tile (zero past column dv)."""
+    inter = tl.load(INTER + rows[:, None] * dv + cols[None, :], mask=rmask[:, None] & (cols[None, :] < dv), other=0.0)
+    inter_z = tl.load(INTER_Z + rows, mask=rmask, other=0.0)
+    return tl.where(cols[None, :] == dv, inter_z[:, None], inter)
+
+
+@triton.jit
+def _combine_fwd_kernel(INTRA, INTER, INTER_Z, QD, O, DEN, R, E, dv, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_E: tl.constexpr):
-    """o = num / den (0 where den = 0) or num, with [num, den] = intra + inter * qd, for BLOCK_R rows."""
+    """o = num / den (0 where den = 0) or num, with [num, den] = intra + [inter, inter_z] * qd, for BLOCK_R rows."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < R
     mask = rmask[:, None] & (cols[None, :] <= dv)
-    offs = rows[:, None] * E + cols[None, :]
     qd = tl.load(QD + rows, mask=rmask, other=0.0)
-    t = tl.load(INTRA + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(INTER + offs, mask=mask, other=0.0) * qd[:, None]
+    t = tl.load(INTRA + rows[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
+        _inter_rows(INTER, INTER_Z, rows, rmask, cols, dv) * qd[:, None]
     if NORMALIZE:
         den = tl.sum(tl.where(cols[None, :] == dv, t, 0.0), axis=1)
         t = tl.where(den[:, None] == 0.0, 0.0, t / tl.where(den == 0.0, 1.0, den)[:, None])
@@ -141,9 +151,9 @@ def _combine_fwd_kernel(INTRA, INTER, QD, O, DEN, R, E, dv, NORMALIZE: tl.conste
 
 
 @triton.jit
-def _combine_bwd_kernel(DO, O, DEN, INTER, QD, DINTRA, DINTER, DQD, R, E, dv, NORMALIZE: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    """d [num, den] from d o, then d intra = d t, d inter = d t * qd, d qd = <d t, inter> per row."""
+def _combine_bwd_kernel(DO, O, DEN, INTER, INTER_Z, QD, DINTRA, DINTER, DINTER_Z, DQD, R, E, dv,
+                        NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """d [num, den] from d o, then d intra = d t, d [inter, inter_z] = d t * qd, d qd = <d t, [inter, inter_z]>."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < R
@@ -156,47 +166,52 @@ def _combine_bwd_kernel(DO, O, DEN, INTER, QD, DINTRA, DINTER, DQD, R, E, dv, NO
         dt = tl.where(cols[None, :] == dv, -(tl.sum(do * o, axis=1) * inv)[:, None], do * inv[:, None])
     else:
         dt = do
-    offs = rows[:, None] * E + cols[None, :]
-    emask = rmask[:, None] & (cols[None, :] < E)  # the zero columns past dv get a zero gradient
+    # intra's zero columns past dv get a zero gradient
+    tl.store(DINTRA + rows[:, None] * E + cols[None, :], dt.to(DINTRA.dtype.element_ty),
+             mask=rmask[:, None] & (cols[None, :] < E))
     qd = tl.load(QD + rows, mask=rmask, other=0.0)
-    inter = tl.load(INTER + offs, mask=emask, other=0.0)
-    tl.store(DINTRA + offs, dt.to(DINTRA.dtype.element_ty), mask=emask)
-    tl.store(DINTER + offs, dt * qd[:, None], mask=emask)
-    tl.store(DQD + rows, tl.sum(dt * inter, axis=1), mask=rmask)
+    dinter = dt * qd[:, None]
+    tl.store(DINTER + rows[:, None] * dv + cols[None, :], dinter, mask=rmask[:, None] & (cols[None, :] < dv))
+    tl.store(DINTER_Z + rows, tl.sum(tl.where(cols[None, :] == dv, dinter, 0.0), axis=1), mask=rmask)
+    tl.store(DQD + rows, tl.sum(dt * _inter_rows(INTER, INTER_Z, rows, rmask, cols, dv), axis=1), mask=rmask)
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, intra, inter, qd, normalize, dv):
-        R, E = inter.shape
+    def forward(ctx, intra, inter, inter_z, qd, normalize):
+        (R, E), dv = intra.shape, inter.shape[1]
         o = torch.empty(R, dv, dtype=intra.dtype, device=intra.device)
         den = torch.empty(R if normalize else 0, dtype=torch.float32, device=intra.device)
         grid = (triton.cdiv(R, COMBINE_ROWS),)
-        _combine_fwd_kernel[grid](intra, inter, qd, o, den, R, E, dv, NORMALIZE=normalize, BLOCK_R=COMBINE_ROWS,
-                                  BLOCK_E=triton.next_power_of_2(E))
-        ctx.save_for_backward(o, den, inter, qd)
-        ctx.normalize, ctx.intra_dtype = normalize, intra.dtype
+        _combine_fwd_kernel[grid](intra, inter, inter_z, qd, o, den, R, E, dv, NORMALIZE=normalize,
+                                  BLOCK_R=COMBINE_ROWS, BLOCK_E=triton.next_power_of_2(E))
+        ctx.save_for_backward(o, den, inter, inter_z, qd)
+        ctx.normalize, ctx.intra_shape, ctx.intra_dtype = normalize, (R, E), intra.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        o, den, inter, qd = ctx.saved_tensors
-        R, E = inter.shape
+        o, den, inter, inter_z, qd = ctx.saved_tensors
+        R, E = ctx.intra_shape
         dintra = torch.empty(R, E, dtype=ctx.intra_dtype, device=o.device)
-        dinter, dqd = torch.empty_like(inter), torch.empty_like(qd)
-        _combine_bwd_kernel[(triton.cdiv(R, COMBINE_ROWS),)](do.contiguous(), o, den, inter, qd, dintra, dinter, dqd, R,
-                                                             E, o.shape[1], NORMALIZE=ctx.normalize,
-                                                             BLOCK_R=COMBINE_ROWS, BLOCK_E=triton.next_power_of_2(E))
-        return dintra, dinter, dqd, None, None
+        dinter, dinter_z, dqd = torch.empty_like(inter), torch.empty_like(inter_z), torch.empty_like(qd)
+        _combine_bwd_kernel[(triton.cdiv(R, COMBINE_ROWS),)](do.contiguous(), o, den, inter, inter_z, qd, dintra, dinter,
+                                                             dinter_z, dqd, R, E, inter.shape[1],
+                                                             NORMALIZE=ctx.normalize, BLOCK_R=COMBINE_ROWS,
+                                                             BLOCK_E=triton.next_power_of_2(E))
+        return dintra, dinter, dinter_z, dqd, None
 
 
-def combine(intra, inter, query_decay, *, dv, normalize, fused):
-    """o = normalized(intra + inter * query_decay) in intra's dtype, from the first dv + 1 of E columns:
-    intra [R, E] (q's dtype), inter [R, E] and query_decay [R] in the compute dtype; o [R, dv]. fused: one
-    Triton kernel each way (no float32 [R, E] temporaries); otherwise the same formula in PyTorch."""
+def combine(intra, inter, inter_z, query_decay, *, normalize, fused):
+    """o = normalized(intra + [inter, inter_z] * query_decay) in intra's dtype: intra [R, E] (q's dtype; its
+    first dv + 1 columns are [num, den]), inter [R, dv], inter_z and query_decay [R] in the compute dtype; o
+    [R, dv]. fused: one Triton kernel each way (no float32 [R, dv + 1] temporaries); otherwise PyTorch."""
     if fused:
-        return _Combine.apply(intra.contiguous(), inter.contiguous(), query_decay.contiguous(), normalize, dv)
-    total = torch.addcmul(intra[:, :dv + 1], inter[:, :dv + 1], query_decay[:, None])  # promoted to inter's dtype
+        return _Combine.apply(intra.contiguous(), inter.contiguous(), inter_z.contiguous(), query_decay.contiguous(),
+                              normalize)
+    dv = inter.shape[1]
+    inter = torch.cat([inter, inter_z[:, None]], dim=1)
+    total = torch.addcmul(intra[:, :dv + 1], inter, query_decay[:, None])  # promoted to inter's dtype
     return normalized(total, normalize).to(intra.dtype)
 
 
@@ -230,36 +245,44 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     C = max(1, min(chunk_size, N))
     pad = (-N) % C
     n = (N + pad) // C
+    T = B * H * n
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.contiguous(), k.contiguous()  # once: the [B, N, H, d] layout's views would be copied by each reshape
-    # [v, 1] padded with zero columns to a multiple of 16 (aligned rows for the tensor-core products)
-    E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
-    v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
     # padded keys are 0 (no weight, no state), padded decays 0 (no decay); padded queries are cut off
     if pad:
-        q, k, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v1))
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     gl = torch.zeros(B, H, n, C, dtype=torch.float64, device=q.device) if g is None else \
         F.pad(g, (0, pad)).to(torch.float64).reshape(B, H, n, C)
 
-    def chunks(t):  # every chunk a sequence of its own, on the batch axis (it may exceed the grid's head axis)
-        return t.reshape(B * H * n, 1, C, t.shape[-1])
+    # inside the chunks: the quadratic kernel on [v, 1] padded with zero columns to a multiple of 16 (aligned
+    # rows for the tensor-core products), unnormalised: [num, den]; every chunk a sequence of its own
+    E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
+    v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
+    intra = attention(q.reshape(T, 1, C, d), k.reshape(T, 1, C, d), v1.reshape(T, 1, C, E),
+                      None if g is None else gl.reshape(T, 1, C), power=power, normalize=False, scale=scale,
+                      backend=backend)
 
-    intra = attention(chunks(q), chunks(k), chunks(v1), None if g is None else gl.reshape(B * H * n, 1, C),
-                      power=power, normalize=False, scale=scale, backend=backend)
-
+    # across chunks: the state M = [S, z] in its two parts (module docstring). The queries enter unscaled:
+    # phi(scale q) = scale^p phi(q) joins e^b below.
     b = torch.cumsum(gl, dim=-1)  # in-chunk cumulative decay, float64
-    L = b[..., -1]
-    # [B H n, C, .] blocks; phi is formed on chip by the fused products (features.py) on the GPU. The queries
-    # enter unscaled: phi(scale q) = scale^p phi(q) joins the e^b factor below (no scaled copy of q)
+    L = b[..., -1].reshape(B * H, n)
+    key_decay = torch.exp(L.reshape(B, H, n, 1) - b).reshape(T, C)
     fused = resolve_backend(backend, q) == "triton" and compute == torch.float32
-    key_decay = torch.exp(L[..., None] - b).to(v1.dtype).reshape(B * H * n, C, 1)
-    u = feature_outer(k.reshape(B * H * n, C, d), v1.reshape(B * H * n, C, E) * key_decay, power=power, fused=fused)
+    k_blocks = k.reshape(T, C, d)
+    u = feature_outer(k_blocks, v.reshape(T, C, dv) * key_decay.to(v.dtype)[..., None], power=power, fused=fused)
+    u_z = feature_weighted_sum(k_blocks, key_decay, power=power, fused=fused)
     D = u.shape[1]
-    h0 = None if initial_state is None else F.pad(initial_state, (0, E - dv - 1)).reshape(B * H, D * E)
-    states, final = state_scan(u.reshape(B * H, n, D * E), L.reshape(B * H, n), h0, states_dtype=q.dtype,
-                               backend=backend)
-    inter = feature_apply(q.reshape(B * H * n, C, d), states.reshape(B * H * n, D, E), power=power, fused=fused)
+    h0, h0_z = (None, None) if initial_state is None else \
+        (initial_state[..., :dv].reshape(B * H, D * dv), initial_state[..., dv].reshape(B * H, D))
+    states, final = state_scan(u.reshape(B * H, n, D * dv), L, h0, states_dtype=q.dtype, backend=backend)
+    states_z, final_z = state_scan(u_z.reshape(B * H, n, D), L, h0_z, backend=backend)
+    q_blocks = q.reshape(T, C, d)
+    inter = feature_apply(q_blocks, states.reshape(T, D, dv), power=power, fused=fused)
     query_decay = (torch.exp(b) * scale ** int(power)).to(compute)
-    o = combine(intra.reshape(-1, E), inter.reshape(-1, E).to(compute), query_decay.reshape(-1), dv=dv,
+    # unnormalised, the den column is never read: no queries through z (its final state is still passed on)
+    inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused) if normalize else \
+        torch.zeros_like(query_decay)
+    o = combine(intra.reshape(-1, E), inter.reshape(-1, dv).to(compute), inter_z.reshape(-1), query_decay.reshape(-1),
                 normalize=normalize, fused=fused)
-    return o.reshape(B, H, n * C, dv)[:, :, :N], final.reshape(B, H, D, E)[..., :dv + 1]
+    final = torch.cat([final.reshape(B, H, D, dv), final_z.reshape(B, H, D, 1)], dim=-1)
+    return o.reshape(B, H, n * C, dv)[:, :, :N], final

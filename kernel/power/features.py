@@ -17,16 +17,23 @@ product per step:
     grad   d a = sum_m (dy M[(m, j)]^T) * c'_mj a[:, m], c' = 2 on the diagonal, sqrt 2 off it.
 A full d-wide product per m is a third more tensor-core work than the triangle, but with no factor formed
 per step and no per-step row sums the two run 1.3x and 3.4x faster on an H200 (bench/NOTES.md).
-CPU tensors and the "torch" backend materialise phi with kron_reference instead.
+For one column of weights (the normaliser z of the state) a column of D is a d x d symmetric matrix:
+    feature_weighted_sum(a, w) = phi(a)^T w = packed c_ij (a^T diag(w) a)_ij      [T, D]
+    feature_dot(a, z)          = phi(a) z   = a_c^T Z a_c, Z the unpacked z        [T, C]
+one d x d product each (_gram_kernel, _quad_kernel), again adjoint to each other.
+CPU tensors and the "torch" backend materialise phi with kron_reference instead (the normaliser products
+use the same d x d form in PyTorch).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
-from ..kron import kron_reference
+from ..kron import kron_indices, kron_reference
 
 SQRT2 = tl.constexpr(1.4142135623730951)
 INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -185,6 +192,43 @@ def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.co
     tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da, mask=cmask[:, None] & jmask[None, :])
 
 
+@triton.jit
+def _gram_kernel(A, W, OUT, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """OUT[t] = phi(a)^T w, packed: c_ij (a^T diag(w) a)_ij for i <= j, one d x d product per block of tokens."""
+    t_ = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        a = _load_rows(A, t_, c, c < C, C, j, D, D)
+        w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)
+        acc += _dot(tl.trans(a), (a.to(tl.float32) * w[:, None]).to(a.dtype), IEEE)
+    i2, j2 = j[:, None], j[None, :]
+    tl.store(OUT + t_ * NF + _segment(i2, D) + j2, acc * tl.where(i2 == j2, 1.0, SQRT2), mask=(j2 >= i2) & (j2 < D))
+
+
+@triton.jit
+def _quad_kernel(A, Z, S, OUT, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 GRAD: tl.constexpr, IEEE: tl.constexpr):
+    """With Z the symmetric d x d matrix of a packed z (phi(a) . z = a^T Z a: Z_jj = z_jj, Z_jm = z_jm / sqrt 2),
+    for a block of tokens: OUT[t, c] = a_c^T Z a_c, or with GRAD its gradient times s_c, OUT[t, c] = 2 s_c Z a_c."""
+    t_ = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    j = tl.arange(0, BLOCK_D)
+    i2, j2 = j[:, None], j[None, :]
+    z = tl.load(Z + t_ * NF + _sym_rows(i2, j2, D), mask=(i2 < D) & (j2 < D), other=0.0)
+    a = _load_rows(A, t_, c, cmask, C, j, D, D)
+    y = _dot(a, (z * tl.where(i2 == j2, 1.0, INV_SQRT2)).to(a.dtype), IEEE)
+    if GRAD:
+        s = tl.load(S + t_ * C + c, mask=cmask, other=0.0)
+        tl.store(OUT + t_ * C * D + c[:, None] * D + j[None, :], 2.0 * s[:, None] * y,
+                 mask=cmask[:, None] & (j[None, :] < D))
+    else:
+        tl.store(OUT + t_ * C + c, tl.sum(y * a.to(tl.float32), axis=1), mask=cmask)
+
+
 def _column_tiles(E):
     """[E0, E1) windows of the state's columns: the largest power of two (at least 16) first, then the rest,
     so that E = dv + 1 = 80 costs 64 + 16 columns instead of 128."""
@@ -257,6 +301,52 @@ def _grad(a, m, dy):
     return da.to(a.dtype)
 
 
+def _gram(a, w):
+    T, C, d = a.shape
+    out = torch.empty(T, d * (d + 1) // 2, dtype=torch.float32, device=a.device)
+    _gram_kernel[(T,)](a, w.float().contiguous(), out, C, D=d, NF=out.shape[1], BLOCK_C=_block(C), BLOCK_D=_block(d, 1 << 30),
+                       IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+    return out
+
+
+def _quad(a, z, s=None):
+    T, C, d = a.shape
+    out = torch.empty((T, C, d) if s is not None else (T, C), dtype=torch.float32, device=a.device)
+    block_c = _block(C, 128)
+    _quad_kernel[(T, triton.cdiv(C, block_c))](a, z.float().contiguous(), z if s is None else s.float().contiguous(), out,
+                                               C, D=d, NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
+                                               GRAD=s is not None, IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+    return out
+
+
+class _FeatureWeightedSum(torch.autograd.Function):
+    """phi(a)^T w and its gradients: d a = 2 w_c Z(du) a_c, d w_c = phi(a_c) . du (the adjoint, _FeatureDot)."""
+
+    @staticmethod
+    def forward(ctx, a, w):
+        ctx.save_for_backward(a, w)
+        return _gram(a, w)
+
+    @staticmethod
+    def backward(ctx, du):
+        a, w = ctx.saved_tensors
+        return _quad(a, du, w).to(a.dtype), _quad(a, du)
+
+
+class _FeatureDot(torch.autograd.Function):
+    """phi(a) . z and its gradients: d a = 2 dy_c Z(z) a_c, d z = phi(a)^T dy (the adjoint, _FeatureWeightedSum)."""
+
+    @staticmethod
+    def forward(ctx, a, z):
+        ctx.save_for_backward(a, z)
+        return _quad(a, z)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, z = ctx.saved_tensors
+        return _quad(a, z, dy).to(a.dtype), _gram(a, dy)
+
+
 class _FeatureOuter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
@@ -281,6 +371,53 @@ class _FeatureApply(torch.autograd.Function):
         a, m = ctx.saved_tensors
         dout = dout.to(m.dtype).contiguous()
         return _grad(a, m, dout), _outer(a, dout)
+
+
+@functools.lru_cache(maxsize=None)
+def _symmetric_tables(d: int, device: torch.device):
+    """(packed, unpacked, weight): the flat [d, d] positions i d + j of kron's pairs (i <= j), the packed row
+    of every [d, d] entry (min(i, j), max(i, j)), and the [d, d] weights such that phi(a) . z == a^T Z a with
+    Z = z[unpacked] * weight for any packed z [D]: 1 on the diagonal, c_ij / 2 off it (the two entries of a
+    pair share its c_ij z). Flat indices, so the products below index with index_select: its backward is an
+    index_add, not the sort of advanced indexing's."""
+    i, j, c = kron_indices(d, device, torch.float64)
+    unpacked = torch.empty(d, d, dtype=torch.long, device=device)
+    unpacked[i, j] = unpacked[j, i] = torch.arange(i.numel(), device=device)
+    weight = torch.empty(d, d, dtype=torch.float64, device=device)
+    weight[i, j] = weight[j, i] = torch.where(i == j, 1.0, c / 2)
+    return i * d + j, unpacked.flatten(), weight
+
+
+# The normaliser's products run in a's dtype, as the fused products do (bf16 operands, float32 sums), and
+# return float32 (float64 for float64 a); fused: one Triton kernel each way (_gram_kernel, _quad_kernel).
+
+
+def feature_weighted_sum(a, w, *, power: str, fused: bool):
+    """phi(a)^T w per block: a [T, C, d], w [T, C] -> [T, D] (the normaliser column of the chunk states), from
+    the d x d product a^T (w a) packed by kron's index pairs: one small product, not D columns."""
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if power == "2" and fused:
+        return _FeatureWeightedSum.apply(a.contiguous(), w)
+    aw = a * w.to(a.dtype)[..., None]
+    if power == "1":
+        return aw.sum(1, dtype=compute)
+    packed, _, _ = _symmetric_tables(a.shape[-1], a.device)
+    _, _, c = kron_indices(a.shape[-1], a.device, compute)
+    return (a.transpose(1, 2) @ aw).flatten(1).index_select(1, packed).to(compute) * c
+
+
+def feature_dot(a, z, *, power: str, fused: bool):
+    """phi(a) z per block: a [T, C, d], z [T, D] -> [T, C] (the normaliser of the state's share), as the
+    quadratic form a^T Z a of z unpacked to a symmetric d x d matrix."""
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if power == "1":
+        return (a @ z.to(a.dtype)[..., None]).squeeze(-1).to(compute)
+    if fused:
+        return _FeatureDot.apply(a.contiguous(), z)
+    d = a.shape[-1]
+    _, unpacked, weight = _symmetric_tables(d, a.device)
+    Z = (z.index_select(1, unpacked).view(-1, d, d) * weight.to(z.dtype)).to(a.dtype)
+    return ((a @ Z).to(compute) * a.to(compute)).sum(-1)
 
 
 def feature_outer(a, b, *, power: str, fused: bool):
