@@ -202,19 +202,37 @@ def test_chunk_triton_interpreter(power, normalize, has_state):
     assert_rel_close(outs + gs, routs + rgs, 2e-5)
 
 
+@pytest.mark.parametrize("power,normalize", [("1", False), ("1", True), ("2", False), ("2", True)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_chunk_output_only(power, normalize, backend):
+    """The training call, no final state (z formed only to normalise; intra on v alone without normalisation),
+    == the float64 recurrence: o and the gradients of q, k, v, g and the initial state."""
+    B, H, N, d, dv = 1, 2, 21, 8, 6
+    q, k, v, g = make_inputs(22, B, H, N, d, dv, decay=2.0, positive=normalize and power == "1")
+    s0 = random_state(23, B, H, d, dv, power)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    outs, gs = grads(lambda *t: power_attention(*t[:4], power=power, normalize=normalize, initial_state=t[4],
+                                                algorithm="chunk", chunk_size=8, backend=backend),
+                     [t.to(dtype) for t in (q, k, v, g, s0)])
+    routs, rgs = grads(lambda *t: power_attention_naive(*t[:4], power=power, normalize=normalize, initial_state=t[4]),
+                       (q, k, v, g, s0))
+    assert_rel_close(outs + gs, routs + rgs, 1e-8 if backend == "torch" else 2e-5)
+
+
 @interpreter
-@pytest.mark.parametrize("normalize", [True, False])
-def test_fused_combine(normalize):
+@pytest.mark.parametrize("normalize,E", [(True, 16), (False, 16), (False, 6)])
+def test_fused_combine(normalize, E):
     """intra + [inter, inter_z] * decay, divided and cast in one kernel each way == the PyTorch formula: o and
-    the four gradients, over rows that span two programs, E columns of intra of which the last are padding, and
-    rows whose normaliser is 0 (o = 0, zero gradients)."""
+    the four gradients, over rows that span two programs, E columns of intra of which the last are padding (or
+    E = dv, unnormalised: no den column), and rows whose normaliser is 0 (o = 0, zero gradients)."""
     from kernel.power.chunk import COMBINE_ROWS, combine
 
     gen = torch.Generator().manual_seed(20)
-    R, dv, E = COMBINE_ROWS + 5, 6, 16
+    R, dv = COMBINE_ROWS + 5, 6
     intra, inter, inter_z = torch.randn(R, E, generator=gen), torch.randn(R, dv, generator=gen), torch.randn(R, generator=gen)
     intra[:, dv + 1:] = 0  # the zero columns of [v, 1] padded to E
-    intra[:3, dv], inter_z[:3] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1
+    if normalize:
+        intra[:3, dv], inter_z[:3] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1
     decay = torch.rand(R, generator=gen) + 0.5
     decay[:3] = 1.0
 
@@ -223,6 +241,9 @@ def test_fused_combine(normalize):
 
     out, gs = grads(run(True), (intra, inter, inter_z, decay))
     ref, rgs = grads(run(False), [t.double() for t in (intra, inter, inter_z, decay)])
+    if not normalize:  # inter_z is not read: the formula leaves it out of the graph, the kernel gives zeros
+        assert rgs[2] is None and not gs[2].any()
+        gs, rgs = gs[:2] + gs[3:], rgs[:2] + rgs[3:]
     assert_rel_close(out + gs, ref + rgs, 1e-5)  # float32 against float64
     if normalize:
         assert torch.equal(out[0][:3], torch.zeros(3, dv))

@@ -79,7 +79,7 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
                                            inplace=inplace, backend=backend)
     else:  # the quadratic algorithm with a state is the chunked one with a single chunk
         o, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
-                                         initial_state=initial_state,
+                                         initial_state=initial_state, output_final_state=output_final_state,
                                          chunk_size=N if algorithm == "quadratic" else chunk_size, backend=backend)
         result = (o, final) if output_final_state else o
     if inplace and result[1] is not initial_state:

@@ -139,7 +139,7 @@ def _combine_fwd_kernel(INTRA, INTER, INTER_Z, QD, O, DEN, R, E, dv, NORMALIZE: 
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < R
-    mask = rmask[:, None] & (cols[None, :] <= dv)
+    mask = rmask[:, None] & (cols[None, :] <= dv) & (cols[None, :] < E)  # E = dv: no den column (unnormalised)
     qd = tl.load(QD + rows, mask=rmask, other=0.0)
     t = tl.load(INTRA + rows[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
         _inter_rows(INTER, INTER_Z, rows, rmask, cols, dv) * qd[:, None]
@@ -204,19 +204,25 @@ class _Combine(torch.autograd.Function):
 
 def combine(intra, inter, inter_z, query_decay, *, normalize, fused):
     """o = normalized(intra + [inter, inter_z] * query_decay) in intra's dtype: intra [R, E] (q's dtype; its
-    first dv + 1 columns are [num, den]), inter [R, dv], inter_z and query_decay [R] in the compute dtype; o
-    [R, dv]. fused: one Triton kernel each way (no float32 [R, dv + 1] temporaries); otherwise PyTorch."""
+    first dv + 1 columns are [num, den], or E = dv without normalisation), inter [R, dv], inter_z and
+    query_decay [R] in the compute dtype; o [R, dv]. fused: one Triton kernel each way (no float32
+    [R, dv + 1] temporaries); otherwise PyTorch."""
     if fused:
         return _Combine.apply(intra.contiguous(), inter.contiguous(), inter_z.contiguous(), query_decay.contiguous(),
                               normalize)
     dv = inter.shape[1]
-    inter = torch.cat([inter, inter_z[:, None]], dim=1)
-    total = torch.addcmul(intra[:, :dv + 1], inter, query_decay[:, None])  # promoted to inter's dtype
-    return normalized(total, normalize).to(intra.dtype)
+    qd = query_decay[:, None]
+    num = torch.addcmul(intra[:, :dv], inter, qd)  # promoted to inter's dtype
+    if not normalize:
+        return num.to(intra.dtype)
+    den = torch.addcmul(intra[:, dv:dv + 1], inter_z[:, None], qd)
+    return normalized(torch.cat([num, den], dim=1), True).to(intra.dtype)
 
 
-def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, chunk_size, backend="auto"):
-    """o ([B, H, N, dv], q's dtype) and the final state ([B, H, D, dv + 1], float32 or float64).
+def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, output_final_state, chunk_size,
+                          backend="auto"):
+    """o ([B, H, N, dv], q's dtype) and the final state ([B, H, D, dv + 1], float32 or float64; None unless
+    output_final_state).
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] or None; initial_state: [B, H, D, dv + 1] or None.
     Without gradients (a prefill) a long input runs in segments of whole chunks with the state passed on
@@ -229,17 +235,20 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, initial_state))
     if needs_grad or N <= segment:
         return _chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
-                                      initial_state=initial_state, chunk_size=C, backend=backend)
+                                      initial_state=initial_state, output_final_state=output_final_state,
+                                      chunk_size=C, backend=backend)
     outs, state = [], initial_state
     for s in range(0, N, segment):
         piece = (t[:, :, s:s + segment] for t in (q, k, v))
         o, state = _chunk_power_attention(*piece, None if g is None else g[:, :, s:s + segment], power=power, scale=scale,
-                                          normalize=normalize, initial_state=state, chunk_size=C, backend=backend)
+                                          normalize=normalize, initial_state=state, output_final_state=True,
+                                          chunk_size=C, backend=backend)
         outs.append(o)
-    return torch.cat(outs, dim=2), state
+    return torch.cat(outs, dim=2), state if output_final_state else None
 
 
-def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, chunk_size, backend):
+def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, output_final_state, chunk_size,
+                           backend):
     B, H, N, d = q.shape
     dv = v.shape[-1]
     C = max(1, min(chunk_size, N))
@@ -254,10 +263,14 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     gl = torch.zeros(B, H, n, C, dtype=torch.float64, device=q.device) if g is None else \
         F.pad(g, (0, pad)).to(torch.float64).reshape(B, H, n, C)
 
-    # inside the chunks: the quadratic kernel on [v, 1] padded with zero columns to a multiple of 16 (aligned
-    # rows for the tensor-core products), unnormalised: [num, den]; every chunk a sequence of its own
-    E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
-    v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
+    # inside the chunks: the quadratic kernel, unnormalised, on [v, 1] padded with zero columns to a multiple of
+    # 16 (aligned rows for the tensor-core products): [num, den]; on v alone without normalisation. Every chunk
+    # a sequence of its own.
+    if normalize:
+        E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
+        v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
+    else:
+        E, v1 = dv, v
     intra = attention(q.reshape(T, 1, C, d), k.reshape(T, 1, C, d), v1.reshape(T, 1, C, E),
                       None if g is None else gl.reshape(T, 1, C), power=power, normalize=False, scale=scale,
                       backend=backend)
@@ -270,19 +283,22 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     fused = resolve_backend(backend, q) == "triton" and compute == torch.float32
     k_blocks = k.reshape(T, C, d)
     u = feature_outer(k_blocks, v.reshape(T, C, dv) * key_decay.to(v.dtype)[..., None], power=power, fused=fused)
-    u_z = feature_weighted_sum(k_blocks, key_decay, power=power, fused=fused)
     D = u.shape[1]
-    h0, h0_z = (None, None) if initial_state is None else \
-        (initial_state[..., :dv].reshape(B * H, D * dv), initial_state[..., dv].reshape(B * H, D))
+    h0 = None if initial_state is None else initial_state[..., :dv].reshape(B * H, D * dv)
     states, final = state_scan(u.reshape(B * H, n, D * dv), L, h0, states_dtype=q.dtype, backend=backend)
-    states_z, final_z = state_scan(u_z.reshape(B * H, n, D), L, h0_z, backend=backend)
     q_blocks = q.reshape(T, C, d)
     inter = feature_apply(q_blocks, states.reshape(T, D, dv), power=power, fused=fused)
     query_decay = (torch.exp(b) * scale ** int(power)).to(compute)
-    # unnormalised, the den column is never read: no queries through z (its final state is still passed on)
-    inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused) if normalize else \
-        torch.zeros_like(query_decay)
+    # z only where it is read: by the queries when normalising, in the final state when that is returned
+    inter_z = torch.zeros_like(query_decay)
+    if normalize or output_final_state:
+        u_z = feature_weighted_sum(k_blocks, key_decay, power=power, fused=fused)
+        h0_z = None if initial_state is None else initial_state[..., dv].reshape(B * H, D)
+        states_z, final_z = state_scan(u_z.reshape(B * H, n, D), L, h0_z, backend=backend)
+        if normalize:
+            inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused)
     o = combine(intra.reshape(-1, E), inter.reshape(-1, dv).to(compute), inter_z.reshape(-1), query_decay.reshape(-1),
                 normalize=normalize, fused=fused)
-    final = torch.cat([final.reshape(B, H, D, dv), final_z.reshape(B, H, D, 1)], dim=-1)
-    return o.reshape(B, H, n * C, dv)[:, :, :N], final
+    if output_final_state:
+        final = torch.cat([final.reshape(B, H, D, dv), final_z.reshape(B, H, D, 1)], dim=-1)
+    return o.reshape(B, H, n * C, dv)[:, :, :N], final if output_final_state else None
