@@ -8,7 +8,9 @@
 The state of a head is one tensor M = [S, z] of shape [D, dv + 1] (float32; float64 for float64 inputs):
 S = sum_j e^{a_N - a_j} phi(k_j) v_j^T and z = sum_j e^{a_N - a_j} phi(k_j), with phi(x) = x for power
 "1" (D = d) and kron(x) for power "2" (D = d (d + 1) / 2), phi of the unscaled keys. A zero state is an
-empty context, so a sequence split anywhere with the state passed on gives the output of one call.
+empty context, so a sequence split anywhere with the state passed on gives the output of one call. Every
+algorithm takes a state of any strides; decoding caches allocate theirs with zero_state (column-major, the
+one-token step's fastest layout).
 """
 from __future__ import annotations
 
