@@ -229,7 +229,7 @@ def test_fused_combine(normalize, E):
 
     gen = torch.Generator().manual_seed(20)
     R, dv = COMBINE_ROWS + 5, 6
-    intra, inter, inter_z = torch.randn(R, E, generator=gen), torch.randn(R, dv, generator=gen), torch.randn(R, generator=gen)
+    intra, inter, inter_z = (torch.randn(*shape, generator=gen) for shape in ((R, E), (R, dv), (R,)))
     intra[:, dv + 1:] = 0  # the zero columns of [v, 1] padded to E
     if normalize:
         intra[:3, dv], inter_z[:3] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1

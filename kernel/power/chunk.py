@@ -29,7 +29,7 @@ from .naive import normalized
 
 SCAN_BLOCK = 1024
 COMBINE_ROWS = 32
-SEGMENT_TOKENS = 1 << 23  # token-heads per piece of a long input without gradients: ~11 GB of bf16 states
+SEGMENT_TOKENS = 1 << 23  # token-heads per piece of a long input without gradients: ~9 GB of bf16 states
 
 
 @triton.jit
@@ -195,10 +195,10 @@ class _Combine(torch.autograd.Function):
         R, E = ctx.intra_shape
         dintra = torch.empty(R, E, dtype=ctx.intra_dtype, device=o.device)
         dinter, dinter_z, dqd = torch.empty_like(inter), torch.empty_like(inter_z), torch.empty_like(qd)
-        _combine_bwd_kernel[(triton.cdiv(R, COMBINE_ROWS),)](do.contiguous(), o, den, inter, inter_z, qd, dintra, dinter,
-                                                             dinter_z, dqd, R, E, inter.shape[1],
-                                                             NORMALIZE=ctx.normalize, BLOCK_R=COMBINE_ROWS,
-                                                             BLOCK_E=triton.next_power_of_2(E))
+        grid = (triton.cdiv(R, COMBINE_ROWS),)
+        _combine_bwd_kernel[grid](do.contiguous(), o, den, inter, inter_z, qd, dintra, dinter, dinter_z, dqd, R, E,
+                                  inter.shape[1], NORMALIZE=ctx.normalize, BLOCK_R=COMBINE_ROWS,
+                                  BLOCK_E=triton.next_power_of_2(E))
         return dintra, dinter, dinter_z, dqd, None
 
 
@@ -227,7 +227,8 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] or None; initial_state: [B, H, D, dv + 1] or None.
     Without gradients (a prefill) a long input runs in segments of whole chunks with the state passed on
     (exact: a split anywhere gives the outputs of one call), so that the per-chunk states held at once stay
-    within SEGMENT_TOKENS token-heads (32 prompts of 128K tokens would otherwise need 350 GB of them).
+    within SEGMENT_TOKENS token-heads (32 prompts of 128K tokens would otherwise need 140 GB of them and their
+    chunk sums, for d = dv = 64 in bf16).
     """
     B, H, N = q.shape[:3]
     C = max(1, min(chunk_size, N))
@@ -239,10 +240,9 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
                                       chunk_size=C, backend=backend)
     outs, state = [], initial_state
     for s in range(0, N, segment):
-        piece = (t[:, :, s:s + segment] for t in (q, k, v))
-        o, state = _chunk_power_attention(*piece, None if g is None else g[:, :, s:s + segment], power=power, scale=scale,
-                                          normalize=normalize, initial_state=state, output_final_state=True,
-                                          chunk_size=C, backend=backend)
+        piece = [None if t is None else t[:, :, s:s + segment] for t in (q, k, v, g)]
+        o, state = _chunk_power_attention(*piece, power=power, scale=scale, normalize=normalize, initial_state=state,
+                                          output_final_state=True, chunk_size=C, backend=backend)
         outs.append(o)
     return torch.cat(outs, dim=2), state if output_final_state else None
 

@@ -304,8 +304,8 @@ def _grad(a, m, dy):
 def _gram(a, w):
     T, C, d = a.shape
     out = torch.empty(T, d * (d + 1) // 2, dtype=torch.float32, device=a.device)
-    _gram_kernel[(T,)](a, w.float().contiguous(), out, C, D=d, NF=out.shape[1], BLOCK_C=_block(C), BLOCK_D=_block(d, 1 << 30),
-                       IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+    _gram_kernel[(T,)](a, w.float().contiguous(), out, C, D=d, NF=out.shape[1], BLOCK_C=_block(C),
+                       BLOCK_D=_block(d, 1 << 30), IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return out
 
 
@@ -313,8 +313,9 @@ def _quad(a, z, s=None):
     T, C, d = a.shape
     out = torch.empty((T, C, d) if s is not None else (T, C), dtype=torch.float32, device=a.device)
     block_c = _block(C, 128)
-    _quad_kernel[(T, triton.cdiv(C, block_c))](a, z.float().contiguous(), z if s is None else s.float().contiguous(), out,
-                                               C, D=d, NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
+    z = z.float().contiguous()
+    _quad_kernel[(T, triton.cdiv(C, block_c))](a, z, z if s is None else s.float().contiguous(), out, C, D=d,
+                                               NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
                                                GRAD=s is not None, IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return out
 
