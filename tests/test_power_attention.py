@@ -317,6 +317,23 @@ def test_gpu_chunk_bf16(power, N):
 
 
 @gpu
+@pytest.mark.parametrize("power,normalize", [("1", False), ("2", False), ("2", True)])
+def test_gpu_chunk_output_only_bf16(power, normalize):
+    """The training call at real shapes in bf16 (no final state: z only when normalising, the chunk term on v
+    alone without normalisation): o and every gradient within 1e-2 of float64."""
+    B, H, N, d, dv = 2, 4, 1000, 64, 64
+    q, k, v, g = make_inputs(24, B, H, N, d, dv, decay=0.2, positive=power == "1")
+
+    def run(fn, dtype, **kw):
+        tensors = [t.to(device="cuda", dtype=dtype) for t in (q, k, v)] + [g.cuda()]
+        return grads(lambda *t: fn(*t, power=power, normalize=normalize, **kw), tensors)
+
+    outs, gs = run(power_attention, torch.bfloat16, algorithm="chunk")
+    routs, rgs = run(power_attention_naive, torch.float64)
+    assert_rel_close(outs + gs, routs + rgs, 1e-2)
+
+
+@gpu
 @pytest.mark.parametrize("power", ["1", "2"])
 def test_gpu_recurrent_step(power):
     B, H, N, d, dv = 3, 4, 40, 64, 64
