@@ -290,13 +290,12 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     inter = feature_apply(q_blocks, states.reshape(T, D, dv), power=power, fused=fused)
     query_decay = (torch.exp(b) * scale ** int(power)).to(compute)
     # z only where it is read: by the queries when normalising, in the final state when that is returned
-    inter_z = torch.zeros_like(query_decay)
     if normalize or output_final_state:
         u_z = feature_weighted_sum(k_blocks, key_decay, power=power, fused=fused)
         h0_z = None if initial_state is None else initial_state[..., dv].reshape(B * H, D)
         states_z, final_z = state_scan(u_z.reshape(B * H, n, D), L, h0_z, backend=backend)
-        if normalize:
-            inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused)
+    inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused) if normalize else \
+        torch.zeros_like(query_decay)
     o = combine(intra.reshape(-1, E), inter.reshape(-1, dv).to(compute), inter_z.reshape(-1), query_decay.reshape(-1),
                 normalize=normalize, fused=fused)
     if output_final_state:

@@ -320,32 +320,22 @@ def _quad(a, z, s=None):
     return out
 
 
-class _FeatureWeightedSum(torch.autograd.Function):
-    """phi(a)^T w and its gradients: d a = 2 w_c Z(du) a_c, d w_c = phi(a_c) . du (the adjoint, _FeatureDot)."""
+class _NormaliserProduct(torch.autograd.Function):
+    """phi(a)^T w (gram) or phi(a) . z, each the other's adjoint, so the gradients are the two kernels again:
+    weighted sum: d a = 2 w_c Z(du) a_c, d w_c = phi(a_c) . du;  dot: d a = 2 dy_c Z(z) a_c, d z = phi(a)^T dy."""
 
     @staticmethod
-    def forward(ctx, a, w):
-        ctx.save_for_backward(a, w)
-        return _gram(a, w)
+    def forward(ctx, a, x, gram):
+        ctx.save_for_backward(a, x)
+        ctx.gram = gram
+        return _gram(a, x) if gram else _quad(a, x)
 
     @staticmethod
-    def backward(ctx, du):
-        a, w = ctx.saved_tensors
-        return _quad(a, du, w).to(a.dtype), _quad(a, du)
-
-
-class _FeatureDot(torch.autograd.Function):
-    """phi(a) . z and its gradients: d a = 2 dy_c Z(z) a_c, d z = phi(a)^T dy (the adjoint, _FeatureWeightedSum)."""
-
-    @staticmethod
-    def forward(ctx, a, z):
-        ctx.save_for_backward(a, z)
-        return _quad(a, z)
-
-    @staticmethod
-    def backward(ctx, dy):
-        a, z = ctx.saved_tensors
-        return _quad(a, z, dy).to(a.dtype), _gram(a, dy)
+    def backward(ctx, dout):
+        a, x = ctx.saved_tensors
+        if ctx.gram:
+            return _quad(a, dout, x).to(a.dtype), _quad(a, dout), None
+        return _quad(a, x, dout).to(a.dtype), _gram(a, dout), None
 
 
 class _FeatureOuter(torch.autograd.Function):
@@ -376,17 +366,17 @@ class _FeatureApply(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=None)
 def _symmetric_tables(d: int, device: torch.device):
-    """(packed, unpacked, weight): the flat [d, d] positions i d + j of kron's pairs (i <= j), the packed row
-    of every [d, d] entry (min(i, j), max(i, j)), and the [d, d] weights such that phi(a) . z == a^T Z a with
-    Z = z[unpacked] * weight for any packed z [D]: 1 on the diagonal, c_ij / 2 off it (the two entries of a
-    pair share its c_ij z). Flat indices, so the products below index with index_select: its backward is an
-    index_add, not the sort of advanced indexing's."""
+    """(packed, c, unpacked, weight) for the PyTorch normaliser products: the flat [d, d] positions i d + j of
+    kron's pairs (i <= j) and their scales c_ij; the packed row of every [d, d] entry (min(i, j), max(i, j)) and
+    the [d, d] weights such that phi(a) . z == a^T Z a with Z = z[unpacked] * weight for any packed z [D]: 1 on
+    the diagonal, c_ij / 2 off it (the two entries of a pair share its c_ij z). All float64; flat indices, so
+    the products index with index_select, whose backward is an index_add, not the sort of advanced indexing's."""
     i, j, c = kron_indices(d, device, torch.float64)
     unpacked = torch.empty(d, d, dtype=torch.long, device=device)
     unpacked[i, j] = unpacked[j, i] = torch.arange(i.numel(), device=device)
     weight = torch.empty(d, d, dtype=torch.float64, device=device)
     weight[i, j] = weight[j, i] = torch.where(i == j, 1.0, c / 2)
-    return i * d + j, unpacked.flatten(), weight
+    return i * d + j, c, unpacked.flatten(), weight
 
 
 # The normaliser's products run in a's dtype, as the fused products do (bf16 operands, float32 sums), and
@@ -398,13 +388,12 @@ def feature_weighted_sum(a, w, *, power: str, fused: bool):
     the d x d product a^T (w a) packed by kron's index pairs: one small product, not D columns."""
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
     if power == "2" and fused:
-        return _FeatureWeightedSum.apply(a.contiguous(), w)
+        return _NormaliserProduct.apply(a.contiguous(), w, True)
     aw = a * w.to(a.dtype)[..., None]
     if power == "1":
         return aw.sum(1, dtype=compute)
-    packed, _, _ = _symmetric_tables(a.shape[-1], a.device)
-    _, _, c = kron_indices(a.shape[-1], a.device, compute)
-    return (a.transpose(1, 2) @ aw).flatten(1).index_select(1, packed).to(compute) * c
+    packed, c, _, _ = _symmetric_tables(a.shape[-1], a.device)
+    return (a.transpose(1, 2) @ aw).flatten(1).index_select(1, packed).to(compute) * c.to(compute)
 
 
 def feature_dot(a, z, *, power: str, fused: bool):
@@ -414,9 +403,9 @@ def feature_dot(a, z, *, power: str, fused: bool):
     if power == "1":
         return (a @ z.to(a.dtype)[..., None]).squeeze(-1).to(compute)
     if fused:
-        return _FeatureDot.apply(a.contiguous(), z)
+        return _NormaliserProduct.apply(a.contiguous(), z, False)
     d = a.shape[-1]
-    _, unpacked, weight = _symmetric_tables(d, a.device)
+    _, _, unpacked, weight = _symmetric_tables(d, a.device)
     Z = (z.index_select(1, unpacked).view(-1, d, d) * weight.to(z.dtype)).to(a.dtype)
     return ((a @ Z).to(compute) * a.to(compute)).sum(-1)
 
