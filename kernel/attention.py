@@ -22,19 +22,23 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, backend="auto", layout="bhnd"):
+def attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, backend="auto", layout="bhnd",
+              out_dtype=None):
     """Causal attention core of every generic 2Mamba block (docs/math.md#attention-core, #kernels).
 
     q, k, v: [B, H, N, d]; g: per-token log decay [B, H, N] (<= 0, cumulated inside) or None;
     power: "1" (s), "2" (s^2) or "exp" (e^s) with s = scale * q.k (scale defaults to 1/sqrt(d));
-    normalize: divide by the row sum (sm_norm); rows whose sum is 0 give 0. Returns o in q's dtype.
+    normalize: divide by the row sum (sm_norm); rows whose sum is 0 give 0. Returns o in q's dtype, or in
+    out_dtype (e.g. float32 sums of bf16 inputs: the chunked form's in-chunk term, kernel/power/chunk.py).
     layout "bnhd": q, k, v [B, N, H, d], g [B, N, H] and o [B, N, H, dv] instead (the Triton kernels read any
     strides and write o in that layout, so a block passes its projections' views without copies).
     """
     views = bhnd_views(layout, q, k, v, g)
     scale = check_attention_args(*views, power, scale)
     if resolve_backend(backend, q) == "torch":
-        return bhnd_views(layout, attention_reference(*views, power=power, normalize=normalize, scale=scale))[0]
+        return bhnd_views(layout, attention_reference(*views, power=power, normalize=normalize, scale=scale,
+                                                              out_dtype=out_dtype))[0]
     from .triton_attention import triton_attention
 
-    return triton_attention(q, k, v, g, power=power, normalize=normalize, scale=scale, layout=layout)
+    return triton_attention(q, k, v, g, power=power, normalize=normalize, scale=scale, layout=layout,
+                            out_dtype=out_dtype)

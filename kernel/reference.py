@@ -61,13 +61,13 @@ def attention_weights(q, k, g=None, *, power="2", scale=None):
     return w * torch.exp(log_decay), torch.zeros_like(s[..., 0])
 
 
-def attention_reference(q, k, v, g=None, *, power="2", normalize=True, scale=None):
+def attention_reference(q, k, v, g=None, *, power="2", normalize=True, scale=None, out_dtype=None):
     """o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij when normalize), w as in docs/math.md#attention-core.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] per-token log decay (<= 0) or None.
-    A row whose normaliser is 0 gives 0.
+    A row whose normaliser is 0 gives 0. o in out_dtype (q's dtype by default).
     """
-    out_dtype = q.dtype
+    out_dtype = out_dtype or q.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     g = None if g is None else g.to(compute)

@@ -453,18 +453,18 @@ def _grid(n, bh, block):
     return lambda meta: (triton.cdiv(n, meta[block]), bh)
 
 
-def _empty(like, shape, bnhd):
-    """An uninitialised [B, H, N, x] tensor of like's dtype, stored as [B, N, H, x] when bnhd (so that its
-    transpose(1, 2), what the caller of layout "bnhd" gets, is contiguous)."""
+def _empty(like, shape, bnhd, dtype=None):
+    """An uninitialised [B, H, N, x] tensor of like's dtype (or dtype), stored as [B, N, H, x] when bnhd (so
+    that its transpose(1, 2), what the caller of layout "bnhd" gets, is contiguous)."""
     B, H, N, x = shape
-    return like.new_empty(B, N, H, x).transpose(1, 2) if bnhd else like.new_empty(B, H, N, x)
+    return like.new_empty(B, N, H, x, dtype=dtype).transpose(1, 2) if bnhd else like.new_empty(B, H, N, x, dtype=dtype)
 
 
 class _TritonAttention(torch.autograd.Function):
     """q, k, v: [B, H, N, .] views with any strides; o, dq, dk, dv are allocated in the caller's layout (bnhd)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, power, normalize, scale, bnhd):
+    def forward(ctx, q, k, v, g, power, normalize, scale, bnhd, out_dtype):
         B, H, N, _ = q.shape
         # a = cumsum g in float64: long sequences with strong decay reach |a| ~ 1e5 and more. The kernels index
         # a and the per-row vectors below as contiguous [B, H, N].
@@ -472,7 +472,7 @@ class _TritonAttention(torch.autograd.Function):
             a = q.new_empty(1, dtype=torch.float64)
         else:
             a = torch.cumsum(g, dim=-1, dtype=torch.float64, out=q.new_empty(B, H, N, dtype=torch.float64))
-        o = _empty(q, v.shape, bnhd)
+        o = _empty(q, v.shape, bnhd, out_dtype)
         stat = q.new_empty(B, H, N, dtype=torch.float32)
         # o without its diagonal term and 1 - P_ii, for the backward (see _bwd_tile); only when normalising
         o_off = _empty(q, v.shape, bnhd) if normalize else o
@@ -491,7 +491,7 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, a, o, stat, o_off, frac = ctx.saved_tensors
         meta, scale = ctx.meta, ctx.scale
         B, H, N, _ = q.shape
-        do = do.to(q.dtype)  # read with its strides
+        do = do.to(q.dtype)  # read with its strides (a float32 o's gradient rounded like the inputs)
         if meta["NORMALIZE"]:
             delta, roff = torch.empty_like(stat), torch.empty_like(stat)
             rows = 16 if INTERPRET else 4096 // meta["BLOCK_DV"]  # three fp32 tiles of 4096: no register spills
@@ -513,19 +513,20 @@ class _TritonAttention(torch.autograd.Function):
         if meta["HAS_DECAY"]:
             da = da_q.double() + da_k.double()
             dg = da.flip(-1).cumsum(-1).flip(-1).to(ctx.g_dtype)
-        return dq, dk, dv, dg, None, None, None, None
+        return dq, dk, dv, dg, None, None, None, None, None
 
 
-def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, layout="bhnd"):
+def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, layout="bhnd", out_dtype=None):
     """Causal attention core on the GPU (or under TRITON_INTERPRET=1); same contract as attention_reference.
 
     layout "bhnd": q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] or None; o [B, H, N, dv].
     layout "bnhd": the same with dims 1 and 2 swapped (q [B, N, H, d], g [B, N, H], o [B, N, H, dv]), the
     layout a projection's output has before any transpose. Inputs may have any strides (no copies are made);
     o and the gradients of q, k, v are contiguous in the given layout. d, dv <= 256; fp32, fp16 or bf16 (k,
-    v are cast to q's dtype). Differentiable in q, k, v and g.
+    v are cast to q's dtype). Differentiable in q, k, v and g. o in out_dtype, q's dtype by default.
     """
     q, k, v, g = bhnd_views(layout, q, k, v, g)
+    out_dtype = out_dtype or q.dtype
     if q.dtype not in DTYPES:
         raise TypeError(f"triton_attention supports {DTYPES}, got {q.dtype}; use backend='torch' for others")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -533,7 +534,7 @@ def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, 
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[2] == 0:
-        return bhnd_views(layout, q.new_zeros(v.shape))[0]
+        return bhnd_views(layout, q.new_zeros(v.shape, dtype=out_dtype))[0]
     B, H = q.shape[:2]
     if B * H > MAX_GRID_HEADS:  # the kernels put batch x heads on the grid's second axis
         if H > MAX_GRID_HEADS:
@@ -542,8 +543,9 @@ def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, 
         # batch slices of the [B, H, N, .] views, put back into the caller's layout (the batch is dim 0 in both)
         return torch.cat([triton_attention(*bhnd_views(layout, q[i:i + step], k[i:i + step], v[i:i + step],
                                                        None if g is None else g[i:i + step]),
-                                           power=power, normalize=normalize, scale=scale, layout=layout)
+                                           power=power, normalize=normalize, scale=scale, layout=layout,
+                                           out_dtype=out_dtype)
                           for i in range(0, B, step)])
     k, v = k.to(q.dtype), v.to(q.dtype)
-    o = _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale), layout == "bnhd")
+    o = _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale), layout == "bnhd", out_dtype)
     return bhnd_views(layout, o)[0]

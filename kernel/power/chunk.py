@@ -178,9 +178,9 @@ def _combine_bwd_kernel(DO, O, DEN, INTER, INTER_Z, QD, DINTRA, DINTER, DINTER_Z
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, intra, inter, inter_z, qd, normalize):
+    def forward(ctx, intra, inter, inter_z, qd, normalize, out_dtype):
         (R, E), dv = intra.shape, inter.shape[1]
-        o = torch.empty(R, dv, dtype=intra.dtype, device=intra.device)
+        o = torch.empty(R, dv, dtype=out_dtype, device=intra.device)
         den = torch.empty(R if normalize else 0, dtype=torch.float32, device=intra.device)
         grid = (triton.cdiv(R, COMBINE_ROWS),)
         _combine_fwd_kernel[grid](intra, inter, inter_z, qd, o, den, R, E, dv, NORMALIZE=normalize,
@@ -199,24 +199,24 @@ class _Combine(torch.autograd.Function):
         _combine_bwd_kernel[grid](do.contiguous(), o, den, inter, inter_z, qd, dintra, dinter, dinter_z, dqd, R, E,
                                   inter.shape[1], NORMALIZE=ctx.normalize, BLOCK_R=COMBINE_ROWS,
                                   BLOCK_E=triton.next_power_of_2(E))
-        return dintra, dinter, dinter_z, dqd, None
+        return dintra, dinter, dinter_z, dqd, None, None
 
 
-def combine(intra, inter, inter_z, query_decay, *, normalize, fused):
-    """o = normalized(intra + [inter, inter_z] * query_decay) in intra's dtype: intra [R, E] (q's dtype; its
-    first dv + 1 columns are [num, den], or E = dv without normalisation), inter [R, dv], inter_z and
-    query_decay [R] in the compute dtype; o [R, dv]. fused: one Triton kernel each way (no float32
-    [R, dv + 1] temporaries); otherwise PyTorch."""
+def combine(intra, inter, inter_z, query_decay, *, normalize, fused, out_dtype):
+    """o = normalized(intra + [inter, inter_z] * query_decay) in out_dtype: intra [R, E] (its first dv + 1
+    columns are [num, den], or E = dv without normalisation), inter [R, dv], inter_z and query_decay [R], all
+    in the compute dtype; o [R, dv]. fused: one Triton kernel each way (no float32 [R, dv + 1] temporaries);
+    otherwise PyTorch."""
     if fused:
         return _Combine.apply(intra.contiguous(), inter.contiguous(), inter_z.contiguous(), query_decay.contiguous(),
-                              normalize)
+                              normalize, out_dtype)
     dv = inter.shape[1]
     qd = query_decay[:, None]
-    num = torch.addcmul(intra[:, :dv], inter, qd)  # promoted to inter's dtype
+    num = torch.addcmul(intra[:, :dv], inter, qd)
     if not normalize:
-        return num.to(intra.dtype)
+        return num.to(out_dtype)
     den = torch.addcmul(intra[:, dv:dv + 1], inter_z[:, None], qd)
-    return normalized(torch.cat([num, den], dim=1), True).to(intra.dtype)
+    return normalized(torch.cat([num, den], dim=1), True).to(out_dtype)
 
 
 def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, output_final_state, chunk_size,
@@ -265,7 +265,8 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
 
     # inside the chunks: the quadratic kernel, unnormalised, on [v, 1] padded with zero columns to a multiple of
     # 16 (aligned rows for the tensor-core products): [num, den]; on v alone without normalisation. Every chunk
-    # a sequence of its own.
+    # a sequence of its own. The sums stay in float32: rounded to bf16, the division by the whole context's den
+    # doubled the bf16 error of dq and dk at weak decay (1.9e-2 vs 1e-2 of float64 at N = 1000; bench/NOTES.md).
     if normalize:
         E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
         v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
@@ -273,7 +274,7 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
         E, v1 = dv, v
     intra = attention(q.reshape(T, 1, C, d), k.reshape(T, 1, C, d), v1.reshape(T, 1, C, E),
                       None if g is None else gl.reshape(T, 1, C), power=power, normalize=False, scale=scale,
-                      backend=backend)
+                      backend=backend, out_dtype=compute)
 
     # across chunks: the state M = [S, z] in its two parts (module docstring). The queries enter unscaled:
     # phi(scale q) = scale^p phi(q) joins e^b below.
@@ -297,7 +298,7 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused) if normalize else \
         torch.zeros_like(query_decay)
     o = combine(intra.reshape(-1, E), inter.reshape(-1, dv).to(compute), inter_z.reshape(-1), query_decay.reshape(-1),
-                normalize=normalize, fused=fused)
+                normalize=normalize, fused=fused, out_dtype=q.dtype)
     if output_final_state:
         final = torch.cat([final.reshape(B, H, D, dv), final_z.reshape(B, H, D, 1)], dim=-1)
     return o.reshape(B, H, n * C, dv)[:, :, :N], final if output_final_state else None
