@@ -10,8 +10,8 @@ on their values. Prints a table and writes JSON.
 --profile adds each case's per-step breakdown (the JSON's "profile"; one line per mode printed), for the
 eager step and, when the cache has one, the graphed step on the same cache: wall ms per step (timed
 without the profiler), then over a few steps under torch.profiler the aten ops, the device kernels and
-their summed GPU time per step. Where kernel time is far below wall time, the step waits on the host
-(Python, launches); on CPU only the aten ops and wall time are measured.
+their summed GPU time per step, and the TOP_KERNELS kernels by time. Where kernel time is far below wall
+time, the step waits on the host (Python, launches); on CPU only the aten ops and wall time are measured.
 
     python bench/decode.py                       # small model, bf16, prompts 1K-32K, batches 1 and 32
     python bench/decode.py --device cpu --model_size tiny --prompt_lengths 64 256 --batch_sizes 1 2  # smoke run
@@ -41,6 +41,7 @@ from train_throughput import profile_step  # bench/ is on sys.path: the script r
 TYPES = {"softmax": "softmax", "2Mamba": TWO_MAMBA, "2Mamba-E": TWO_MAMBA_E}
 DEFAULT_TYPES = ["softmax", "2Mamba"]
 PROFILED_STEPS = 4  # steps under the profiler per mode (timed steps without it: --new_tokens)
+TOP_KERNELS = 16  # kernels listed by summed device time per step
 
 
 def sync(device):
@@ -79,6 +80,13 @@ def profile_steps(model, cache, tokens, new_tokens, device):
     if device.type == "cuda":
         breakdown["kernels_per_step"] = len(kernels) / PROFILED_STEPS
         breakdown["kernel_ms_per_step"] = round(sum(e.time_range.elapsed_us() for e in kernels) / 1000 / PROFILED_STEPS, 3)
+        by_name = {}
+        for e in kernels:
+            calls, us = by_name.get(e.name, (0, 0.0))
+            by_name[e.name] = (calls + 1, us + e.time_range.elapsed_us())
+        top = sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
+        breakdown["top_kernels"] = [{"name": name[:80], "calls_per_step": calls / PROFILED_STEPS,
+                                     "ms_per_step": round(us / 1000 / PROFILED_STEPS, 4)} for name, (calls, us) in top]
     return tokens, breakdown
 
 
@@ -192,7 +200,9 @@ def main(argv=None):
             print(f"{r['attention']:8} {r['prompt_tokens']:>7} {r['batch']:>5} {r['prefill_s']:>9} {r['ms_per_step']:>8} "
                   f"{r['tokens_per_s']:>9} {r['state_mib']:>10} {str(r['peak_gib']):>8} {'yes' if r['cuda_graph'] else 'no':>5}")
         for mode, numbers in r.get("profile", {}).items():
-            print(f"    {mode:8} " + "  ".join(f"{k} {v}" for k, v in numbers.items()))
+            print(f"    {mode:8} " + "  ".join(f"{k} {v}" for k, v in numbers.items() if k != "top_kernels"))
+            for kernel in numbers.get("top_kernels", []):
+                print(f"        {kernel['ms_per_step']:8.4f} ms {kernel['calls_per_step']:5.1f}x  {kernel['name']}")
     print(f"wrote {args.out}")
 
 
