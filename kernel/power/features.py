@@ -139,26 +139,39 @@ def _sym_rows(j, m, D: tl.constexpr):
 
 @triton.jit
 def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
-    """Columns [E0, E1) of phi(a) M for a block of tokens, as sum_m a_m (a / sqrt 2) M[(m, j) or (j, m)] plus
-    (1 - 1 / sqrt 2) (a * a) M[(j, j)] for the diagonal (each pair j != m is met twice, at m and at j)."""
+                  SPLIT: tl.constexpr, LOW: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+    """Columns [E0, E1) of phi(a) M for a block of tokens, as sum_m a_m (w a) M[(m, j) or (j, m)] plus
+    (1 - 1 / sqrt 2) (a * a) M[(j, j)] for the diagonal. A pair j != m inside one half of the head dimension
+    ([0, SPLIT) or [SPLIT, d)) is met twice, at m and at j, each with w = 1 / sqrt 2; the steps m >= SPLIT run
+    on the upper half only (half-width products, a quarter of the work saved), so a pair across the halves is
+    met once, at its lower index, with w = sqrt 2."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     cmask = c < C
+    emask = e[None, :] < E1
     j = tl.arange(0, BLOCK_D)
-    mask = (j < D)[:, None] & (e[None, :] < E1)
     a = _load_rows(A, t_, c, cmask, C, j, D, D).to(tl.float32)
-    a_half = (a * INV_SQRT2).to(M.dtype.element_ty)  # the fixed operand of every step
+    a_low = (a * tl.where(j < SPLIT, INV_SQRT2, SQRT2)[None, :]).to(M.dtype.element_ty)  # fixed operands
     acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
-    for m in range(D):
-        rows = tl.load(M + t_ * NF * E + _sym_rows(j, m, D)[:, None] * E + e[None, :], mask=mask, other=0.0)
+    for m in range(LOW):  # min(SPLIT, d)
+        rows = tl.load(M + t_ * NF * E + _sym_rows(j, m, D)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
+                       other=0.0)
         am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
-        acc += am[:, None] * _dot(a_half, rows, IEEE)
-    diag = tl.load(M + t_ * NF * E + (_segment(j, D) + j)[:, None] * E + e[None, :], mask=mask, other=0.0)
+        acc += am[:, None] * _dot(a_low, rows, IEEE)
+    if SPLIT < BLOCK_D:
+        jh = SPLIT + tl.arange(0, BLOCK_D - SPLIT)
+        a_high = (_load_rows(A, t_, c, cmask, C, jh, D, D).to(tl.float32) * INV_SQRT2).to(M.dtype.element_ty)
+        for m in range(SPLIT, D):
+            rows = tl.load(M + t_ * NF * E + _sym_rows(jh, m, D)[:, None] * E + e[None, :],
+                           mask=(jh < D)[:, None] & emask, other=0.0)
+            am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
+            acc += am[:, None] * _dot(a_high, rows, IEEE)
+    diag = tl.load(M + t_ * NF * E + (_segment(j, D) + j)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
+                   other=0.0)
     acc += _dot((a * a * (1.0 - INV_SQRT2)).to(diag.dtype), diag, IEEE)
     tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
-             mask=cmask[:, None] & (e[None, :] < E1))
+             mask=cmask[:, None] & emask)
 
 
 @triton.jit
@@ -282,8 +295,9 @@ def _apply(a, m, out_dtype):
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
-        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c,
-                            BLOCK_D=_block(d, 1 << 30), BLOCK_E=block_e, IEEE=a.dtype == torch.float32,
+        block_d = _block(d, 1 << 30)
+        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
+                            SPLIT=_split(block_d), LOW=min(_split(block_d), d), BLOCK_E=block_e, IEEE=a.dtype == torch.float32,
                             num_warps=NUM_WARPS)
     return out
 
