@@ -204,8 +204,8 @@ class _Combine(torch.autograd.Function):
 
 def combine(intra, inter, inter_z, query_decay, *, normalize, fused, out_dtype):
     """o = normalized(intra + [inter, inter_z] * query_decay) in out_dtype: intra [R, E] (its first dv + 1
-    columns are [num, den], or E = dv without normalisation), inter [R, dv], inter_z and query_decay [R], all
-    in the compute dtype; o [R, dv]. fused: one Triton kernel each way (no float32 [R, dv + 1] temporaries);
+    columns are [num, den], or E = dv without normalisation), inter [R, dv], inter_z and query_decay [R] in the
+    compute dtype (intra also in q's without normalisation); o [R, dv]. fused: one Triton kernel each way (no float32 [R, dv + 1] temporaries);
     otherwise PyTorch."""
     if fused:
         return _Combine.apply(intra.contiguous(), inter.contiguous(), inter_z.contiguous(), query_decay.contiguous(),
@@ -265,8 +265,8 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
 
     # inside the chunks: the quadratic kernel, unnormalised, on [v, 1] padded with zero columns to a multiple of
     # 16 (aligned rows for the tensor-core products): [num, den]; on v alone without normalisation. Every chunk
-    # a sequence of its own. The sums stay in float32: rounded to bf16, the division by the whole context's den
-    # doubled the bf16 error of dq and dk at weak decay (1.9e-2 vs 1e-2 of float64 at N = 1000; bench/NOTES.md).
+    # a sequence of its own. Normalising, the sums stay in float32: rounded to bf16 before the division by the
+    # whole context's den, they doubled the bf16 error of dq and dk at weak decay (bench/NOTES.md).
     if normalize:
         E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
         v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
@@ -274,7 +274,7 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
         E, v1 = dv, v
     intra = attention(q.reshape(T, 1, C, d), k.reshape(T, 1, C, d), v1.reshape(T, 1, C, E),
                       None if g is None else gl.reshape(T, 1, C), power=power, normalize=False, scale=scale,
-                      backend=backend, out_dtype=compute)
+                      backend=backend, out_dtype=compute if normalize else q.dtype)
 
     # across chunks: the state M = [S, z] in its two parts (module docstring). The queries enter unscaled:
     # phi(scale q) = scale^p phi(q) joins e^b below.
