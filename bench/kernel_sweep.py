@@ -6,7 +6,8 @@ The fused feature products of the chunked form (kernel/power/features.py: outer,
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = 64, [v, 1] padded to 80 columns,
 bf16) for each BLOCK_I and NUM_WARPS, and the one-token recurrent step (kernel/power/recurrent.py) at
 `--batch` sequences of the small model (16 heads, d = 64, float32 state, contiguous "rows" or zero_state's
-column-major "columns") for each BLOCK_R and NUM_WARPS, with the state's bytes read and written per second.
+column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the state's bytes read and written per
+second, beside the same bytes multiplied in place by PyTorch (a streaming roofline).
 triton.testing.do_bench medians in ms; results are printed and written as JSON
 (bench/results/kernel_sweep_<gpu>.json or --out).
 """
@@ -55,17 +56,22 @@ def sweep_recurrent(batch: int, heads: int = 16, d: int = 64) -> list[dict]:
     states = {"rows": torch.randn(batch, heads, d * (d + 1) // 2, d + 1, device="cuda", generator=gen)}
     states["columns"] = zero_state(batch, heads, d * (d + 1) // 2, d, "cuda").copy_(states["rows"])
     state_bytes = 2 * states["rows"].numel() * 4  # float32, read and written once per step
-    rows = []
-    default = (recurrent.BLOCK_R, recurrent.NUM_WARPS)
-    for layout, block_r, warps in itertools.product(("rows", "columns"), (32, 64, 128, 256), (1, 2, 4, 8)):
-        recurrent.BLOCK_R, recurrent.NUM_WARPS = block_r, warps
+    # the roofline: the same bytes streamed through in place by PyTorch
+    ms = do_bench(lambda: states["rows"].mul_(1.0), warmup=5, rep=30)
+    rows = [{"kernel": "in-place multiply (roofline)", "batch": batch, "ms": ms, "state_TB_per_s": state_bytes / ms / 1e9}]
+    print(json.dumps(rows[0]), flush=True)
+    default = (recurrent.BLOCK_R, recurrent.BLOCK_V, recurrent.NUM_WARPS)
+    configs = [("columns", r, c, w) for r, c, w in itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8))]
+    configs += [("rows", r, 64, w) for r, w in itertools.product((64, 128, 256), (1, 2, 4, 8))]
+    for layout, block_r, block_v, warps in configs:
+        recurrent.BLOCK_R, recurrent.BLOCK_V, recurrent.NUM_WARPS = block_r, block_v, warps
         ms = do_bench(lambda: recurrent.recurrent_step(q, k, v, g, states[layout], power="2", scale=d ** -0.5,
                                                        normalize=True), warmup=5, rep=30)
-        row = {"kernel": "recurrent step", "batch": batch, "layout": layout, "BLOCK_R": block_r, "NUM_WARPS": warps,
-               "ms": ms, "state_TB_per_s": state_bytes / ms / 1e9}
+        row = {"kernel": "recurrent step", "batch": batch, "layout": layout, "BLOCK_R": block_r, "BLOCK_V": block_v,
+               "NUM_WARPS": warps, "ms": ms, "state_TB_per_s": state_bytes / ms / 1e9}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    recurrent.BLOCK_R, recurrent.NUM_WARPS = default
+    recurrent.BLOCK_R, recurrent.BLOCK_V, recurrent.NUM_WARPS = default
     return rows
 
 

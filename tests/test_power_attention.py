@@ -283,15 +283,18 @@ def test_state_scan_triton_matches_torch():
 @interpreter
 @pytest.mark.parametrize("power", ["1", "2"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("block_r,layout", [(64, "none"), (16, "rows"), (8, "columns"), (64, "columns")])
-def test_recurrent_step_kernel(power, normalize, block_r, layout, monkeypatch):
+@pytest.mark.parametrize("block_r,block_v,layout", [(64, 16, "none"), (16, 4, "rows"), (8, 16, "columns"),
+                                                     (64, 4, "columns")])
+def test_recurrent_step_kernel(power, normalize, block_r, block_v, layout, monkeypatch):
     """Decoding token by token with the fused Triton step == the float64 recurrence over the whole sequence;
     the state's rows (36 for power 2, 8 for power 1) in one block or several (the last one partial), its 6
-    value columns in a tile of 8; the state made by the first step ("none"), or given contiguous ("rows") or
-    in zero_state's column-major layout ("columns") and updated in place from the first step on."""
+    value columns in one tile of 8 or in two groups of 4 (the second partial); the state made by the first
+    step ("none"), or given contiguous ("rows") or in zero_state's column-major layout ("columns") and updated
+    in place from the first step on."""
     from kernel.power import recurrent
 
     monkeypatch.setattr(recurrent, "BLOCK_R", block_r)
+    monkeypatch.setattr(recurrent, "BLOCK_V", block_v)
     B, H, N, d, dv = 2, 3, 6, 8, 6
     q, k, v, g = (t.float() for t in make_inputs(11, B, H, N, d, dv, positive=power == "1"))
     k[0, 0, 0] = 0  # the first step of that head has no weight at all: den = 0, o = 0

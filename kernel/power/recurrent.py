@@ -1,9 +1,9 @@
 """Recurrent power attention: the one-token decode step as one fused Triton kernel.
 
 For a single new token (per head): M <- e^g M + phi(k) [v, 1]^T, [num, den] = phi(scale q)^T M, updated
-in place. One program per (head, block of feature rows) forms phi(k) and phi(q) for its rows from the index
-tables of kron (docs/math.md#linear-time-form) and updates them; a second small kernel sums the blocks'
-shares of [num, den] and divides. Longer inputs and CPU tensors use the token loop of naive.py.
+in place. One program per (head, block of feature rows, group of columns) forms phi(k) and phi(q) for its
+rows from the index tables of kron (docs/math.md#linear-time-form) and updates them; a second small kernel
+sums the blocks' shares of [num, den] and divides. Longer inputs and CPU tensors use the token loop of naive.py.
 """
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ from ..attention import resolve_backend
 from ..kron import kron_indices
 from .naive import power_attention_naive, state_size, zero_state
 
-# One program per (head, block of BLOCK_R feature rows), every column at once and no loop: the step only
-# streams the float32 state through (read once, written once), so at batch 32 the grid (B H x D / BLOCK_R =
-# 8,704 programs for the small model) keeps every SM's loads in flight; the rows' shares of [num, den] are
-# summed by a second small kernel. The fastest of bench/kernel_sweep.py (H200, batch 32, zero_state's layout).
+# One program per (head, block of BLOCK_R feature rows, group of BLOCK_V state columns), no loop: the step only
+# streams the float32 state through (read once, written once), and many small programs keep every SM's loads
+# in flight; the state is loaded before the features are gathered, so its loads go out first. The blocks'
+# shares of [num, den] are summed by a second small kernel. The fastest of bench/kernel_sweep.py (H200, batch
+# 32, zero_state's layout).
 BLOCK_R = 128
-NUM_WARPS = 4
+BLOCK_V = 16
+NUM_WARPS = 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,19 +42,26 @@ def _feature_tables(d: int, power: str, device: torch.device):
 def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, H, sqb, sqh, skb, skh, svb, svh, sgb, sgh,
                  ssb, ssh, ssr, ssc, dv: tl.constexpr, SQUARE: tl.constexpr, HAS_DECAY: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Rows [r BLOCK_R, (r + 1) BLOCK_R) of one head's state [S, z] ([D, dv + 1]): the numerator columns as one
-    [BLOCK_R, BLOCK_V] tile, the normaliser column z apart (no tile padded to 2 dv for one column).
-    PART[bh, r] = these rows' share of [num, den]. q, k, v, g and the state are read through their strides
-    (views of the projection need no copy; the column-major state of zero_state is read in aligned vectors)."""
+    """Rows [r BLOCK_R, (r + 1) BLOCK_R) and columns [c BLOCK_V, (c + 1) BLOCK_V) of one head's state [S, z]
+    ([D, dv + 1]); the column group 0 also updates the normaliser column z. PART[bh, r] = these rows' share of
+    [num, den]. q, k, v, g and the state are read through their strides (views of the projection need no copy;
+    the column-major state of zero_state is read in aligned vectors)."""
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
+    grp = tl.program_id(2)
     b, h = bh // H, bh % H
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    cols = tl.arange(0, BLOCK_V)
+    cols = grp * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < dv
     rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < D
+    row_ptr = STATE + b * ssb + h * ssh + rows.to(tl.int64) * ssr
+    ptrs = row_ptr[:, None] + cols[None, :] * ssc
+    mask = rmask[:, None] & cmask[None, :]
+    s = tl.load(ptrs, mask=mask, other=0.0)
+    if grp == 0:
+        z = tl.load(row_ptr + dv * ssc, mask=rmask, other=0.0)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
     v = tl.load(V + b * svb + h * svh + cols, mask=cmask, other=0.0).to(tl.float32)
     i = tl.load(I + rows, mask=rmask, other=0)
     c = tl.load(C + rows, mask=rmask, other=0.0)
@@ -65,16 +74,14 @@ def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, H, sqb, sqh, skb, s
     decay = 1.0
     if HAS_DECAY:
         decay = tl.exp(tl.load(G + b * sgb + h * sgh).to(tl.float32))
-    row_ptr = STATE + b * ssb + h * ssh + rows.to(tl.int64) * ssr
-    ptrs = row_ptr[:, None] + cols[None, :] * ssc
-    mask = rmask[:, None] & cmask[None, :]
-    s = decay * tl.load(ptrs, mask=mask, other=0.0) + fk[:, None] * v[None, :]
-    z = decay * tl.load(row_ptr + dv * ssc, mask=rmask, other=0.0) + fk
+    s = decay * s + fk[:, None] * v[None, :]
     tl.store(ptrs, s, mask=mask)
-    tl.store(row_ptr + dv * ssc, z, mask=rmask)
     part = PART + (bh * tl.num_programs(1) + blk) * (dv + 1)
     tl.store(part + cols, tl.sum(fq[:, None] * s, axis=0), mask=cmask)
-    tl.store(part + dv, tl.sum(fq * z, axis=0))
+    if grp == 0:
+        z = decay * z + fk
+        tl.store(row_ptr + dv * ssc, z, mask=rmask)
+        tl.store(part + dv, tl.sum(fq * z, axis=0))
 
 
 @triton.jit
@@ -103,10 +110,12 @@ def recurrent_step(q, k, v, g, state, *, power, scale, normalize):
     i, j, c = _feature_tables(d, power, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     g_strides = (0, 0) if g is None else (g.stride(0), g.stride(1))
-    _step_kernel[(B * H, blocks)](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D, H,
-                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                  *g_strides, *state.stride(), dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None,
-                                  BLOCK_R=BLOCK_R, BLOCK_V=triton.next_power_of_2(dv), num_warps=NUM_WARPS)
+    block_v = min(BLOCK_V, triton.next_power_of_2(dv))
+    grid = (B * H, blocks, triton.cdiv(dv, block_v))
+    _step_kernel[grid](q, k, v, q if g is None else g, state, part, i, j, c, float(scale), D, H, q.stride(0),
+                       q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *g_strides, *state.stride(),
+                       dv=dv, SQUARE=power == "2", HAS_DECAY=g is not None, BLOCK_R=BLOCK_R, BLOCK_V=block_v,
+                       num_warps=NUM_WARPS)
     o = torch.empty(B, H, 1, dv, dtype=q.dtype, device=q.device)
     _finish_kernel[(B * H,)](part, o, blocks, E, dv, NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(E))
     return o
