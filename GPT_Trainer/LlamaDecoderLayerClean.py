@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
-from kernel import attention, causal_conv1d, causal_conv1d_step, power_attention, rms_norm
+from kernel import attention, causal_conv1d, causal_conv1d_step, neg_softplus, power_attention, rms_norm
 from kernel.power import state_size, zero_state
 from kernel.reference import bhnd_views
 
@@ -278,7 +278,7 @@ class GenericAttention(nn.Module):
         if cfg.A_mask_type == "discretize":
             g = -torch.exp(self.A_log.float()) * dt
         elif cfg.A_mask_type == "neg_softplus":
-            g = -F.softplus(self.A_mask_proj(h).float())
+            g = neg_softplus(self.A_mask_proj(h))  # -softplus in float32
         v_res = v if cfg.use_D_res else None
         if cfg.value_disc_dtype == "dt":
             v = v * dt[..., None].to(v.dtype)
