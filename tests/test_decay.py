@@ -40,5 +40,6 @@ def test_formula_when_autograd_records():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_kernel_matches_formula(dtype):
+    """Compiled, exp and log are the GPU's approximations: up to 1.5e-6 from ATen's (a dozen float32 ulps)."""
     x = _inputs((32, 1, 16), dtype, "cuda")
-    torch.testing.assert_close(neg_softplus(x), -F.softplus(x.float()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(neg_softplus(x), -F.softplus(x.float()), rtol=4e-6, atol=0)

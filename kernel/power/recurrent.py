@@ -23,9 +23,9 @@ from .naive import power_attention_naive, state_size, zero_state
 # in flight; the state is loaded before the features are gathered, so its loads go out first. The blocks'
 # shares of [num, den] are summed by a second small kernel. The fastest of bench/kernel_sweep.py (H200, batch
 # 32, zero_state's layout).
-BLOCK_R = 128
+BLOCK_R = 256
 BLOCK_V = 16
-NUM_WARPS = 2
+NUM_WARPS = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,8 +58,8 @@ def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, H, sqb, sqh, skb, s
     ptrs = row_ptr[:, None] + cols[None, :] * ssc
     mask = rmask[:, None] & cmask[None, :]
     s = tl.load(ptrs, mask=mask, other=0.0)
-    if grp == 0:
-        z = tl.load(row_ptr + dv * ssc, mask=rmask, other=0.0)
+    zmask = rmask & (grp == 0)  # z in the first group only (masked lanes touch no memory)
+    z = tl.load(row_ptr + dv * ssc, mask=zmask, other=0.0)
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     v = tl.load(V + b * svb + h * svh + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -78,9 +78,9 @@ def _step_kernel(Q, K, V, G, STATE, PART, I, J, C, scale, D, H, sqb, sqh, skb, s
     tl.store(ptrs, s, mask=mask)
     part = PART + (bh * tl.num_programs(1) + blk) * (dv + 1)
     tl.store(part + cols, tl.sum(fq[:, None] * s, axis=0), mask=cmask)
+    z = decay * z + fk
+    tl.store(row_ptr + dv * ssc, z, mask=zmask)
     if grp == 0:
-        z = decay * z + fk
-        tl.store(row_ptr + dv * ssc, z, mask=rmask)
         tl.store(part + dv, tl.sum(fq * z, axis=0))
 
 
