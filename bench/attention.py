@@ -199,6 +199,9 @@ def main():
                         help="chunk sizes of the linear-time form to time")
     parser.add_argument("--profile", type=int, default=None, metavar="N",
                         help="also print a torch.profiler table of one chunked fwd+bwd at this N (B = tokens / N)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="time only the contenders whose name contains one of these (e.g. chunk auto SDPA: "
+                             "the quadratic kernels take seconds a call at 128K)")
     args = parser.parse_args()
     if args.profile is not None and args.profile < 1:
         parser.error(f"--profile takes a sequence length >= 1, got {args.profile}")
@@ -233,6 +236,8 @@ def main():
             B = max(1, args.tokens // N)
             q, k, v, g, do = make_inputs(B, args.heads, N, args.dim)
             for name, (fn, leaves, dout) in make_contenders(q, k, v, g, do).items():
+                if args.only and not any(text in name for text in args.only):
+                    continue
                 fwd = time_ms(fn, leaves, dout, backward=False)
                 fwd_bwd = time_ms(fn, leaves, dout, backward=True)
                 rows.append(dict(kernel=name, N=N, B=B, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
