@@ -58,7 +58,8 @@ def sweep_recurrent(batch: int, heads: int = 16, d: int = 64) -> list[dict]:
     state_bytes = 2 * states["rows"].numel() * 4  # float32, read and written once per step
     # the roofline: the same bytes streamed through in place by PyTorch
     ms = do_bench(lambda: states["rows"].mul_(1.0), warmup=5, rep=30)
-    rows = [{"kernel": "in-place multiply (roofline)", "batch": batch, "ms": ms, "state_TB_per_s": state_bytes / ms / 1e9}]
+    rows = [{"kernel": "in-place multiply (roofline)", "batch": batch, "ms": ms,
+             "state_TB_per_s": state_bytes / ms / 1e9}]
     print(json.dumps(rows[0]), flush=True)
     default = (recurrent.BLOCK_R, recurrent.BLOCK_V, recurrent.NUM_WARPS)
     configs = [("columns", r, c, w) for r, c, w in itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8))]

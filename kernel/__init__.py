@@ -8,6 +8,6 @@ from .power import power_attention
 from .reference import attention_reference
 
 __all__ = [
-    "attention", "attention_reference", "causal_conv1d", "causal_conv1d_step", "kron", "neg_softplus", "power_attention",
-    "rms_norm",
+    "attention", "attention_reference", "causal_conv1d", "causal_conv1d_step", "kron", "neg_softplus",
+    "power_attention", "rms_norm",
 ]

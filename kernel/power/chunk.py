@@ -205,8 +205,8 @@ class _Combine(torch.autograd.Function):
 def combine(intra, inter, inter_z, query_decay, *, normalize, fused, out_dtype):
     """o = normalized(intra + [inter, inter_z] * query_decay) in out_dtype: intra [R, E] (its first dv + 1
     columns are [num, den], or E = dv without normalisation), inter [R, dv], inter_z and query_decay [R] in the
-    compute dtype (intra also in q's without normalisation); o [R, dv]. fused: one Triton kernel each way (no float32 [R, dv + 1] temporaries);
-    otherwise PyTorch."""
+    compute dtype (intra also in q's without normalisation); o [R, dv]. fused: one Triton kernel each way (no
+    float32 [R, dv + 1] temporaries); otherwise PyTorch."""
     if fused:
         return _Combine.apply(intra.contiguous(), inter.contiguous(), inter_z.contiguous(), query_decay.contiguous(),
                               normalize, out_dtype)

@@ -13,10 +13,12 @@ product per step:
            once i passes d / 2);
     apply and grad read the state as the unpacked symmetric matrix, row (m, j) = packed row (min, max), so
            that one operand of every step is fixed and the step's scalar a_m multiplies its result:
-    apply  phi(a) M = sum_m a_m (a / sqrt 2) M[(m, j)] + (1 - 1 / sqrt 2) (a * a) M[(j, j)];
+    apply  phi(a) M = sum_m a_m (w a) M[(m, j)] + (1 - 1 / sqrt 2) (a * a) M[(j, j)], w = 1 / sqrt 2 (a pair
+           met twice) except across the halves of the head dimension: the steps m >= d / 2 take only
+           j >= d / 2 (half-width), so those pairs are met once, with w = sqrt 2;
     grad   d a = sum_m (dy M[(m, j)]^T) * c'_mj a[:, m], c' = 2 on the diagonal, sqrt 2 off it.
-A full d-wide product per m is a third more tensor-core work than the triangle, but with no factor formed
-per step and no per-step row sums the two run 1.3x and 3.4x faster on an H200 (bench/NOTES.md).
+Full-width products per m are more tensor-core work than the triangle, but with no factor formed per step
+and no per-step row sums they ran 1.3x (apply) and 3.4x (grad) faster on an H200 (bench/NOTES.md).
 For one column of weights (the normaliser z of the state) a column of D is a d x d symmetric matrix:
     feature_weighted_sum(a, w) = phi(a)^T w = packed c_ij (a^T diag(w) a)_ij      [T, D]
     feature_dot(a, z)          = phi(a) z   = a_c^T Z a_c, Z the unpacked z        [T, C]
@@ -297,8 +299,8 @@ def _apply(a, m, out_dtype):
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
         block_d = _block(d, 1 << 30)
         _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
-                            SPLIT=_split(block_d), LOW=min(_split(block_d), d), BLOCK_E=block_e, IEEE=a.dtype == torch.float32,
-                            num_warps=NUM_WARPS)
+                            SPLIT=_split(block_d), LOW=min(_split(block_d), d), BLOCK_E=block_e,
+                            IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
     return out
 
 
