@@ -12,11 +12,16 @@ if ls .whl/retention-*.whl > /dev/null 2>&1 && \
   PEERS="retention"
 fi
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_power_attention.py tests/test_kron.py \
-  tests/test_infer.py tests/test_model.py tests/test_triton_attention.py tests/test_triton_conv.py > "$OUT/gpu_tests.log" 2>&1
+  tests/test_infer.py tests/test_model.py tests/test_triton_attention.py tests/test_triton_conv.py tests/test_decay.py \
+  tests/test_norm.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit $?"; tail -5 "$OUT/gpu_tests.log"
 timeout ${ATTN_TIMEOUT:-100} python3 bench/attention.py --lengths 2048 8192 32768 --chunk-sizes 256 --peers \
   --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
 echo "attention exit $?"; grep -v "^N=" "$OUT/attention.log" | tail -20
+# one sequence of 128K tokens: the linear-time forms and SDPA only (the quadratic kernels take seconds a call)
+timeout ${LONG_TIMEOUT:-120} python3 bench/attention.py --lengths 131072 --tokens 131072 --chunk-sizes 256 --peers \
+  --error-length 256 --only chunk auto SDPA --out "$OUT/attention_131072.json" > "$OUT/attention_131072.log" 2>&1
+echo "attention 131072 exit $?"; grep -A7 "^NVIDIA" "$OUT/attention_131072.log"
 timeout ${TRAIN_TIMEOUT:-140} python3 bench/train_throughput.py --seq_lens 2048 32768 --types softmax 2mamba mamba \
   --tokens_per_step 32768 --out "$OUT" > "$OUT/train.log" 2>&1
 echo "train exit $?"; tail -9 "$OUT/train.log"
