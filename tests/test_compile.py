@@ -1,0 +1,152 @@
+"""Every Triton kernel the public ops launch also compiles for the GPU (sm_90, Hopper), on a CPU-only machine.
+
+The interpreter runs kernels as Python, so it accepts programs the compiler rejects (a variable assigned
+under a runtime `if` and read after it once cost a device call; bench/NOTES.md). Here the ops run on small
+CPU inputs in a subprocess under the interpreter, which records the arguments of every kernel launch; a
+second subprocess, without the interpreter, compiles each distinct specialisation for sm_90 (Triton's wheel
+ships ptxas; no GPU is needed). The interpreter has no bfloat16, so the pointers are those of the float32
+and float16 runs.
+
+    python tests/test_compile.py record FILE    # the launches of ops_to_record(), pickled
+    python tests/test_compile.py compile FILE   # compile each; prints one line per kernel
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+POINTER_TYPES = {"torch.float32": "*fp32", "torch.float16": "*fp16", "torch.bfloat16": "*bf16",
+                 "torch.float64": "*fp64", "torch.int32": "*i32", "torch.int64": "*i64", "torch.bool": "*i1",
+                 "torch.int8": "*i8", "torch.uint8": "*u8"}
+OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+def ops_to_record():
+    """Small calls of every public op with a Triton path, forward and backward where it has one."""
+    import torch
+
+    from kernel import attention, causal_conv1d, causal_conv1d_step, kron, neg_softplus, power_attention, rms_norm
+    from kernel.power import zero_state
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    B, H, N, d = 1, 2, 40, 16
+    for power in ("1", "2", "exp"):
+        for normalize in (True, False):
+            q, k, v = (rand(B, H, N, d).requires_grad_() for _ in range(3))
+            g = (-rand(B, H, N).abs()).requires_grad_()
+            attention(q, k, v, g, power=power, normalize=normalize, backend="triton").sum().backward()
+            attention(q, k, v, None, power=power, normalize=normalize, backend="triton").sum().backward()
+    for power in ("1", "2"):
+        for normalize in (True, False):
+            q, k, v = (rand(B, H, N, d).requires_grad_() for _ in range(3))
+            g = (-rand(B, H, N).abs()).requires_grad_()
+            o, state = power_attention(q, k, v, g, power=power, normalize=normalize, algorithm="chunk", chunk_size=16,
+                                       output_final_state=True, backend="triton")
+            (o.sum() + state.sum()).backward()
+            with torch.no_grad():
+                s = zero_state(B, H, state.shape[2], d, "cpu").copy_(state)
+                power_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], power=power, normalize=normalize,
+                                initial_state=s, output_final_state=True, inplace=True, backend="triton")
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float16):
+            x = rand(3, 48, dtype=dtype)
+            rms_norm(x, torch.ones(48, dtype=dtype), 1e-5, backend="triton")
+            neg_softplus(x, backend="triton")
+            kron(rand(2, 5, 16, dtype=dtype), backend="triton")
+            w, bias = rand(48, 1, 2, dtype=dtype), rand(48, dtype=dtype)
+            causal_conv1d(rand(2, 7, 48, dtype=dtype), w, bias, backend="triton")
+            causal_conv1d_step(rand(2, 1, 48, dtype=dtype), torch.zeros(2, 1, 48, dtype=dtype), w, bias,
+                               backend="triton")
+
+
+def _runtime_type(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return POINTER_TYPES[str(value.dtype)]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a kernel argument of type {type(value).__name__}")
+
+
+def record(path):
+    """Run ops_to_record() under the interpreter; pickle {(module, kernel, signature, constants, options)}."""
+    import inspect
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = set()
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+        values = dict(zip(self.arg_names, args), **{k: v for k, v in kwargs.items() if k in params})
+        constexpr = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+        signature = tuple((name, "constexpr" if name in constexpr else _runtime_type(values[name])) for name in params)
+        constants = tuple((name, values[name]) for name in params if name in constexpr)
+        options = tuple((k, v) for k, v in kwargs.items() if k in OPTIONS)
+        launches.add((self.fn.__module__, self.fn.__name__, signature, constants, options))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    ops_to_record()
+    Path(path).write_bytes(pickle.dumps(sorted(launches, key=repr)))
+
+
+def compile_all(path):
+    """Compile every recorded launch for sm_90; raise on the first kernel that does not compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    for module, name, signature, constants, options in pickle.loads(Path(path).read_bytes()):
+        fn = getattr(importlib.import_module(module), name)
+        while not isinstance(fn, JITFunction):  # an autotuned kernel wraps its JITFunction
+            fn = fn.fn
+        source = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constants))
+        try:
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(options))
+        except Exception as err:
+            raise RuntimeError(f"{module}.{name} {dict(constants)} does not compile for sm_90: {err}") from err
+        print(f"compiled {module}.{name} {dict(constants)}", flush=True)
+
+
+def _run(mode, path, interpret):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, __file__, mode, str(path)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
+                         / "ptxas").exists(), reason="this Triton wheel ships no ptxas")
+def test_every_launched_kernel_compiles_for_sm90(tmp_path):
+    launches = tmp_path / "launches.pkl"
+    recorded = _run("record", launches, interpret=True)
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    kernels = {(module, name) for module, name, *_ in pickle.loads(launches.read_bytes())}
+    assert len(kernels) >= 15, sorted(kernels)  # the attention, chunk, feature, recurrent, norm, conv, kron kernels
+    compiled = _run("compile", launches, interpret=False)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    {"record": record, "compile": compile_all}[sys.argv[1]](sys.argv[2])
