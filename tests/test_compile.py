@@ -4,8 +4,8 @@ The interpreter runs kernels as Python, so it accepts programs the compiler reje
 under a runtime `if` and read after it once cost a device call; bench/NOTES.md). Here the ops run on small
 CPU inputs in a subprocess under the interpreter, which records the arguments of every kernel launch; a
 second subprocess, without the interpreter, compiles each distinct specialisation for sm_90 (Triton's wheel
-ships ptxas; no GPU is needed). The interpreter has no bfloat16, so the pointers are those of the float32
-and float16 runs.
+ships ptxas; no GPU is needed). The interpreter has no bfloat16: float16 runs take the tensor-core products
+that bf16 takes on a GPU.
 
     python tests/test_compile.py record FILE    # the launches of ops_to_record(), pickled
     python tests/test_compile.py compile FILE   # compile each; prints one line per kernel
@@ -13,6 +13,7 @@ and float16 runs.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import pickle
 import subprocess
@@ -41,23 +42,22 @@ def ops_to_record():
         return torch.randn(*shape, generator=gen).to(dtype)
 
     B, H, N, d = 1, 2, 40, 16
-    for power in ("1", "2", "exp"):
-        for normalize in (True, False):
-            q, k, v = (rand(B, H, N, d).requires_grad_() for _ in range(3))
-            g = (-rand(B, H, N).abs()).requires_grad_()
-            attention(q, k, v, g, power=power, normalize=normalize, backend="triton").sum().backward()
-            attention(q, k, v, None, power=power, normalize=normalize, backend="triton").sum().backward()
-    for power in ("1", "2"):
-        for normalize in (True, False):
-            q, k, v = (rand(B, H, N, d).requires_grad_() for _ in range(3))
-            g = (-rand(B, H, N).abs()).requires_grad_()
-            o, state = power_attention(q, k, v, g, power=power, normalize=normalize, algorithm="chunk", chunk_size=16,
-                                       output_final_state=True, backend="triton")
-            (o.sum() + state.sum()).backward()
-            with torch.no_grad():
-                s = zero_state(B, H, state.shape[2], d, "cpu").copy_(state)
-                power_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], power=power, normalize=normalize,
-                                initial_state=s, output_final_state=True, inplace=True, backend="triton")
+    # float32 takes the kernels' exact (IEEE) products, float16 the tensor-core ones that bf16 takes on a GPU
+    for power, normalize, dtype in itertools.product(("1", "2", "exp"), (True, False), (torch.float32, torch.float16)):
+        q, k, v = (rand(B, H, N, d, dtype=dtype).requires_grad_() for _ in range(3))
+        g = (-rand(B, H, N).abs()).requires_grad_()
+        attention(q, k, v, g, power=power, normalize=normalize, backend="triton").sum().backward()
+        attention(q, k, v, None, power=power, normalize=normalize, backend="triton").sum().backward()
+    for power, normalize, dtype in itertools.product(("1", "2"), (True, False), (torch.float32, torch.float16)):
+        q, k, v = (rand(B, H, N, d, dtype=dtype).requires_grad_() for _ in range(3))
+        g = (-rand(B, H, N).abs()).requires_grad_()
+        o, state = power_attention(q, k, v, g, power=power, normalize=normalize, algorithm="chunk", chunk_size=16,
+                                   output_final_state=True, backend="triton")
+        (o.sum() + state.sum()).backward()
+        with torch.no_grad():
+            s = zero_state(B, H, state.shape[2], d, "cpu").copy_(state)
+            power_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], power=power, normalize=normalize,
+                            initial_state=s, output_final_state=True, inplace=True, backend="triton")
     with torch.no_grad():
         for dtype in (torch.float32, torch.float16):
             x = rand(3, 48, dtype=dtype)
