@@ -230,6 +230,7 @@ def main():
     save()
     for name, errs in report[error_key].items():
         print(f"error vs float64 {name:28s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    skipped = {}  # contenders left out by --only, in order
     # ours and SDPA at every length first, the peers (minutes of compiling) after
     for make_contenders in (own_contenders, lambda *t: peer_contenders(*t, peers)):
         for N in args.lengths:
@@ -237,6 +238,7 @@ def main():
             q, k, v, g, do = make_inputs(B, args.heads, N, args.dim)
             for name, (fn, leaves, dout) in make_contenders(q, k, v, g, do).items():
                 if args.only and not any(text in name for text in args.only):
+                    skipped[name] = None
                     continue
                 fwd = time_ms(fn, leaves, dout, backward=False)
                 fwd_bwd = time_ms(fn, leaves, dout, backward=True)
@@ -246,6 +248,8 @@ def main():
                       f"fwd+bwd {fwd_bwd or math.nan:8.3f} ms", flush=True)
             del q, k, v, g, do
             torch.cuda.empty_cache()
+    if args.only and not rows:
+        parser.error(f"--only {' '.join(args.only)} matched none of the contenders: {', '.join(skipped)}")
     if args.profile:
         profile_chunk(args.profile, max(1, args.tokens // args.profile), args.heads, args.dim)
     if peers:

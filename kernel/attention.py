@@ -35,6 +35,8 @@ def attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, backend
     """
     views = bhnd_views(layout, q, k, v, g)
     scale = check_attention_args(*views, power, scale)
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be a floating-point torch.dtype or None (q's dtype), got {out_dtype!r}")
     if resolve_backend(backend, q) == "torch":
         return bhnd_views(layout, attention_reference(*views, power=power, normalize=normalize, scale=scale,
                                                               out_dtype=out_dtype))[0]

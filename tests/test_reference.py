@@ -92,6 +92,7 @@ def test_reference_computes_in_float32_and_returns_input_dtype():
 @pytest.mark.parametrize("bad,match", [
     (dict(power="3"), "power must be one of"),
     (dict(backend="cuda"), "backend must be one of"),
+    (dict(out_dtype=torch.int32), "out_dtype must be a floating-point"),
 ])
 def test_bad_arguments_are_named(bad, match):
     q, k, v, g = random_inputs(1, 1, 3, 4, True, torch.float32)

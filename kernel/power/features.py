@@ -293,14 +293,14 @@ def _apply(a, m, out_dtype):
     T, C, d = a.shape
     E = m.shape[-1]
     out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
-    block_c = _block(C, 128)
+    block_c, block_d = _block(C, 128), _block(d, 1 << 30)
+    split = _split(block_d)
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
-        block_d = _block(d, 1 << 30)
         _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
-                            SPLIT=_split(block_d), LOW=min(_split(block_d), d), BLOCK_E=block_e,
-                            IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+                            SPLIT=split, LOW=min(split, d), BLOCK_E=block_e, IEEE=a.dtype == torch.float32,
+                            num_warps=NUM_WARPS)
     return out
 
 
