@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
-from kernel import attention, causal_conv1d, causal_conv1d_step, neg_softplus, power_attention, rms_norm
+from kernel import (attention, causal_conv1d, causal_conv1d_step, linear, linears, neg_softplus, power_attention,
+                    rms_norm, swiglu)
 from kernel.power import state_size, zero_state
 from kernel.reference import bhnd_views
 
@@ -203,6 +204,9 @@ def _zero_padding(x, padding):
     return x if padding is None else x.masked_fill(~padding.view(*padding.shape, *([1] * (x.dim() - 2))), 0)
 
 
+SIDE_PROJECTIONS = ("dt_proj", "A_mask_proj", "z_gate_proj")  # a generic block's projections of h besides qkv
+
+
 class GenericAttention(nn.Module):
     """The parameterised linear / squared / exp attention block (README.md, "Attention types").
 
@@ -261,16 +265,24 @@ class GenericAttention(nn.Module):
                                  decayed=cfg.A_mask_type != "none", conv=conv)
         return RecurrentState(conv, zero_state(batch, self.num_heads, state_size(d, cfg.power), d, device))
 
-    def project(self, h, qkv):
-        """From the layer input h [B,N,D] and the (conv'd) qkv [B,N,3Hd]: q, k, v as [B,N,H,d] views of qkv
-        (the layout the kernels take, so nothing is transposed or copied), the per-token log decay g [B,N,H]
-        (or None), the values the D residual multiplies (v before discretisation, or None) and the Z gate."""
+    def projections(self, h):
+        """qkv [B,N,3Hd] and the side projections {name: output} the config has (dt_proj, A_mask_proj,
+        z_gate_proj) of the layer input h: one launch when decoding (kernel/linear.py)."""
+        names = [name for name in SIDE_PROJECTIONS if hasattr(self, name)]
+        layers = [self.qkv_proj] + [getattr(self, name) for name in names]
+        qkv, *side = linears(h, [m.weight for m in layers], [m.bias for m in layers])
+        return qkv, dict(zip(names, side))
+
+    def project(self, qkv, side):
+        """From the (conv'd) qkv [B,N,3Hd] and the side projections: q, k, v as [B,N,H,d] views of qkv (the
+        layout the kernels take, so nothing is transposed or copied), the per-token log decay g [B,N,H] (or
+        None), the values the D residual multiplies (v before discretisation, or None) and the Z gate."""
         cfg = self.cfg
         b, n, _ = qkv.shape
         q, k, v = (t.view(b, n, self.num_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
         dt = None
         if cfg.uses_dt:  # softplus in fp32: dt and the decay go into a float64 cumsum over the sequence
-            dt_in = self.dt_proj(h).float()
+            dt_in = side["dt_proj"].float()
             if cfg.use_dt_bias:
                 dt_in = dt_in + self.dt_bias
             dt = F.softplus(dt_in)
@@ -278,7 +290,7 @@ class GenericAttention(nn.Module):
         if cfg.A_mask_type == "discretize":
             g = -torch.exp(self.A_log.float()) * dt
         elif cfg.A_mask_type == "neg_softplus":
-            g = neg_softplus(self.A_mask_proj(h))  # -softplus in float32
+            g = neg_softplus(side["A_mask_proj"])  # -softplus in float32
         v_res = v if cfg.use_D_res else None
         if cfg.value_disc_dtype == "dt":
             v = v * dt[..., None].to(v.dtype)
@@ -286,12 +298,12 @@ class GenericAttention(nn.Module):
             q, k = F.relu(q), F.relu(k)
         elif cfg.qk_activation_type == "silu":
             q, k = F.silu(q), F.silu(k)
-        z = F.silu(self.z_gate_proj(h)) if cfg.use_z_out_gate else None
+        z = F.silu(side["z_gate_proj"]) if cfg.use_z_out_gate else None
         return q, k, v, g, v_res, z
 
-    def finish(self, o, v_res, z):
+    def finish(self, o, v_res, z, residual=None):
         """o: [B, N, H, d] core output (in the core's dtype: under autocast o_proj takes it as it is) ->
-        [B, N, D_model]."""
+        [B, N, D_model], plus residual when given."""
         if v_res is not None:
             o = torch.addcmul(o, v_res, self.D.to(o.dtype))  # the D residual, D [H, d] broadcast
         b, n = o.shape[:2]
@@ -300,22 +312,23 @@ class GenericAttention(nn.Module):
             o = o * z
         if self.cfg.norm_type == "output_norm":
             o = self.out_norm(o.to(self.out_norm.weight.dtype))  # the norm in its parameters' precision
-        return self.o_proj(o)
+        return linear(o, self.o_proj.weight, residual=residual)
 
-    def forward(self, h, cache=None, padding=None):
+    def forward(self, h, cache=None, padding=None, residual=None):
         """h [B, N, D_model]; cache: a TwoMambaCache continued by these N tokens; padding [B, N] bool, False at
-        left padding (those tokens leave no trace in the output of the others nor in the cache)."""
+        left padding (those tokens leave no trace in the output of the others nor in the cache); residual
+        [B, N, D_model]: added to the output (in the output projection's kernel when decoding)."""
         entry = None if cache is None else cache.entry(self.layer_idx, self, h)
         h = _zero_padding(h, padding)  # zero pre-conv rows: the conv sees the zero padding of a shorter prompt
-        qkv = self.qkv_proj(h)
+        qkv, side = self.projections(h)
         if self.cfg.use_in_conv:
             qkv = cached_causal_conv(qkv, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.conv)
-        q, k, v, g, v_res, z = self.project(h, qkv)
+        q, k, v, g, v_res, z = self.project(qkv, side)
         if self.cfg.power == "exp" and (entry is not None or padding is not None):
             o = self._kv_core(q, k, v, g, entry, padding)
         else:  # padding keys are zero, so they add nothing to a state
             o = self._state_core(q, _zero_padding(k, padding), v, g, entry)
-        return self.finish(o, v_res, z)
+        return self.finish(o, v_res, z, residual)
 
     def _state_core(self, q, k, v, g, entry):
         """power_attention on [B, N, H, d]: powers 1 and 2 with or without a state, the exp types over a whole
@@ -384,26 +397,29 @@ class SoftmaxAttention(nn.Module):
     def project(self, h, positions):
         """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions [N] (a device tensor)."""
         b, n, _ = h.shape
-        qkv = self.qkv_proj(h).view(b, n, 3, self.num_heads, self.head_dim)
+        qkv = linear(h, self.qkv_proj.weight).view(b, n, 3, self.num_heads, self.head_dim)
         q, k = self.rotary_emb(qkv[:, :, :2], positions).unbind(2)  # q and k turned in one go
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
-    def finish(self, o):
+    def finish(self, o, residual=None):
         b, _, n, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        return linear(o.transpose(1, 2).reshape(b, n, -1), self.o_proj.weight, residual=residual)
 
     @staticmethod
     def core(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def forward(self, h, cache=None, padding=None):
+    def forward(self, h, cache=None, padding=None, residual=None):
+        """As GenericAttention.forward."""
         entry = None if cache is None else cache.entry(self.layer_idx, self, h)
         n = h.shape[1]
         q, k, v = self.project(h, torch.arange(n, device=h.device) if entry is None else entry.positions(n))
         keys, values, _, allowed = kv_context(k, v, None, entry, padding)
         if allowed is None:
-            return self.finish(_maybe_checkpoint(self.checkpoint_core and entry is None, self.core, q, k, v))
-        return self.finish(masked_attention(q, keys, values, allowed))
+            o = _maybe_checkpoint(self.checkpoint_core and entry is None, self.core, q, k, v)
+        else:
+            o = masked_attention(q, keys, values, allowed)
+        return self.finish(o, residual)
 
 
 def _mamba_dt_bias_init(n: int, dt_min=0.001, dt_max=0.1, floor=1e-4) -> torch.Tensor:
@@ -503,9 +519,12 @@ class MambaAttention(nn.Module):
             return self.mamba_layer.new_cache(batch, device, dtype, capacity)
         return MambaSSMState(*self.mamba_layer.allocate_inference_cache(batch, capacity, dtype=dtype))
 
-    def forward(self, h, cache=None, padding=None):
-        # zero inputs at left padding: with no biases before the SSM, they add exactly nothing to the state
-        h = _zero_padding(h, padding)
+    def forward(self, h, cache=None, padding=None, residual=None):
+        """As GenericAttention.forward (the residual added after the block)."""
+        out = self._block(_zero_padding(h, padding), cache)  # zero inputs at left padding: with no biases before
+        return out if residual is None else residual + out  # the SSM, they add exactly nothing to the state
+
+    def _block(self, h, cache):
         if cache is None:
             return _maybe_checkpoint(self.checkpoint_core, self.mamba_layer, h)
         entry = cache.entry(self.layer_idx, self, h)
@@ -551,10 +570,13 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """The MLP of x, plus residual when given (added in the down projection's kernel when decoding)."""
         if self.mlp_type == "normal":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+            h = swiglu(x, self.gate_proj.weight, self.up_proj.weight)
+        else:
+            h = F.gelu(linear(x, self.up_proj.weight))
+        return linear(h, self.down_proj.weight, residual=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -568,5 +590,5 @@ class LlamaDecoderLayer(nn.Module):
         self.checkpoint_mlp = False
 
     def forward(self, x, cache=None, padding=None):
-        x = x + self.self_attn(self.input_layernorm(x), cache, padding)
-        return x + _maybe_checkpoint(self.checkpoint_mlp, self.mlp, self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), cache, padding, residual=x)
+        return _maybe_checkpoint(self.checkpoint_mlp, self.mlp, self.post_attention_layernorm(x), x)

@@ -1,26 +1,32 @@
 """Tuning sweep of the linear-time kernels on one CUDA GPU: the constants they are launched with, timed in turn.
 
-    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent]
+    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent linear]
 
 The fused feature products of the chunked form (kernel/power/features.py: outer, apply, grad) at the
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = 64, [v, 1] padded to 80 columns,
 bf16) for each BLOCK_I and NUM_WARPS, and the one-token recurrent step (kernel/power/recurrent.py) at
 `--batch` sequences of the small model (16 heads, d = 64, float32 state, contiguous "rows" or zero_state's
 column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the state's bytes read and written per
-second, beside the same bytes multiplied in place by PyTorch (a streaming roofline).
+second, beside the same bytes multiplied in place by PyTorch (a streaming roofline); and the decoding step's
+linear layers (kernel/dense.py) at `--linear-batches` rows beside the formula they replace, 20 layers' weights
+replayed from one CUDA graph (no launch overhead; weights cold, as in decoding), in us per call.
 triton.testing.do_bench medians in ms; results are printed and written as JSON
 (bench/results/kernel_sweep_<gpu>.json or --out).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import itertools
 import json
 import os
 
 import torch
+import torch.nn.functional as F
 from triton.testing import do_bench
 
+from kernel import dense
 from kernel.power import features, recurrent, zero_state
 
 
@@ -76,20 +82,108 @@ def sweep_recurrent(batch: int, heads: int = 16, d: int = 64) -> list[dict]:
     return rows
 
 
+def graph_ms(calls, replays: int = 20) -> float:
+    """ms per call of `calls` (one per layer, each on its own weights) replayed from one CUDA graph: no launch
+    overhead, and weights that do not fit in L2 (cold each step, as in decoding)."""
+    for call in calls:  # compile and warm up outside the capture
+        call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays / len(calls)
+
+
+LINEAR_CONSTANTS = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
+
+
+@contextlib.contextmanager
+def _constants(module, names, values):
+    """The module's launch constants set to values for a while."""
+    saved = [getattr(module, name) for name in names]
+    for name, value in zip(names, values):
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            setattr(module, name, value)
+
+
+def sweep_linear(batches, layers: int = 20, hidden: int = 1024, inter: int = 2048, heads: int = 16) -> list[dict]:
+    """The decoding step's linear layers of the small model (kernel/dense.py) against the formula they replace
+    (cuBLAS and the elementwise ops), `layers` weight sets in one CUDA graph, for each BLOCK_N, BLOCK_K,
+    NUM_WARPS and NUM_STAGES at the first batch (the stages the launcher runs: fewer where their buffers would
+    not fit), the fastest of them at the others."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16) / shape[-1] ** 0.5
+
+    weights = [{"qkv": rand(3 * hidden, hidden), "decay": rand(heads, hidden), "o": rand(hidden, hidden),
+                "gate": rand(inter, hidden), "up": rand(inter, hidden), "down": rand(hidden, inter)}
+               for _ in range(layers)]
+    rows = []
+    for batch in batches:
+        x, xi, res = rand(batch, hidden), rand(batch, inter), rand(batch, hidden)
+        ops = {  # name: (the kernel's call, the formula's) for one layer's weights w
+            "qkv + decay": (lambda w: dense.linears(x, [w["qkv"], w["decay"]]),
+                            lambda w: (F.linear(x, w["qkv"]), F.linear(x, w["decay"]))),
+            "o_proj": (lambda w: dense.linear(x, w["o"]), lambda w: F.linear(x, w["o"])),
+            "swiglu": (lambda w: dense.swiglu(x, w["gate"], w["up"]),
+                       lambda w: F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"])),
+            "down + residual": (lambda w: dense.linear(xi, w["down"], residual=res),
+                                lambda w: res + F.linear(xi, w["down"])),
+        }
+        for name, (_, formula) in ops.items():
+            row = {"kernel": f"formula: {name}", "batch": batch,
+                   "us": 1000 * graph_ms([functools.partial(formula, w) for w in weights])}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        configs = list(itertools.product((16, 32), (256, 512), (1, 2, 4), (3, 4, 5))) if batch == batches[0] else [best]
+        totals = {}
+        for config in configs:
+            for name, (fused, _) in ops.items():
+                with _constants(dense, LINEAR_CONSTANTS, config):
+                    us = 1000 * graph_ms([functools.partial(fused, w) for w in weights])
+                    stages = dense.pipeline_stages(dense._block_m(batch), 2 if name == "swiglu" else 1, 2)
+                row = {"kernel": name, "batch": batch, **dict(zip(LINEAR_CONSTANTS, config)), "stages_run": stages,
+                       "us": us}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                totals[config] = totals.get(config, 0.0) + us
+        best = min(totals, key=totals.get)  # the fastest over a layer's four launches at the first batch
+        print(json.dumps({"batch": batch, "fastest": dict(zip(LINEAR_CONSTANTS, best)), "us_per_layer": totals[best]}))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
-    parser.add_argument("--kernels", nargs="+", choices=["features", "recurrent"], default=["features", "recurrent"])
+    parser.add_argument("--kernels", nargs="+", choices=["features", "recurrent", "linear"],
+                        default=["features", "recurrent", "linear"])
+    parser.add_argument("--linear-batches", type=int, nargs="+", default=[32, 1],
+                        help="rows of the linear layers (every config at the first, the fastest at the others)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.batch < 1 or min(args.chunk_sizes) < 1:
-        parser.error(f"--batch and --chunk-sizes take values >= 1, got {args.batch} and {args.chunk_sizes}")
+    if args.batch < 1 or min(args.chunk_sizes) < 1 or not 1 <= min(args.linear_batches) <= max(args.linear_batches) <= dense.MAX_ROWS:
+        parser.error(f"--batch and --chunk-sizes take values >= 1 and --linear-batches values in [1, {dense.MAX_ROWS}], "
+                     f"got {args.batch}, {args.chunk_sizes} and {args.linear_batches}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_sweep.py needs a CUDA GPU")
     rows = [row for C in args.chunk_sizes for row in sweep_features(C)] if "features" in args.kernels else []
     if "recurrent" in args.kernels:
         rows += sweep_recurrent(args.batch)
+    if "linear" in args.kernels:
+        rows += sweep_linear(args.linear_batches)
     gpu = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_sweep_{gpu.replace(' ', '_')}.json")

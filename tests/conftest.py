@@ -18,7 +18,7 @@ import pytest
 import torch
 
 INTERPRETER_MODULES = {"test_triton_attention.py", "test_triton_conv.py", "test_kron.py", "test_norm.py",
-                       "test_decay.py"}
+                       "test_decay.py", "test_dense.py"}
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

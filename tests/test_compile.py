@@ -33,7 +33,8 @@ def ops_to_record():
     """Small calls of every public op with a Triton path, forward and backward where it has one."""
     import torch
 
-    from kernel import attention, causal_conv1d, causal_conv1d_step, kron, neg_softplus, power_attention, rms_norm
+    from kernel import (attention, causal_conv1d, causal_conv1d_step, kron, linear, linears, neg_softplus,
+                        power_attention, rms_norm, swiglu)
     from kernel.power import zero_state
 
     gen = torch.Generator().manual_seed(0)
@@ -68,6 +69,13 @@ def ops_to_record():
             causal_conv1d(rand(2, 7, 48, dtype=dtype), w, bias, backend="triton")
             causal_conv1d_step(rand(2, 1, 48, dtype=dtype), torch.zeros(2, 1, 48, dtype=dtype), w, bias,
                                backend="triton")
+            for rows in (1, 32, 64):  # decoding steps of batch 1 and 32, and the kernels' largest (MAX_ROWS)
+                x, w = rand(rows, 64, dtype=dtype), rand(40, 64, dtype=dtype)
+                linears(x, [w, w[:16], w, w], [None, rand(16, dtype=dtype), None, rand(40, dtype=dtype)], backend="triton")
+                linears(x, [w, w[:16]], backend="triton")
+                linear(x, w, residual=rand(rows, 40, dtype=dtype), backend="triton")
+                linear(x, w, backend="triton")
+                swiglu(x, w, w, backend="triton")
 
 
 def _runtime_type(value):
@@ -84,8 +92,19 @@ def _runtime_type(value):
     raise TypeError(f"no Triton type for a kernel argument of type {type(value).__name__}")
 
 
+def _aligned(value):
+    """Whether the GPU's launcher would specialise this argument as divisible by 16 (pointers by their address,
+    integers by value): the compiler then vectorises loads and pipelines them through shared memory."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 def record(path):
-    """Run ops_to_record() under the interpreter; pickle {(module, kernel, signature, constants, options)}."""
+    """Run ops_to_record() under the interpreter; pickle {(module, kernel, signature, constants, options,
+    aligned)}, aligned the positions of the arguments divisible by 16."""
     import inspect
 
     from triton.runtime.interpreter import InterpretedFunction
@@ -100,7 +119,8 @@ def record(path):
         signature = tuple((name, "constexpr" if name in constexpr else _runtime_type(values[name])) for name in params)
         constants = tuple((name, values[name]) for name in params if name in constexpr)
         options = tuple((k, v) for k, v in kwargs.items() if k in OPTIONS)
-        launches.add((self.fn.__module__, self.fn.__name__, signature, constants, options))
+        aligned = tuple(i for i, name in enumerate(params) if name not in constexpr and _aligned(values[name]))
+        launches.add((self.fn.__module__, self.fn.__name__, signature, constants, options, aligned))
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
@@ -108,22 +128,30 @@ def record(path):
     Path(path).write_bytes(pickle.dumps(sorted(launches, key=repr)))
 
 
+SHARED_MEMORY_LIMIT = 232448  # bytes a block of an H100 / H200 may use (the driver refuses a kernel past it)
+
+
 def compile_all(path):
-    """Compile every recorded launch for sm_90; raise on the first kernel that does not compile."""
+    """Compile every recorded launch for sm_90; raise on the first kernel that does not compile or needs more
+    shared memory than a Hopper block has (which only fails when the kernel is loaded on the GPU)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    for module, name, signature, constants, options in pickle.loads(Path(path).read_bytes()):
+    for module, name, signature, constants, options, aligned in pickle.loads(Path(path).read_bytes()):
         fn = getattr(importlib.import_module(module), name)
         while not isinstance(fn, JITFunction):  # an autotuned kernel wraps its JITFunction
             fn = fn.fn
-        source = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constants))
+        source = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constants),
+                           attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
         try:
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(options))
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(options))
         except Exception as err:
             raise RuntimeError(f"{module}.{name} {dict(constants)} does not compile for sm_90: {err}") from err
+        if compiled.metadata.shared > SHARED_MEMORY_LIMIT:
+            raise RuntimeError(f"{module}.{name} {dict(constants)} needs {compiled.metadata.shared} bytes of shared "
+                               f"memory, more than sm_90's {SHARED_MEMORY_LIMIT}")
         print(f"compiled {module}.{name} {dict(constants)}", flush=True)
 
 
