@@ -143,13 +143,20 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def cached_causal_conv(x, weight, bias=None, conv_state=None):
+def cached_causal_conv(x, weight, bias=None, conv_state=None, fresh=False):
     """Causal depthwise conv of x [B, N, C] continuing after the rows in conv_state [B, k-1, C] (zeros = the
-    conv's zero padding), which then holds the last k-1 input rows. Without a state: the plain conv."""
+    conv's zero padding), which then holds the last k-1 input rows. Without a state: the plain conv. fresh:
+    the state holds no tokens yet (a prompt into a new cache), so the plain conv is exact without a window
+    [state, x] (a copy of x)."""
     if conv_state is None:
         return causal_conv1d(x, weight, bias)
     if x.shape[1] == 1:
         return causal_conv1d_step(x, conv_state, weight, bias)
+    if fresh:
+        keep = min(conv_state.shape[1], x.shape[1])  # rows before x stay the zeros of an empty context
+        if keep:
+            conv_state[:, conv_state.shape[1] - keep:] = x[:, x.shape[1] - keep:]
+        return causal_conv1d(x, weight, bias)
     window = torch.cat([conv_state, x], dim=1)
     y = causal_conv1d(window, weight, bias)[:, conv_state.shape[1]:]
     conv_state.copy_(window[:, window.shape[1] - conv_state.shape[1]:])
@@ -322,7 +329,8 @@ class GenericAttention(nn.Module):
         h = _zero_padding(h, padding)  # zero pre-conv rows: the conv sees the zero padding of a shorter prompt
         qkv, side = self.projections(h)
         if self.cfg.use_in_conv:
-            qkv = cached_causal_conv(qkv, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.conv)
+            qkv = cached_causal_conv(qkv, self.conv1d.weight, self.conv1d.bias, None if entry is None else entry.conv,
+                                     fresh=cache is not None and cache.seen_tokens == 0)
         q, k, v, g, v_res, z = self.project(qkv, side)
         if self.cfg.power == "exp" and (entry is not None or padding is not None):
             o = self._kv_core(q, k, v, g, entry, padding)

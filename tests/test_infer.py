@@ -382,3 +382,18 @@ def test_bf16_cuda_graph_kv_step_matches_eager_on_a_ragged_batch(attention_type)
     assert cache.layers[0].position.item() == 4
     with pytest.raises(ValueError, match="holds 4 tokens and 4 are filled"):
         model(token, past_key_values=cache)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_fresh_conv_matches_the_window(width, n):
+    """A prompt into an empty cache takes the plain conv (no [state, x] window): the same outputs and the same
+    last k-1 rows kept as the window over the zero state gives."""
+    from GPT_Trainer.LlamaDecoderLayerClean import cached_causal_conv
+
+    x, weight, bias = torch.randn(2, n, 12), torch.randn(12, 1, width), torch.randn(12)
+    states = [torch.zeros(2, width - 1, 12) for _ in range(2)]
+    fresh = cached_causal_conv(x, weight, bias, states[0], fresh=True)
+    window = cached_causal_conv(x, weight, bias, states[1])
+    torch.testing.assert_close(fresh, window, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(states[0], states[1], rtol=0, atol=0)
