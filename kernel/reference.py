@@ -61,11 +61,13 @@ def attention_weights(q, k, g=None, *, power="2", scale=None):
     return w * torch.exp(log_decay), torch.zeros_like(s[..., 0])
 
 
-def attention_reference(q, k, v, g=None, *, power="2", normalize=True, scale=None, out_dtype=None):
+def attention_reference(q, k, v, g=None, *, power="2", normalize=True, scale=None, out_dtype=None,
+                        return_den=False):
     """o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij when normalize), w as in docs/math.md#attention-core.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: [B, H, N] per-token log decay (<= 0) or None.
-    A row whose normaliser is 0 gives 0. o in out_dtype (q's dtype by default).
+    A row whose normaliser is 0 gives 0. o in out_dtype (q's dtype by default). return_den (unnormalised,
+    powers "1" and "2"): (o, den) with den_i = sum_{j<=i} w_ij [B, H, N] in the compute dtype.
     """
     out_dtype = out_dtype or q.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -78,5 +80,7 @@ def attention_reference(q, k, v, g=None, *, power="2", normalize=True, scale=Non
         o = torch.where(den == 0, torch.zeros_like(o), o / torch.where(den == 0, torch.ones_like(den), den))
     elif power == "exp":
         o = o * torch.exp(m)[..., None]
+    if return_den:
+        return o.to(out_dtype), w.sum(dim=-1)
     return o.to(out_dtype)
 

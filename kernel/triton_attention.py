@@ -201,9 +201,9 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
         if NORMALIZE:
             inv = tl.where(total_den == 0.0, 0.0, 1.0 / tl.where(total_den == 0.0, 1.0, total_den))  # o = 0, not NaN
             stat = inv
-        else:
+        else:  # the backward reads no stat here: it keeps the row sums, return_den's den
             inv = tl.full([BLOCK_M], 1.0, tl.float32)
-            stat = inv
+            stat = total_den
     o_ptrs, o_mask = _tile(O, offs_m, offs_dv, N, DV, so_n, so_d)
     tl.store(o_ptrs, (total * inv[:, None]).to(O.dtype.element_ty), mask=o_mask)
     tl.store(STAT + offs_m, stat, mask=offs_m < N)
@@ -214,33 +214,41 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
 
 
 @triton.jit
-def _row_stats(DELTA, FRAC, ROFF, offs, N, NORMALIZE: tl.constexpr):
-    """delta, frac, roff of some query rows (zeros without normalisation, where they are not used)."""
+def _row_stats(DELTA, FRAC, ROFF, offs, N, NORMALIZE: tl.constexpr, ROW_DELTA: tl.constexpr):
+    """delta, frac, roff of some query rows (zeros without normalisation, where they are not used; there
+    ROW_DELTA loads delta = -dL/dden of return_den)."""
     if NORMALIZE:
         delta = tl.load(DELTA + offs, mask=offs < N, other=0.0)
         frac = tl.load(FRAC + offs, mask=offs < N, other=0.0)
         roff = tl.load(ROFF + offs, mask=offs < N, other=0.0)
     else:
-        delta = tl.zeros_like(offs).to(tl.float32)
-        frac = delta
-        roff = delta
+        frac = tl.zeros_like(offs).to(tl.float32)
+        roff = frac
+        if ROW_DELTA:
+            delta = tl.load(DELTA + offs, mask=offs < N, other=0.0)
+        else:
+            delta = frac
     return delta, frac, roff
 
 
 @triton.jit
 def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
-              HAS_DECAY: tl.constexpr, MASKED: tl.constexpr):
+              ROW_DELTA: tl.constexpr, HAS_DECAY: tl.constexpr, MASKED: tl.constexpr):
     """Elementwise backward of one tile, in either orientation (all operands broadcast to the tile).
 
     s: scores; logdec: log2 of the decay a_i - a_j; stat: the forward's per-row number; delta: dO_i . o_i;
     dov: dO_i . v_j; diff: i - j; frac, roff: 1 - P_ii and dO_i . (o_i - P_ii v_i) from the forward's
-    off-diagonal sums. Returns P (the weight of v_j in o_i), G = w dL/dw without the diagonal, and dL/ds.
+    off-diagonal sums; without normalisation, ROW_DELTA: delta = -dL/dden_i of return_den's row sums (each
+    weight w_ij is also a term of den_i). Returns P (the weight of v_j in o_i), G = w dL/dw without the
+    diagonal, and dL/ds.
     """
     if NORMALIZE:
         dp = dov - delta
         if MASKED:
             # dO_i.v_i - dO_i.o_i = (1 - P_ii) dO_i.v_i - dO_i.(o_i - P_ii v_i) without the cancellation
             dp = tl.where(diff == 0, frac * dov - roff, dp)
+    elif ROW_DELTA:
+        dp = dov - delta
     else:
         dp = dov
     if POWER == 3:
@@ -276,7 +284,7 @@ def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr
 @triton.jit
 def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, lo, hi,
               sk_n, sk_d, sv_n, sv_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
+              BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr, ROW_DELTA: tl.constexpr,
               HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -291,7 +299,7 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref
         else:
             logdec = 0.0
         p, g, ds = _bwd_tile(s, logdec, stat[:, None], delta[:, None], frac[:, None], roff[:, None], dov,
-                             offs_m[:, None] - offs_n[None, :], POWER, NORMALIZE, HAS_DECAY, MASKED)
+                             offs_m[:, None] - offs_n[None, :], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
         dq = tl.dot(ds.to(WDTYPE), k.to(WDTYPE), dq)
         da += tl.sum(g, 1)
     return dq, da
@@ -303,7 +311,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ROW_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q = _head(Q, bh, H, sq_b, sq_h)
@@ -323,7 +331,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
     q = _load_rows(Q, offs_m, offs_d, N, D, sq_n, sq_d)
     do = _load_rows(DO, offs_m, tl.arange(0, BLOCK_DV), N, DV, sdo_n, sdo_d)
     stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
-    delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE)
+    delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE, ROW_DELTA)
     if HAS_DECAY:
         a_ref = tl.load(A + start_m)
         qa = _local_decay(A, offs_m, a_ref, N)
@@ -333,10 +341,11 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     da = tl.zeros([BLOCK_M], tl.float32)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
-                       sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, False, WDTYPE)
+                       sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY,
+                       False, WDTYPE)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, start_m,
                        tl.minimum(start_m + BLOCK_M, N), sk_n, sk_d, sv_n, sv_d,
-                       D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, HAS_DECAY, True, WDTYPE)
+                       D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, True, WDTYPE)
     dq_ptrs, dq_mask = _tile(DQ, offs_m, offs_d, N, D, sdq_n, sdq_d)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
     tl.store(DA + offs_m, da, mask=offs_m < N)
@@ -345,7 +354,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
 @triton.jit
 def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale, lo, hi,
                 sq_n, sq_d, sdo_n, sdo_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr,
+                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr, ROW_DELTA: tl.constexpr,
                 HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
     # Tiles are [keys, queries]. Query rows past N load q = dO = 0 and stat = delta = 0, which makes their
     # G, dL/ds and contribution to dv exactly 0, so the last partial block needs no extra mask.
@@ -356,7 +365,7 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF,
         q = _load_rows(Q, offs_m, offs_d, N, D, sq_n, sq_d)
         do = _load_rows(DO, offs_m, offs_dv, N, DV, sdo_n, sdo_d)
         stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
-        delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE)
+        delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE, ROW_DELTA)
         s = tl.dot(k, tl.trans(q)) * scale
         dov = tl.dot(v, tl.trans(do))
         if HAS_DECAY:
@@ -364,7 +373,7 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF,
         else:
             logdec = 0.0
         p, g, ds = _bwd_tile(s, logdec, stat[None, :], delta[None, :], frac[None, :], roff[None, :], dov,
-                             offs_m[None, :] - offs_n[:, None], POWER, NORMALIZE, HAS_DECAY, MASKED)
+                             offs_m[None, :] - offs_n[:, None], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
         dv = tl.dot(p.to(WDTYPE), do.to(WDTYPE), dv)
         dk = tl.dot(ds.to(WDTYPE), q.to(WDTYPE), dk)
         da -= tl.sum(g, 1)
@@ -378,7 +387,7 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
                      sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
-                     WDTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     WDTYPE: tl.constexpr, ROW_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Lowest key blocks (most queries) first.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -412,10 +421,10 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
     diag_end = tl.minimum(start_n + BLOCK_N, N)
     dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              start_n, diag_end, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
-                             HAS_DECAY, True, WDTYPE)
+                             ROW_DELTA, HAS_DECAY, True, WDTYPE)
     dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              diag_end, N, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
-                             HAS_DECAY, False, WDTYPE)
+                             ROW_DELTA, HAS_DECAY, False, WDTYPE)
     dk_ptrs, dk_mask = _tile(DK, offs_n, offs_d, N, D, sdk_n, sdk_d)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
     dv_ptrs, dv_mask = _tile(DV_OUT, offs_n, offs_dv, N, DV, sdv_n, sdv_d)
@@ -461,10 +470,11 @@ def _empty(like, shape, bnhd, dtype=None):
 
 
 class _TritonAttention(torch.autograd.Function):
-    """q, k, v: [B, H, N, .] views with any strides; o, dq, dk, dv are allocated in the caller's layout (bnhd)."""
+    """q, k, v: [B, H, N, .] views with any strides; o, dq, dk, dv are allocated in the caller's layout (bnhd).
+    return_den: o and the row sums den [B, H, N] (float32), the forward's stat of an unnormalised power 1 or 2."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, power, normalize, scale, bnhd, out_dtype):
+    def forward(ctx, q, k, v, g, power, normalize, scale, bnhd, out_dtype, return_den):
         B, H, N, _ = q.shape
         # a = cumsum g in float64: long sequences with strong decay reach |a| ~ 1e5 and more. The kernels index
         # a and the per-row vectors below as contiguous [B, H, N].
@@ -484,10 +494,10 @@ class _TritonAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, a, o, stat, o_off, frac)
         ctx.meta, ctx.scale, ctx.buckets, ctx.bnhd = meta, scale, buckets, bnhd
         ctx.g_dtype = None if g is None else g.dtype
-        return o
+        return (o, stat) if return_den else o
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dden=None):
         q, k, v, a, o, stat, o_off, frac = ctx.saved_tensors
         meta, scale = ctx.meta, ctx.scale
         B, H, N, _ = q.shape
@@ -497,8 +507,11 @@ class _TritonAttention(torch.autograd.Function):
             rows = 16 if INTERPRET else 4096 // meta["BLOCK_DV"]  # three fp32 tiles of 4096: no register spills
             _delta_kernel[(triton.cdiv(N, rows), B * H)](do, o, o_off, delta, roff, N, H, *do.stride(), *o.stride(),
                                                         DV=meta["DV"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=rows)
+        elif dden is not None:  # each weight is also a term of its row's den: dL/dw_ij gains dL/dden_i
+            delta = roff = (-dden).float().contiguous()
         else:
             delta = roff = stat
+        row_delta = not meta["NORMALIZE"] and dden is not None
         dq, dk = _empty(q, q.shape, ctx.bnhd), _empty(q, k.shape, ctx.bnhd)
         dv = _empty(q, v.shape, ctx.bnhd)
         da_q = torch.empty_like(stat)
@@ -506,17 +519,18 @@ class _TritonAttention(torch.autograd.Function):
         rows = (stat, delta, frac, roff)
         strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
         _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, H, *ctx.buckets, scale,
-                                                    *strides, *dq.stride(), **meta)
+                                                    *strides, *dq.stride(), ROW_DELTA=row_delta, **meta)
         _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, H, *ctx.buckets, scale,
-                                                      *strides, *dk.stride(), *dv.stride(), **meta)
+                                                      *strides, *dk.stride(), *dv.stride(), ROW_DELTA=row_delta, **meta)
         dg = None
         if meta["HAS_DECAY"]:
             da = da_q.double() + da_k.double()
             dg = da.flip(-1).cumsum(-1).flip(-1).to(ctx.g_dtype)
-        return dq, dk, dv, dg, None, None, None, None, None
+        return dq, dk, dv, dg, None, None, None, None, None, None
 
 
-def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, layout="bhnd", out_dtype=None):
+def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, layout="bhnd", out_dtype=None,
+                     return_den=False):
     """Causal attention core on the GPU (or under TRITON_INTERPRET=1); same contract as attention_reference.
 
     layout "bhnd": q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] or None; o [B, H, N, dv].
@@ -524,6 +538,7 @@ def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, 
     layout a projection's output has before any transpose. Inputs may have any strides (no copies are made);
     o and the gradients of q, k, v are contiguous in the given layout. d, dv <= 256; fp32, fp16 or bf16 (k,
     v are cast to q's dtype). Differentiable in q, k, v and g. o in out_dtype, q's dtype by default.
+    return_den (unnormalised powers 1 and 2): (o, den), den [B, H, N] float32 in g's layout (kernel.attention).
     """
     q, k, v, g = bhnd_views(layout, q, k, v, g)
     out_dtype = out_dtype or q.dtype
@@ -534,18 +549,22 @@ def triton_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, 
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[2] == 0:
-        return bhnd_views(layout, q.new_zeros(v.shape, dtype=out_dtype))[0]
+        o = q.new_zeros(v.shape, dtype=out_dtype)
+        return bhnd_views(layout, o, o.new_zeros(o.shape[:3], dtype=torch.float32)) if return_den else \
+            bhnd_views(layout, o)[0]
     B, H = q.shape[:2]
     if B * H > MAX_GRID_HEADS:  # the kernels put batch x heads on the grid's second axis
         if H > MAX_GRID_HEADS:
             raise ValueError(f"at most {MAX_GRID_HEADS} heads per call, got {H}; fold them into the batch")
         step = MAX_GRID_HEADS // H
         # batch slices of the [B, H, N, .] views, put back into the caller's layout (the batch is dim 0 in both)
-        return torch.cat([triton_attention(*bhnd_views(layout, q[i:i + step], k[i:i + step], v[i:i + step],
-                                                       None if g is None else g[i:i + step]),
-                                           power=power, normalize=normalize, scale=scale, layout=layout,
-                                           out_dtype=out_dtype)
-                          for i in range(0, B, step)])
+        parts = [triton_attention(*bhnd_views(layout, q[i:i + step], k[i:i + step], v[i:i + step],
+                                              None if g is None else g[i:i + step]),
+                                  power=power, normalize=normalize, scale=scale, layout=layout, out_dtype=out_dtype,
+                                  return_den=return_den)
+                 for i in range(0, B, step)]
+        return tuple(torch.cat(p) for p in zip(*parts)) if return_den else torch.cat(parts)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    o = _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale), layout == "bnhd", out_dtype)
-    return bhnd_views(layout, o)[0]
+    out = _TritonAttention.apply(q, k, v, g, power, bool(normalize), float(scale), layout == "bnhd", out_dtype,
+                                 bool(return_den))
+    return bhnd_views(layout, *out) if return_den else bhnd_views(layout, out)[0]

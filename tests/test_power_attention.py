@@ -238,34 +238,34 @@ def test_chunk_bf16_as_accurate_as_quadratic():
 
 
 @interpreter
-@pytest.mark.parametrize("normalize,E", [(True, 16), (False, 16), (False, 6)])
-def test_fused_combine(normalize, E):
-    """intra + [inter, inter_z] * decay, divided and cast in one kernel each way == the PyTorch formula: o and
-    the four gradients, over rows that span two programs, E columns of intra of which the last are padding (or
-    E = dv, unnormalised: no den column), and rows whose normaliser is 0 (o = 0, zero gradients)."""
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_combine(normalize):
+    """intra + inter * decay (and intra_den + inter_z * decay), divided and cast in one kernel each way == the
+    PyTorch formula: o and every gradient, over rows that span two programs, dv off the block, and rows whose
+    normaliser is 0 (o = 0, zero gradients)."""
     from kernel.power.chunk import COMBINE_ROWS, combine
 
     gen = torch.Generator().manual_seed(20)
     R, dv = COMBINE_ROWS + 5, 6
-    intra, inter, inter_z = (torch.randn(*shape, generator=gen) for shape in ((R, E), (R, dv), (R,)))
-    intra[:, dv + 1:] = 0  # the zero columns of [v, 1] padded to E
+    intra, inter, dens = (torch.randn(*shape, generator=gen) for shape in ((R, dv), (R, dv), (2, R)))
+    intra_den, inter_z = dens
     if normalize:
-        intra[:3, dv], inter_z[:3] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1
+        intra_den[:3], inter_z[:3] = 1.0, -1.0  # den = 1 + (-1) * 1 = 0 with decay 1
     decay = torch.rand(R, generator=gen) + 0.5
     decay[:3] = 1.0
 
     def run(fused):
-        return lambda *t: combine(*t, normalize=normalize, fused=fused, out_dtype=t[0].dtype)
+        if normalize:
+            return lambda *t: combine(*t, normalize=True, fused=fused, out_dtype=t[0].dtype)
+        return lambda a, b, c: combine(a, None, b, None, c, normalize=False, fused=fused, out_dtype=a.dtype)
 
-    out, gs = grads(run(True), (intra, inter, inter_z, decay))
-    ref, rgs = grads(run(False), [t.double() for t in (intra, inter, inter_z, decay)])
-    if not normalize:  # inter_z is not read: the formula leaves it out of the graph, the kernel gives zeros
-        assert rgs[2] is None and not gs[2].any()
-        gs, rgs = gs[:2] + gs[3:], rgs[:2] + rgs[3:]
+    tensors = (intra, intra_den, inter, inter_z, decay) if normalize else (intra, inter, decay)
+    out, gs = grads(run(True), tensors)
+    ref, rgs = grads(run(False), [t.double() for t in tensors])
     assert_rel_close(out + gs, ref + rgs, 1e-5)  # float32 against float64
     if normalize:
         assert torch.equal(out[0][:3], torch.zeros(3, dv))
-        assert not any(gs[i][:3].any() for i in range(4))
+        assert not any(g[:3].any() for g in gs)
 
 
 @interpreter

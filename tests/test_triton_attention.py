@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from helpers import rel_err
 from kernel.attention import attention
+from kernel.reference import bhnd_views
 
 POWERS = ["1", "2", "exp"]
 NAMES = ["o", "dq", "dk", "dv", "dg"]
@@ -219,6 +220,43 @@ def test_gpu_bnhd_layout(power, normalize, source):
     for name, x, r in zip(NAMES, got, ref):
         assert torch.isfinite(x).all(), f"{name}: non-finite values, seed {inputs.seed}"
         assert rel_err(x, r) <= 1e-2, f"{name}: rel err {rel_err(x, r):.2e}, seed {inputs.seed}"
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("decay", [None, "mixed", -20.0])
+@pytest.mark.parametrize("power", ["1", "2"])
+def test_return_den_matches_reference(power, decay, layout):
+    """return_den (the chunked form's in-chunk sums): o and the weights' row sums den, and the gradients through
+    both, against the float64 reference; o / den is the normalised attention."""
+    inputs = Inputs(2, 3, 37, 16, power=power, normalize=False, decay=decay)
+    dden = torch.randn(2, 3, 37, generator=torch.Generator().manual_seed(inputs.seed + 1), dtype=torch.float64)
+
+    def run(backend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in inputs.tensors]
+        g = None if inputs.g is None else inputs.g.detach().to(dtype).requires_grad_(True)
+        o, den = attention(*bhnd_views(layout, *leaves, g), power=power, normalize=False, backend=backend,
+                           layout=layout, return_den=True)
+        o, den = bhnd_views(layout, o, den)
+        wrt = leaves + ([g] if g is not None else [])
+        return [o.detach(), den.detach()] + list(torch.autograd.grad([o, den], wrt, [inputs.do.to(o.dtype),
+                                                                                    dden.to(den.dtype)]))
+
+    got, ref, ref32 = run("triton", torch.float32), run("torch", torch.float64), run("torch", torch.float32)
+    assert got[1].dtype == torch.float32 and got[1].shape == (2, 3, 37)
+    for name, x, r, r32 in zip(["o", "den"] + NAMES[1:], got, ref, ref32):
+        err, err32, norm = (x.double() - r).norm().item(), (r32.double() - r).norm().item(), r.norm().item()
+        assert err <= max(1e-5 * norm, 10 * err32), f"{name}: rel err {err / norm:.2e}, seed {inputs.seed}"
+    normalised = attention(*(t.double() for t in inputs.tensors), None if inputs.g is None else inputs.g.double(),
+                           power=power, normalize=True, backend="torch")
+    den = ref[1][..., None]
+    torch.testing.assert_close(torch.where(den == 0, 0.0, ref[0] / torch.where(den == 0, 1.0, den)), normalised)
+
+
+@pytest.mark.parametrize("power,normalize", [("2", True), ("exp", False)])
+def test_return_den_needs_unnormalised_powers(power, normalize):
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="return_den needs normalize=False and power '1' or '2'"):
+        attention(q, q, q, power=power, normalize=normalize, return_den=True)
 
 
 def test_batch_times_heads_above_the_grid_limit_runs_in_slices(monkeypatch):

@@ -125,97 +125,96 @@ def state_scan(u, log_decay, h0=None, *, states_dtype=None, backend="auto"):
 
 
 @triton.jit
-def _inter_rows(INTER, INTER_Z, rows, rmask, cols, dv):
-    """[inter, inter_z] of some rows as one [rows, BLOCK_E] tile (zero past column dv)."""
-    inter = tl.load(INTER + rows[:, None] * dv + cols[None, :], mask=rmask[:, None] & (cols[None, :] < dv), other=0.0)
-    inter_z = tl.load(INTER_Z + rows, mask=rmask, other=0.0)
-    return tl.where(cols[None, :] == dv, inter_z[:, None], inter)
-
-
-@triton.jit
-def _combine_fwd_kernel(INTRA, INTER, INTER_Z, QD, O, DEN, R, E, dv, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_E: tl.constexpr):
-    """o = num / den (0 where den = 0) or num, with [num, den] = intra + [inter, inter_z] * qd, for BLOCK_R rows."""
+def _combine_fwd_kernel(INTRA, INTRA_DEN, INTER, INTER_Z, QD, O, DEN, R, dv, NORMALIZE: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """o = num / den (0 where den = 0) or num, with num = intra + inter * qd and den = intra_den + inter_z * qd,
+    for BLOCK_R rows."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < R
-    mask = rmask[:, None] & (cols[None, :] <= dv) & (cols[None, :] < E)  # E = dv: no den column (unnormalised)
+    mask = rmask[:, None] & (cols[None, :] < dv)
     qd = tl.load(QD + rows, mask=rmask, other=0.0)
-    t = tl.load(INTRA + rows[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
-        _inter_rows(INTER, INTER_Z, rows, rmask, cols, dv) * qd[:, None]
+    num = tl.load(INTRA + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
+        tl.load(INTER + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0) * qd[:, None]
     if NORMALIZE:
-        den = tl.sum(tl.where(cols[None, :] == dv, t, 0.0), axis=1)
-        t = tl.where(den[:, None] == 0.0, 0.0, t / tl.where(den == 0.0, 1.0, den)[:, None])
+        den = tl.load(INTRA_DEN + rows, mask=rmask, other=0.0) + tl.load(INTER_Z + rows, mask=rmask, other=0.0) * qd
+        num = tl.where(den[:, None] == 0.0, 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None])
         tl.store(DEN + rows, den, mask=rmask)
-    tl.store(O + rows[:, None] * dv + cols[None, :], t.to(O.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < dv))
+    tl.store(O + rows[:, None] * dv + cols[None, :], num.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _combine_bwd_kernel(DO, O, DEN, INTER, INTER_Z, QD, DINTRA, DINTER, DINTER_Z, DQD, R, E, dv,
+def _combine_bwd_kernel(DO, O, DEN, INTER, INTER_Z, QD, DINTRA, DINTRA_DEN, DINTER, DINTER_Z, DQD, R, dv,
                         NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    """d [num, den] from d o, then d intra = d t, d [inter, inter_z] = d t * qd, d qd = <d t, [inter, inter_z]>."""
+    """d num and d den from d o, then d intra = d num, d inter = d num * qd (and the same for the dens),
+    d qd = <d num, inter> + d den * inter_z."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < R
-    omask = rmask[:, None] & (cols[None, :] < dv)
-    do = tl.load(DO + rows[:, None] * dv + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+    mask = rmask[:, None] & (cols[None, :] < dv)
+    do = tl.load(DO + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    qd = tl.load(QD + rows, mask=rmask, other=0.0)
+    inter = tl.load(INTER + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0)
+    dnum = do
     if NORMALIZE:  # o = num / den: d num = d o / den, d den = -<d o, o> / den (both 0 where den = 0)
         den = tl.load(DEN + rows, mask=rmask, other=0.0)
-        o = tl.load(O + rows[:, None] * dv + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+        o = tl.load(O + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
-        dt = tl.where(cols[None, :] == dv, -(tl.sum(do * o, axis=1) * inv)[:, None], do * inv[:, None])
-    else:
-        dt = do
-    # intra's zero columns past dv get a zero gradient
-    tl.store(DINTRA + rows[:, None] * E + cols[None, :], dt.to(DINTRA.dtype.element_ty),
-             mask=rmask[:, None] & (cols[None, :] < E))
-    qd = tl.load(QD + rows, mask=rmask, other=0.0)
-    dinter = dt * qd[:, None]
-    tl.store(DINTER + rows[:, None] * dv + cols[None, :], dinter, mask=rmask[:, None] & (cols[None, :] < dv))
-    tl.store(DINTER_Z + rows, tl.sum(tl.where(cols[None, :] == dv, dinter, 0.0), axis=1), mask=rmask)
-    tl.store(DQD + rows, tl.sum(dt * _inter_rows(INTER, INTER_Z, rows, rmask, cols, dv), axis=1), mask=rmask)
+        dnum = do * inv[:, None]
+        dden = -tl.sum(do * o, axis=1) * inv
+        tl.store(DINTRA_DEN + rows, dden, mask=rmask)
+        tl.store(DINTER_Z + rows, dden * qd, mask=rmask)
+    tl.store(DINTRA + rows[:, None] * dv + cols[None, :], dnum.to(DINTRA.dtype.element_ty), mask=mask)
+    tl.store(DINTER + rows[:, None] * dv + cols[None, :], dnum * qd[:, None], mask=mask)
+    dqd = tl.sum(dnum * inter, axis=1)
+    if NORMALIZE:
+        dqd += dden * tl.load(INTER_Z + rows, mask=rmask, other=0.0)
+    tl.store(DQD + rows, dqd, mask=rmask)
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, intra, inter, inter_z, qd, normalize, out_dtype):
-        (R, E), dv = intra.shape, inter.shape[1]
+    def forward(ctx, intra, intra_den, inter, inter_z, qd, normalize, out_dtype):
+        R, dv = intra.shape
         o = torch.empty(R, dv, dtype=out_dtype, device=intra.device)
         den = torch.empty(R if normalize else 0, dtype=torch.float32, device=intra.device)
         grid = (triton.cdiv(R, COMBINE_ROWS),)
-        _combine_fwd_kernel[grid](intra, inter, inter_z, qd, o, den, R, E, dv, NORMALIZE=normalize,
-                                  BLOCK_R=COMBINE_ROWS, BLOCK_E=triton.next_power_of_2(E))
-        ctx.save_for_backward(o, den, inter, inter_z, qd)
-        ctx.normalize, ctx.intra_shape, ctx.intra_dtype = normalize, (R, E), intra.dtype
+        _combine_fwd_kernel[grid](intra, intra_den if normalize else qd, inter, inter_z if normalize else qd, qd, o,
+                                  den, R, dv, NORMALIZE=normalize, BLOCK_R=COMBINE_ROWS,
+                                  BLOCK_E=triton.next_power_of_2(dv))
+        ctx.save_for_backward(o, den, inter, inter_z if normalize else qd, qd)
+        ctx.normalize, ctx.intra_dtype = normalize, intra.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
         o, den, inter, inter_z, qd = ctx.saved_tensors
-        R, E = ctx.intra_shape
-        dintra = torch.empty(R, E, dtype=ctx.intra_dtype, device=o.device)
-        dinter, dinter_z, dqd = torch.empty_like(inter), torch.empty_like(inter_z), torch.empty_like(qd)
+        R, dv = o.shape
+        dintra = torch.empty(R, dv, dtype=ctx.intra_dtype, device=o.device)
+        dinter, dqd = torch.empty_like(inter), torch.empty_like(qd)
+        dintra_den, dinter_z = (torch.empty_like(qd), torch.empty_like(qd)) if ctx.normalize else (None, None)
         grid = (triton.cdiv(R, COMBINE_ROWS),)
-        _combine_bwd_kernel[grid](do.contiguous(), o, den, inter, inter_z, qd, dintra, dinter, dinter_z, dqd, R, E,
-                                  inter.shape[1], NORMALIZE=ctx.normalize, BLOCK_R=COMBINE_ROWS,
-                                  BLOCK_E=triton.next_power_of_2(E))
-        return dintra, dinter, dinter_z, dqd, None, None
+        _combine_bwd_kernel[grid](do.contiguous(), o, den, inter, inter_z, qd, dintra,
+                                  dqd if dintra_den is None else dintra_den, dinter,
+                                  dqd if dinter_z is None else dinter_z, dqd, R, dv, NORMALIZE=ctx.normalize,
+                                  BLOCK_R=COMBINE_ROWS, BLOCK_E=triton.next_power_of_2(dv))
+        return dintra, dintra_den, dinter, dinter_z, dqd, None, None
 
 
-def combine(intra, inter, inter_z, query_decay, *, normalize, fused, out_dtype):
-    """o = normalized(intra + [inter, inter_z] * query_decay) in out_dtype: intra [R, E] (its first dv + 1
-    columns are [num, den], or E = dv without normalisation), inter [R, dv], inter_z and query_decay [R] in the
-    compute dtype (intra also in q's without normalisation); o [R, dv]. fused: one Triton kernel each way (no
-    float32 [R, dv + 1] temporaries); otherwise PyTorch."""
+def combine(intra, intra_den, inter, inter_z, query_decay, *, normalize, fused, out_dtype):
+    """o = num / den (normalize) or num in out_dtype, num = intra + inter * query_decay, den = intra_den +
+    inter_z * query_decay: intra, inter [R, dv]; intra_den, inter_z (None without normalisation) and
+    query_decay [R], in the compute dtype (intra in q's without normalisation); o [R, dv]. fused: one Triton
+    kernel each way (no float32 [R, dv + 1] temporaries); otherwise PyTorch."""
     if fused:
-        return _Combine.apply(intra.contiguous(), inter.contiguous(), inter_z.contiguous(), query_decay.contiguous(),
-                              normalize, out_dtype)
-    dv = inter.shape[1]
+        return _Combine.apply(intra.contiguous(), None if intra_den is None else intra_den.contiguous(),
+                              inter.contiguous(), None if inter_z is None else inter_z.contiguous(),
+                              query_decay.contiguous(), normalize, out_dtype)
     qd = query_decay[:, None]
-    num = torch.addcmul(intra[:, :dv], inter, qd)
+    num = torch.addcmul(intra, inter, qd)
     if not normalize:
         return num.to(out_dtype)
-    den = torch.addcmul(intra[:, dv:dv + 1], inter_z[:, None], qd)
+    den = torch.addcmul(intra_den[:, None], inter_z[:, None], qd)
     return normalized(torch.cat([num, den], dim=1), True).to(out_dtype)
 
 
@@ -256,25 +255,22 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     n = (N + pad) // C
     T = B * H * n
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k = q.contiguous(), k.contiguous()  # once: the [B, N, H, d] layout's views would be copied by each reshape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once: views of the [B, N, H, d] layout would be
+    # copied by each reshape below
     # padded keys are 0 (no weight, no state), padded decays 0 (no decay); padded queries are cut off
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     gl = torch.zeros(B, H, n, C, dtype=torch.float64, device=q.device) if g is None else \
         F.pad(g, (0, pad)).to(torch.float64).reshape(B, H, n, C)
 
-    # inside the chunks: the quadratic kernel, unnormalised, on [v, 1] padded with zero columns to a multiple of
-    # 16 (aligned rows for the tensor-core products): [num, den]; on v alone without normalisation. Every chunk
-    # a sequence of its own. Normalising, the sums stay in float32: rounded to bf16 before the division by the
-    # whole context's den, they doubled the bf16 error of dq and dk at weak decay (bench/NOTES.md).
-    if normalize:
-        E = dv + 1 if compute == torch.float64 else -(-(dv + 1) // 16) * 16
-        v1 = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], E - dv - 1)], dim=-1)
-    else:
-        E, v1 = dv, v
-    intra = attention(q.reshape(T, 1, C, d), k.reshape(T, 1, C, d), v1.reshape(T, 1, C, E),
+    # inside the chunks: the quadratic kernel, unnormalised, every chunk a sequence of its own: the sums num and,
+    # normalising, den (the kernel's own row sums). Normalising, they stay in float32: rounded to bf16 before
+    # the division by the whole context's den, they doubled the bf16 error of dq and dk at weak decay
+    # (bench/NOTES.md).
+    intra = attention(q.reshape(T, 1, C, d), k.reshape(T, 1, C, d), v.reshape(T, 1, C, dv),
                       None if g is None else gl.reshape(T, 1, C), power=power, normalize=False, scale=scale,
-                      backend=backend, out_dtype=compute if normalize else q.dtype)
+                      backend=backend, out_dtype=compute if normalize else q.dtype, return_den=normalize)
+    intra, intra_den = intra if normalize else (intra, None)
 
     # across chunks: the state M = [S, z] in its two parts (module docstring). The queries enter unscaled:
     # phi(scale q) = scale^p phi(q) joins e^b below.
@@ -295,10 +291,10 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
         u_z = feature_weighted_sum(k_blocks, key_decay, power=power, fused=fused)
         h0_z = None if initial_state is None else initial_state[..., dv].reshape(B * H, D)
         states_z, final_z = state_scan(u_z.reshape(B * H, n, D), L, h0_z, backend=backend)
-    inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused) if normalize else \
-        torch.zeros_like(query_decay)
-    o = combine(intra.reshape(-1, E), inter.reshape(-1, dv).to(compute), inter_z.reshape(-1), query_decay.reshape(-1),
-                normalize=normalize, fused=fused, out_dtype=q.dtype)
+    inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused).reshape(-1) if normalize else None
+    o = combine(intra.reshape(-1, dv), None if intra_den is None else intra_den.reshape(-1),
+                inter.reshape(-1, dv).to(compute), inter_z, query_decay.reshape(-1), normalize=normalize, fused=fused,
+                out_dtype=q.dtype)
     if output_final_state:
         final = torch.cat([final.reshape(B, H, D, dv), final_z.reshape(B, H, D, 1)], dim=-1)
     return o.reshape(B, H, n * C, dv)[:, :, :N], final if output_final_state else None
