@@ -91,7 +91,7 @@ def _linear_kernel(X, W0, W1, W2, W3, B0, B1, B2, B3, O0, O1, O2, O3, RES, M, K,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """Program p: the p-th block of BLOCK_N columns over the outputs in turn (weight 0's blocks, then weight
     1's, ...); SWIGLU: blocks of the product of weights 0 (gate) and 1 (up). BIASES: bit i set when weight i
-    has a bias."""
+    has a bias. MODE: PLAIN (0), RESIDUAL (1, weight 0's output plus RES) or SWIGLU (2)."""
     p = tl.program_id(0)
     if MODE == 2:
         _swiglu_tile(X, W0, W1, O0, p * BLOCK_N, M, N0, K, sxm, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
