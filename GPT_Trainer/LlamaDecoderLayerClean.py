@@ -163,6 +163,28 @@ def cached_causal_conv(x, weight, bias=None, conv_state=None, fresh=False):
     return y
 
 
+def _plain(*layers) -> bool:
+    """Whether these Linear layers may run through kernel/dense.py's launches, which read their weights: plain
+    nn.Linear without hooks. A wrapped or hooked layer (an adapter, a quantised replacement) is called as a
+    module, so nothing it adds is lost."""
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
+
+
+def project_in(x, layers):
+    """[layer(x) for each], one launch when decoding (kernel.linears)."""
+    if _plain(*layers):
+        return linears(x, [m.weight for m in layers], [m.bias for m in layers])
+    return [m(x) for m in layers]
+
+
+def project_out(x, layer, residual=None):
+    """layer(x), plus residual when given (added in the product's kernel when decoding, kernel.linear)."""
+    if _plain(layer) and layer.bias is None:
+        return linear(x, layer.weight, residual=residual)
+    y = layer(x)
+    return y if residual is None else residual + y
+
+
 def causal_mask(n, valid):
     """Which of L tokens each of the n newest sees ([B, 1, n, L] bool, valid [B, L] False at left padding):
     itself and the earlier tokens that are not padding (a padding query sees only itself, so every row of
@@ -277,7 +299,7 @@ class GenericAttention(nn.Module):
         z_gate_proj) of the layer input h: one launch when decoding (kernel/linear.py)."""
         names = [name for name in SIDE_PROJECTIONS if hasattr(self, name)]
         layers = [self.qkv_proj] + [getattr(self, name) for name in names]
-        qkv, *side = linears(h, [m.weight for m in layers], [m.bias for m in layers])
+        qkv, *side = project_in(h, layers)
         return qkv, dict(zip(names, side))
 
     def project(self, qkv, side):
@@ -319,7 +341,7 @@ class GenericAttention(nn.Module):
             o = o * z
         if self.cfg.norm_type == "output_norm":
             o = self.out_norm(o.to(self.out_norm.weight.dtype))  # the norm in its parameters' precision
-        return linear(o, self.o_proj.weight, residual=residual)
+        return project_out(o, self.o_proj, residual)
 
     def forward(self, h, cache=None, padding=None, residual=None):
         """h [B, N, D_model]; cache: a TwoMambaCache continued by these N tokens; padding [B, N] bool, False at
@@ -405,13 +427,13 @@ class SoftmaxAttention(nn.Module):
     def project(self, h, positions):
         """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions [N] (a device tensor)."""
         b, n, _ = h.shape
-        qkv = linear(h, self.qkv_proj.weight).view(b, n, 3, self.num_heads, self.head_dim)
+        qkv = project_out(h, self.qkv_proj).view(b, n, 3, self.num_heads, self.head_dim)
         q, k = self.rotary_emb(qkv[:, :, :2], positions).unbind(2)  # q and k turned in one go
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
     def finish(self, o, residual=None):
         b, _, n, _ = o.shape
-        return linear(o.transpose(1, 2).reshape(b, n, -1), self.o_proj.weight, residual=residual)
+        return project_out(o.transpose(1, 2).reshape(b, n, -1), self.o_proj, residual)
 
     @staticmethod
     def core(q, k, v):
@@ -581,10 +603,13 @@ class LlamaMLP(nn.Module):
     def forward(self, x, residual=None):
         """The MLP of x, plus residual when given (added in the down projection's kernel when decoding)."""
         if self.mlp_type == "normal":
-            h = swiglu(x, self.gate_proj.weight, self.up_proj.weight)
+            if _plain(self.gate_proj, self.up_proj) and self.gate_proj.bias is None and self.up_proj.bias is None:
+                h = swiglu(x, self.gate_proj.weight, self.up_proj.weight)
+            else:
+                h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
-            h = F.gelu(linear(x, self.up_proj.weight))
-        return linear(h, self.down_proj.weight, residual=residual)
+            h = F.gelu(project_out(x, self.up_proj))
+        return project_out(h, self.down_proj, residual)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -144,3 +144,21 @@ def test_decoder_layer_through_the_kernels(attention_type, mlp_type, launches, m
             monkeypatch.undo()
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2 * launches
+
+
+@pytest.mark.parametrize("name", ["self_attn.qkv_proj", "self_attn.A_mask_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                  "mlp.down_proj"])
+def test_hooked_layers_run_as_modules(name, monkeypatch):
+    """A forward hook on a projection (as adapters and quantisers attach) is honoured with and without the
+    kernels: a hooked or wrapped layer is called as a module, not read for its weight."""
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(64, 96, 4, TWO_MAMBA).eval()
+    x = _rand(3, 5, 64)  # 15 rows: the kernels' path; more than one token, so the decay matters
+    with torch.no_grad():
+        plain = layer(x)
+        layer.get_submodule(name).register_forward_hook(lambda module, args, out: out + 1.0)
+        ref = layer(x)
+        monkeypatch.setattr(dense, "resolve_backend", lambda backend, t: "triton")
+        got = layer(x)
+    assert not torch.allclose(ref, plain, atol=1e-3)  # the hook changed the output
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
