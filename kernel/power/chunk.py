@@ -11,9 +11,10 @@ backward), not from a product over all chunk pairs. Every exponent is a differen
 each factor is <= 1 and nothing overflows at any length; b is summed in float64.
 The state's two parts go apart: S [D, dv] through the fused feature products of features.py (phi formed on
 chip), z [D] through d x d products (the normaliser kernels there), so no product runs over a [v, 1] padded
-to 16 columns for the one column of z. With the quadratic kernel, one fused kernel that combines intra and
-inter, divides and casts (forward and backward), and a few elementwise ops, autograd reaches q, k, v, g and
-the initial state.
+to 16 columns for the one column of z. Likewise intra's two parts: the quadratic kernel on v, its own row
+sums of the weights as the den part (attention(..., return_den=True)). With one fused kernel that combines intra
+and inter, divides and casts (forward and backward), and a few elementwise ops, autograd reaches q, k, v, g
+and the initial state.
 """
 from __future__ import annotations
 
