@@ -170,6 +170,11 @@ def _plain(*layers) -> bool:
     return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
 
 
+def _plain_unbiased(*layers) -> bool:
+    """_plain, and without biases (kernel.linear and kernel.swiglu take none)."""
+    return _plain(*layers) and all(m.bias is None for m in layers)
+
+
 def project_in(x, layers):
     """[layer(x) for each], one launch when decoding (kernel.linears)."""
     if _plain(*layers):
@@ -179,7 +184,7 @@ def project_in(x, layers):
 
 def project_out(x, layer, residual=None):
     """layer(x), plus residual when given (added in the product's kernel when decoding, kernel.linear)."""
-    if _plain(layer) and layer.bias is None:
+    if _plain_unbiased(layer):
         return linear(x, layer.weight, residual=residual)
     y = layer(x)
     return y if residual is None else residual + y
@@ -296,7 +301,7 @@ class GenericAttention(nn.Module):
 
     def projections(self, h):
         """qkv [B,N,3Hd] and the side projections {name: output} the config has (dt_proj, A_mask_proj,
-        z_gate_proj) of the layer input h: one launch when decoding (kernel/linear.py)."""
+        z_gate_proj) of the layer input h: one launch when decoding (kernel/dense.py)."""
         names = [name for name in SIDE_PROJECTIONS if hasattr(self, name)]
         layers = [self.qkv_proj] + [getattr(self, name) for name in names]
         qkv, *side = project_in(h, layers)
@@ -603,7 +608,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x, residual=None):
         """The MLP of x, plus residual when given (added in the down projection's kernel when decoding)."""
         if self.mlp_type == "normal":
-            if _plain(self.gate_proj, self.up_proj) and self.gate_proj.bias is None and self.up_proj.bias is None:
+            if _plain_unbiased(self.gate_proj, self.up_proj):
                 h = swiglu(x, self.gate_proj.weight, self.up_proj.weight)
             else:
                 h = F.silu(self.gate_proj(x)) * self.up_proj(x)

@@ -30,6 +30,22 @@ from kernel import dense
 from kernel.power import features, recurrent, zero_state
 
 
+LINEAR_CONSTANTS = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
+
+
+@contextlib.contextmanager
+def _constants(module, names, values):
+    """The module's launch constants set to values for a while."""
+    saved = [getattr(module, name) for name in names]
+    for name, value in zip(names, values):
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            setattr(module, name, value)
+
+
 def sweep_features(C: int, d: int = 64, E: int = 80, heads: int = 16, tokens: int = 32768) -> list[dict]:
     T = tokens * heads // C
     nf = d * (d + 1) // 2
@@ -42,16 +58,15 @@ def sweep_features(C: int, d: int = 64, E: int = 80, heads: int = 16, tokens: in
         "grad": lambda: features._grad(a, m, dy),
     }
     rows = []
-    default = (features.BLOCK_I, features.NUM_WARPS)
     for block_i, warps in itertools.product((16, 32), (2, 4, 8)):
-        features.BLOCK_I, features.NUM_WARPS = block_i, warps
         for name, fn in kernels.items():
             if name != "outer" and block_i != 16:  # BLOCK_I is the outer product's only
                 continue
-            row = {"kernel": name, "C": C, "BLOCK_I": block_i, "NUM_WARPS": warps, "ms": do_bench(fn, warmup=5, rep=30)}
+            with _constants(features, ("BLOCK_I", "NUM_WARPS"), (block_i, warps)):
+                ms = do_bench(fn, warmup=5, rep=30)
+            row = {"kernel": name, "C": C, "BLOCK_I": block_i, "NUM_WARPS": warps, "ms": ms}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    features.BLOCK_I, features.NUM_WARPS = default
     return rows
 
 
@@ -67,18 +82,16 @@ def sweep_recurrent(batch: int, heads: int = 16, d: int = 64) -> list[dict]:
     rows = [{"kernel": "in-place multiply (roofline)", "batch": batch, "ms": ms,
              "state_TB_per_s": state_bytes / ms / 1e9}]
     print(json.dumps(rows[0]), flush=True)
-    default = (recurrent.BLOCK_R, recurrent.BLOCK_V, recurrent.NUM_WARPS)
     configs = [("columns", r, c, w) for r, c, w in itertools.product((64, 128, 256), (16, 32, 64), (1, 2, 4, 8))]
     configs += [("rows", r, 64, w) for r, w in itertools.product((64, 128, 256), (1, 2, 4, 8))]
     for layout, block_r, block_v, warps in configs:
-        recurrent.BLOCK_R, recurrent.BLOCK_V, recurrent.NUM_WARPS = block_r, block_v, warps
-        ms = do_bench(lambda: recurrent.recurrent_step(q, k, v, g, states[layout], power="2", scale=d ** -0.5,
-                                                       normalize=True), warmup=5, rep=30)
+        with _constants(recurrent, ("BLOCK_R", "BLOCK_V", "NUM_WARPS"), (block_r, block_v, warps)):
+            ms = do_bench(lambda: recurrent.recurrent_step(q, k, v, g, states[layout], power="2", scale=d ** -0.5,
+                                                           normalize=True), warmup=5, rep=30)
         row = {"kernel": "recurrent step", "batch": batch, "layout": layout, "BLOCK_R": block_r, "BLOCK_V": block_v,
                "NUM_WARPS": warps, "ms": ms, "state_TB_per_s": state_bytes / ms / 1e9}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    recurrent.BLOCK_R, recurrent.BLOCK_V, recurrent.NUM_WARPS = default
     return rows
 
 
@@ -99,22 +112,6 @@ def graph_ms(calls, replays: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / replays / len(calls)
-
-
-LINEAR_CONSTANTS = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
-
-
-@contextlib.contextmanager
-def _constants(module, names, values):
-    """The module's launch constants set to values for a while."""
-    saved = [getattr(module, name) for name in names]
-    for name, value in zip(names, values):
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in zip(names, saved):
-            setattr(module, name, value)
 
 
 def sweep_linear(batches, layers: int = 20, hidden: int = 1024, inter: int = 2048, heads: int = 16) -> list[dict]:
