@@ -3,13 +3,14 @@
     python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent linear]
 
 The fused feature products of the chunked form (kernel/power/features.py: outer, apply, grad) at the
-attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = 64, [v, 1] padded to 80 columns,
-bf16) for each BLOCK_I and NUM_WARPS, and the one-token recurrent step (kernel/power/recurrent.py) at
-`--batch` sequences of the small model (16 heads, d = 64, float32 state, contiguous "rows" or zero_state's
-column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the state's bytes read and written per
-second, beside the same bytes multiplied in place by PyTorch (a streaming roofline); and the decoding step's
-linear layers (kernel/dense.py) at `--linear-batches` rows beside the formula they replace, 20 layers' weights
-replayed from one CUDA graph (no launch overhead; weights cold, as in decoding), in us per call.
+attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = dv = 64, bf16) for each launch
+config (features.OUTER, APPLY, GRAD: BLOCK_I or BLOCK_C, NUM_WARPS, NUM_STAGES), and the one-token recurrent
+step (kernel/power/recurrent.py) at `--batch` sequences of the small model (16 heads, d = 64, float32 state,
+contiguous "rows" or zero_state's column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the
+state's bytes read and written per second, beside the same bytes multiplied in place by PyTorch (a streaming
+roofline); and the decoding step's linear layers (kernel/dense.py) at `--linear-batches` rows beside the
+formula they replace, 20 layers' weights replayed from one CUDA graph (no launch overhead; weights cold, as in
+decoding), in us per call.
 triton.testing.do_bench medians in ms; results are printed and written as JSON
 (bench/results/kernel_sweep_<gpu>.json or --out).
 """
@@ -46,7 +47,7 @@ def _constants(module, names, values):
             setattr(module, name, value)
 
 
-def sweep_features(C: int, d: int = 64, E: int = 80, heads: int = 16, tokens: int = 32768) -> list[dict]:
+def sweep_features(C: int, d: int = 64, E: int = 64, heads: int = 16, tokens: int = 32768) -> list[dict]:
     T = tokens * heads // C
     nf = d * (d + 1) // 2
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -57,14 +58,17 @@ def sweep_features(C: int, d: int = 64, E: int = 80, heads: int = 16, tokens: in
         "apply": lambda: features._apply(a, m, torch.float32),
         "grad": lambda: features._grad(a, m, dy),
     }
+    grids = {"outer": [dict(BLOCK_I=i, NUM_WARPS=w, NUM_STAGES=3) for i, w in itertools.product((16, 32), (4, 8))],
+             "apply": [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s)
+                       for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))],
+             "grad": [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s)
+                      for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))]}
     rows = []
-    for block_i, warps in itertools.product((16, 32), (2, 4, 8)):
-        for name, fn in kernels.items():
-            if name != "outer" and block_i != 16:  # BLOCK_I is the outer product's only
-                continue
-            with _constants(features, ("BLOCK_I", "NUM_WARPS"), (block_i, warps)):
+    for name, fn in kernels.items():
+        for config in grids[name]:
+            with _constants(features, (name.upper(),), (config,)):
                 ms = do_bench(fn, warmup=5, rep=30)
-            row = {"kernel": name, "C": C, "BLOCK_I": block_i, "NUM_WARPS": warps, "ms": ms}
+            row = {"kernel": name, "C": C, **config, "ms": ms}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows

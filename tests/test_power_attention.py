@@ -338,6 +338,31 @@ def test_gpu_chunk_bf16(power, N):
 
 
 @gpu
+def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
+    """The fused feature products with their software pipeline == the same kernels with one stage, bit for bit,
+    over many programs (2048 blocks, bf16) and repeated calls: the order of the sums is the same, so any
+    difference is a race in the pipeline. Versions of apply and grad that chained their steps in the accumulator
+    failed this way on an H200 (NaN or wrong rows in some programs; bench/NOTES.md) while matching float64 at 32
+    blocks."""
+    from kernel.power import features
+
+    T, C, d, E = 2048, 256, 64, 64
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    a, b, dy = (torch.randn(T, C, w, device="cuda", generator=gen).bfloat16() for w in (d, E, E))
+    m = (torch.randn(T, d * (d + 1) // 2, E, device="cuda", generator=gen) / 30).bfloat16()
+    calls = {"outer": lambda: features._outer(a, b), "apply": lambda: features._apply(a, m, torch.float32),
+             "grad": lambda: features._grad(a, m, dy)}
+    got = {name: [fn() for _ in range(3)] for name, fn in calls.items()}
+    for name in ("OUTER", "APPLY", "GRAD"):
+        monkeypatch.setitem(getattr(features, name), "NUM_STAGES", 1)
+    for name, fn in calls.items():
+        ref = fn()
+        assert not ref.isnan().any(), name
+        for out in got[name]:
+            assert torch.equal(out, ref), f"{name}: pipelined != one stage ({(out != ref).float().mean():.1e} differ)"
+
+
+@gpu
 @pytest.mark.parametrize("power,normalize", [("1", False), ("2", False), ("2", True)])
 def test_gpu_chunk_output_only_bf16(power, normalize):
     """The training call at real shapes in bf16 (no final state: z only when normalising, the chunk term on v

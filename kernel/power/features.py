@@ -17,8 +17,12 @@ product per step:
            met twice) except across the halves of the head dimension: the steps m >= d / 2 take only
            j >= d / 2 (half-width), so those pairs are met once, with w = sqrt 2;
     grad   d a = sum_m (dy M[(m, j)]^T) * c'_mj a[:, m], c' = 2 on the diagonal, sqrt 2 off it.
-Full-width products per m are more tensor-core work than the triangle, but with no factor formed per step
-and no per-step row sums they ran 1.3x (apply) and 3.4x (grad) faster on an H200 (bench/NOTES.md).
+Scaling each step's operand by a_m instead, so that all steps accumulate in the tensor cores' accumulator, ran
+apply and grad 10-20 % faster on an H200 but raced in Triton 3.6's software pipeline (the strided per-step
+load of a_m): NaN or wrong rows in some programs, at some warps and stages (bench/NOTES.md);
+tests/test_power_attention.py compares the pipelined kernels with one-stage runs bit for bit.
+Full-width products per m are more tensor-core work than the triangle, but with no per-step row sums they
+ran 1.3x (apply) and 3.4x (grad) faster on an H200 (bench/NOTES.md).
 For one column of weights (the normaliser z of the state) a column of D is a d x d symmetric matrix:
     feature_weighted_sum(a, w) = phi(a)^T w = packed c_ij (a^T diag(w) a)_ij      [T, D]
     feature_dot(a, z)          = phi(a) z   = a_c^T Z a_c, Z the unpacked z        [T, C]
@@ -187,7 +191,8 @@ def _grad_rows(M, dy, t_, rows, rmask, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEE
 @triton.jit
 def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
-    """d a (float32) for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E)."""
+    """d a (rounded once to a's dtype) for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and
+    [E_MAIN, E)."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -204,7 +209,8 @@ def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.co
             g += _grad_rows(M, dy_tail, t_, rows, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
         am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
         da += g * (am[:, None] * tl.where(j == m, 2.0, SQRT2)[None, :])
-    tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da, mask=cmask[:, None] & jmask[None, :])
+    tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da.to(DA.dtype.element_ty),
+             mask=cmask[:, None] & jmask[None, :])
 
 
 @triton.jit
@@ -238,7 +244,7 @@ def _quad_kernel(A, Z, S, OUT, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BL
     y = _dot(a, (z * tl.where(i2 == j2, 1.0, INV_SQRT2)).to(a.dtype), IEEE)
     if GRAD:
         s = tl.load(S + t_ * C + c, mask=cmask, other=0.0)
-        tl.store(OUT + t_ * C * D + c[:, None] * D + j[None, :], 2.0 * s[:, None] * y,
+        tl.store(OUT + t_ * C * D + c[:, None] * D + j[None, :], (2.0 * s[:, None] * y).to(OUT.dtype.element_ty),
                  mask=cmask[:, None] & (j[None, :] < D))
     else:
         tl.store(OUT + t_ * C + c, tl.sum(y * a.to(tl.float32), axis=1), mask=cmask)
@@ -268,10 +274,13 @@ def _split(block_d):
     return block_d // 2 if block_d >= 32 else block_d
 
 
-# Steps of i per outer program and warps per program of the three kernels: the fastest of the sweeps in
-# bench/NOTES.md (H200, C = 128 and 256, d = 64).
-BLOCK_I = 32
-NUM_WARPS = 4
+# Launch constants of the three products: steps of i per outer program (BLOCK_I) or tokens per apply and grad
+# program (BLOCK_C, at most C), warps and pipeline stages; the fastest of the sweeps in bench/NOTES.md (H200,
+# C = 256, d = dv = 64, bf16). The normaliser kernels are small: NORMALISER_WARPS.
+OUTER = dict(BLOCK_I=32, NUM_WARPS=4, NUM_STAGES=3)
+APPLY = dict(BLOCK_C=128, NUM_WARPS=4, NUM_STAGES=3)
+GRAD = dict(BLOCK_C=128, NUM_WARPS=4, NUM_STAGES=3)
+NORMALISER_WARPS = 4
 
 
 def _outer(a, b):
@@ -281,11 +290,12 @@ def _outer(a, b):
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
-    block_i = min(BLOCK_I, block_d)
+    block_i = min(OUTER["BLOCK_I"], block_d)
     _outer_kernel[(T, triton.cdiv(d, block_i))](a, b, out, C, E, e_main, D=d, NF=nf, BLOCK_C=block_c,
                                                 BLOCK_D=block_d, SPLIT=_split(block_d), BLOCK_MAIN=block_main,
                                                 BLOCK_TAIL=block_tail, BLOCK_I=block_i, ONE_BLOCK=C <= block_c,
-                                                IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+                                                IEEE=a.dtype == torch.float32, num_warps=OUTER["NUM_WARPS"],
+                                                num_stages=OUTER["NUM_STAGES"])
     return out
 
 
@@ -293,46 +303,50 @@ def _apply(a, m, out_dtype):
     T, C, d = a.shape
     E = m.shape[-1]
     out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
-    block_c, block_d = _block(C, 128), _block(d, 1 << 30)
+    block_c, block_d = _block(C, APPLY["BLOCK_C"]), _block(d, 1 << 30)
     split = _split(block_d)
     for e0, e1 in _column_tiles(E):
         block_e = _block(e1 - e0)
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
         _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
                             SPLIT=split, LOW=min(split, d), BLOCK_E=block_e, IEEE=a.dtype == torch.float32,
-                            num_warps=NUM_WARPS)
+                            num_warps=APPLY["NUM_WARPS"], num_stages=APPLY["NUM_STAGES"])
     return out
 
 
 def _grad(a, m, dy):
     T, C, d = a.shape
     E = m.shape[-1]
-    da = torch.empty(T, C, d, dtype=torch.float32, device=a.device)
+    da = torch.empty(T, C, d, dtype=a.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
-    block_c = _block(C, 128)
+    block_c = _block(C, GRAD["BLOCK_C"])
     _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, e_main, D=d,
                                                NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
                                                BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
-                                               IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
-    return da.to(a.dtype)
+                                               IEEE=a.dtype == torch.float32, num_warps=GRAD["NUM_WARPS"],
+                                               num_stages=GRAD["NUM_STAGES"])
+    return da
 
 
 def _gram(a, w):
     T, C, d = a.shape
     out = torch.empty(T, d * (d + 1) // 2, dtype=torch.float32, device=a.device)
     _gram_kernel[(T,)](a, w.float().contiguous(), out, C, D=d, NF=out.shape[1], BLOCK_C=_block(C),
-                       BLOCK_D=_block(d, 1 << 30), IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+                       BLOCK_D=_block(d, 1 << 30), IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
     return out
 
 
 def _quad(a, z, s=None):
+    """a^T Z a per token (float32), or with s its gradient times s, 2 s Z a (in a's dtype, rounded once)."""
     T, C, d = a.shape
-    out = torch.empty((T, C, d) if s is not None else (T, C), dtype=torch.float32, device=a.device)
+    out = torch.empty((T, C, d) if s is not None else (T, C), dtype=a.dtype if s is not None else torch.float32,
+                      device=a.device)
     block_c = _block(C, 128)
     z = z.float().contiguous()
     _quad_kernel[(T, triton.cdiv(C, block_c))](a, z, z if s is None else s.float().contiguous(), out, C, D=d,
                                                NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
-                                               GRAD=s is not None, IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS)
+                                               GRAD=s is not None, IEEE=a.dtype == torch.float32,
+                                               num_warps=NORMALISER_WARPS)
     return out
 
 
@@ -350,8 +364,8 @@ class _NormaliserProduct(torch.autograd.Function):
     def backward(ctx, dout):
         a, x = ctx.saved_tensors
         if ctx.gram:
-            return _quad(a, dout, x).to(a.dtype), _quad(a, dout), None
-        return _quad(a, x, dout).to(a.dtype), _gram(a, dout), None
+            return _quad(a, dout, x), _quad(a, dout), None
+        return _quad(a, x, dout), _gram(a, dout), None
 
 
 class _FeatureOuter(torch.autograd.Function):
