@@ -432,7 +432,7 @@ class SoftmaxAttention(nn.Module):
     def project(self, h, positions):
         """q (rotated), k (rotated), v: [B, H, N, d] for tokens at positions [N] (a device tensor)."""
         b, n, _ = h.shape
-        qkv = project_out(h, self.qkv_proj).view(b, n, 3, self.num_heads, self.head_dim)
+        qkv = project_in(h, [self.qkv_proj])[0].view(b, n, 3, self.num_heads, self.head_dim)
         q, k = self.rotary_emb(qkv[:, :, :2], positions).unbind(2)  # q and k turned in one go
         return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
@@ -613,7 +613,7 @@ class LlamaMLP(nn.Module):
             else:
                 h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
-            h = F.gelu(project_out(x, self.up_proj))
+            h = F.gelu(project_in(x, [self.up_proj])[0])
         return project_out(h, self.down_proj, residual)
 
 
