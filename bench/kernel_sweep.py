@@ -1,10 +1,11 @@
 """Tuning sweep of the linear-time kernels on one CUDA GPU: the constants they are launched with, timed in turn.
 
-    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent linear]
+    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features|outer|apply|grad recurrent linear]
 
 The fused feature products of the chunked form (kernel/power/features.py: outer, apply, grad) at the
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = dv = 64, bf16) for each launch
-config (features.OUTER, APPLY, GRAD: BLOCK_I or BLOCK_C, NUM_WARPS, NUM_STAGES), and the one-token recurrent
+config (features.OUTER, APPLY, GRAD: BLOCK_I or BLOCK_C, NUM_WARPS, NUM_STAGES), each also compared bit for
+bit with its one-stage run (a race in the software pipeline shows as a difference), and the one-token recurrent
 step (kernel/power/recurrent.py) at `--batch` sequences of the small model (16 heads, d = 64, float32 state,
 contiguous "rows" or zero_state's column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the
 state's bytes read and written per second, beside the same bytes multiplied in place by PyTorch (a streaming
@@ -32,6 +33,7 @@ from kernel.power import features, recurrent, zero_state
 
 
 LINEAR_CONSTANTS = ("BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
+FEATURE_KERNELS = ("outer", "apply", "grad")
 
 
 @contextlib.contextmanager
@@ -47,28 +49,32 @@ def _constants(module, names, values):
             setattr(module, name, value)
 
 
-def sweep_features(C: int, d: int = 64, E: int = 64, heads: int = 16, tokens: int = 32768) -> list[dict]:
+def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, heads: int = 16,
+                   tokens: int = 32768) -> list[dict]:
     T = tokens * heads // C
     nf = d * (d + 1) // 2
     gen = torch.Generator(device="cuda").manual_seed(0)
     a, b, dy = (torch.randn(T, C, w, device="cuda", generator=gen, dtype=torch.bfloat16) for w in (d, E, E))
-    m = torch.randn(T, nf, E, device="cuda", generator=gen, dtype=torch.bfloat16)
+    m = (torch.randn(T, nf, E, device="cuda", generator=gen) / 30).to(torch.bfloat16)
     kernels = {
         "outer": lambda: features._outer(a, b),
         "apply": lambda: features._apply(a, m, torch.float32),
         "grad": lambda: features._grad(a, m, dy),
     }
+    per_program = [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s) for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))]
     grids = {"outer": [dict(BLOCK_I=i, NUM_WARPS=w, NUM_STAGES=3) for i, w in itertools.product((16, 32), (4, 8))],
-             "apply": [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s)
-                       for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))],
-             "grad": [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s)
-                      for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))]}
+             "apply": per_program, "grad": per_program}
     rows = []
     for name, fn in kernels.items():
+        if name not in names:
+            continue
         for config in grids[name]:
             with _constants(features, (name.upper(),), (config,)):
                 ms = do_bench(fn, warmup=5, rep=30)
-            row = {"kernel": name, "C": C, **config, "ms": ms}
+                out = fn()
+            with _constants(features, (name.upper(),), ({**config, "NUM_STAGES": 1},)):
+                one_stage = fn()  # the same sums in the same order: any difference is a race in the pipeline
+            row = {"kernel": name, "C": C, **config, "ms": ms, "equals_one_stage": bool(torch.equal(out, one_stage))}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -169,8 +175,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
-    parser.add_argument("--kernels", nargs="+", choices=["features", "recurrent", "linear"],
-                        default=["features", "recurrent", "linear"])
+    parser.add_argument("--kernels", nargs="+", choices=["features", *FEATURE_KERNELS, "recurrent", "linear"],
+                        default=["features", "recurrent", "linear"], help="features: all of outer, apply and grad")
     parser.add_argument("--linear-batches", type=int, nargs="+", default=[32, 1],
                         help="rows of the linear layers (every config at the first, the fastest at the others)")
     parser.add_argument("--out", default=None)
@@ -180,7 +186,8 @@ def main(argv=None):
                      f"got {args.batch}, {args.chunk_sizes} and {args.linear_batches}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_sweep.py needs a CUDA GPU")
-    rows = [row for C in args.chunk_sizes for row in sweep_features(C)] if "features" in args.kernels else []
+    names = FEATURE_KERNELS if "features" in args.kernels else [k for k in FEATURE_KERNELS if k in args.kernels]
+    rows = [row for C in args.chunk_sizes for row in sweep_features(C, names)] if names else []
     if "recurrent" in args.kernels:
         rows += sweep_recurrent(args.batch)
     if "linear" in args.kernels:
