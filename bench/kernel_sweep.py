@@ -1,6 +1,6 @@
 """Tuning sweep of the linear-time kernels on one CUDA GPU: the constants they are launched with, timed in turn.
 
-    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features|outer|apply|grad recurrent linear]
+    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent linear]
 
 The fused feature products of the chunked form (kernel/power/features.py: outer, apply, grad) at the
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = dv = 64, bf16) for each launch
@@ -61,7 +61,8 @@ def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, head
         "apply": lambda: features._apply(a, m, torch.float32),
         "grad": lambda: features._grad(a, m, dy),
     }
-    per_program = [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s) for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))]
+    per_program = [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s)
+                   for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))]
     grids = {"outer": [dict(BLOCK_I=i, NUM_WARPS=w, NUM_STAGES=3) for i, w in itertools.product((16, 32), (4, 8))],
              "apply": per_program, "grad": per_program}
     rows = []
@@ -176,7 +177,8 @@ def main(argv=None):
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
     parser.add_argument("--kernels", nargs="+", choices=["features", *FEATURE_KERNELS, "recurrent", "linear"],
-                        default=["features", "recurrent", "linear"], help="features: all of outer, apply and grad")
+                        default=["features", "recurrent", "linear"],
+                        help="features: outer, apply and grad (or name any of them)")
     parser.add_argument("--linear-batches", type=int, nargs="+", default=[32, 1],
                         help="rows of the linear layers (every config at the first, the fastest at the others)")
     parser.add_argument("--out", default=None)
