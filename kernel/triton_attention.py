@@ -28,6 +28,12 @@ formed by a small kernel from the strided dO, o and o_off (no fp32 temporaries o
 Numerics: the cumulative decay a is summed in float64 and every tile subtracts a block-local reference
 (the first row of the block it belongs to) before going to float32, so a_i - a_j keeps full precision
 for any sequence length and decay strength. exp keeps a running row maximum folded into the exponent.
+Powers 1 and 2 split the decay of the tiles off the diagonal blocks, where query i and key j lie on either
+side of a_ref (the forward's and dq's first query of the block, dkdv's last key of the block), into
+e^{a_i - a_j} = e^{a_i - a_ref} e^{a_ref - a_j}: both factors <= 1 since g <= 0 (a factor underflows only
+where the whole weight does), the loop's vector of factors multiplies the tile and the program's own the
+sums after the loop, so those tiles need no exponential per element (the special-function units bound these
+loops, see bench/NOTES.md). The diagonal blocks keep the per-element e^{a_i - a_j} under the causal mask.
 The weights fed to the second matrix product are cast to bf16 for bf16 inputs (same range as fp32) and
 kept in fp32 (tf32 product) otherwise, since un-normalised s^2 or s can overflow fp16.
 """
@@ -102,13 +108,16 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
                MASKED: tl.constexpr, WDTYPE: tl.constexpr):
+    FACTORED: tl.constexpr = HAS_DECAY and POWER != 3 and not MASKED
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
         v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k))
+        if not FACTORED:
+            s *= scale
         if POWER == 3:
             x = s * LOG2E
             if HAS_DECAY:
@@ -125,14 +134,17 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
             den = den * alpha
             m_i = m_new
         else:
-            w = s if POWER == 1 else s * s
-            if HAS_DECAY:
-                logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
-                if MASKED:  # before exp2: above the diagonal a_i - a_j > 0 could overflow
-                    logdec = tl.where(offs_m[:, None] > offs_n[None, :], logdec, float("-inf"))
-                w *= tl.exp2(logdec)
-            elif MASKED:
-                w = tl.where(offs_m[:, None] > offs_n[None, :], w, 0.0)
+            if FACTORED:  # the keys' factor only; the queries' one and the scale after the loop (_fwd_kernel)
+                w = s * tl.exp2(-_local_decay(A, offs_n, a_ref, N))[None, :]
+                if POWER == 2:
+                    w *= s
+            else:
+                w = s if POWER == 1 else s * s
+                if HAS_DECAY:  # a diagonal block; the mask before exp2: above the diagonal a_i - a_j > 0 could overflow
+                    logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
+                    w *= tl.exp2(tl.where(offs_m[:, None] > offs_n[None, :], logdec, float("-inf")))
+                elif MASKED:
+                    w = tl.where(offs_m[:, None] > offs_n[None, :], w, 0.0)
         den += tl.sum(w, 1)
         acc = tl.dot(w.to(WDTYPE), v.to(WDTYPE), acc)
     return acc, den, m_i
@@ -173,6 +185,10 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
                                sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
+    if HAS_DECAY and POWER != 3:
+        rq = tl.exp2(qa) * _factored_scales(scale, POWER)[0]
+        acc *= rq[:, None]
+        den *= rq
     acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
                                tl.minimum(start_m + BLOCK_M, N), sk_n, sk_d, sv_n, sv_d,
                                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
@@ -282,6 +298,35 @@ def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr
 
 
 @triton.jit
+def _factored_scales(scale, POWER: tl.constexpr):
+    """The factors that the tiles off the diagonal blocks leave out of their sums (they work on the unscaled
+    q.k): of P and G (scale^power), and of dL/ds (power 2: 2 scale)."""
+    if POWER == 1:
+        return scale, 1.0
+    return scale * scale, 2.0 * scale
+
+
+@triton.jit
+def _bwd_tile_factored(s, x, delta, dov, POWER: tl.constexpr, NORMALIZE: tl.constexpr, ROW_DELTA: tl.constexpr):
+    """_bwd_tile of a tile off the diagonal blocks, powers 1 and 2 with decay, on the unscaled s = q.k:
+    e^{a_i - a_j} stat_i (stat_i = 1 unnormalised) = x F with x the factor of the loop's rows or columns
+    (broadcast to the tile) and F the program's own. Returns P, G and dL/ds divided by F and by
+    _factored_scales, which the caller applies to its sums after the loop."""
+    if NORMALIZE or ROW_DELTA:
+        dp = dov - delta
+    else:
+        dp = dov
+    sx = s * x
+    if POWER == 1:
+        p = sx
+        ds = dp * x
+    else:
+        p = s * sx
+        ds = sx * dp
+    return p, p * dp, ds
+
+
+@triton.jit
 def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, lo, hi,
               sk_n, sk_d, sv_n, sv_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr, ROW_DELTA: tl.constexpr,
@@ -292,14 +337,19 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
         v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k))
         dov = tl.dot(do, tl.trans(v))
-        if HAS_DECAY:
-            logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
+        if HAS_DECAY and POWER != 3 and not MASKED:  # the keys' factor; the queries' and the scales after the loop
+            p, g, ds = _bwd_tile_factored(s, tl.exp2(-_local_decay(A, offs_n, a_ref, N))[None, :], delta[:, None],
+                                          dov, POWER, NORMALIZE, ROW_DELTA)
         else:
-            logdec = 0.0
-        p, g, ds = _bwd_tile(s, logdec, stat[:, None], delta[:, None], frac[:, None], roff[:, None], dov,
-                             offs_m[:, None] - offs_n[None, :], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
+            s *= scale
+            if HAS_DECAY:
+                logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
+            else:
+                logdec = 0.0
+            p, g, ds = _bwd_tile(s, logdec, stat[:, None], delta[:, None], frac[:, None], roff[:, None], dov,
+                                 offs_m[:, None] - offs_n[None, :], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
         dq = tl.dot(ds.to(WDTYPE), k.to(WDTYPE), dq)
         da += tl.sum(g, 1)
     return dq, da
@@ -343,6 +393,13 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
                        sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY,
                        False, WDTYPE)
+    if HAS_DECAY and POWER != 3:  # the queries' factor of the tiles left of the diagonal block (_dq_inner)
+        f = tl.exp2(qa)
+        if NORMALIZE:
+            f *= stat
+        p_scale, ds_scale = _factored_scales(scale, POWER)
+        dq *= (f * ds_scale)[:, None]
+        da *= f * p_scale
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, start_m,
                        tl.minimum(start_m + BLOCK_M, N), sk_n, sk_d, sv_n, sv_d,
                        D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, True, WDTYPE)
@@ -366,14 +423,22 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF,
         do = _load_rows(DO, offs_m, offs_dv, N, DV, sdo_n, sdo_d)
         stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
         delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE, ROW_DELTA)
-        s = tl.dot(k, tl.trans(q)) * scale
+        s = tl.dot(k, tl.trans(q))
         dov = tl.dot(v, tl.trans(do))
-        if HAS_DECAY:
-            logdec = _local_decay(A, offs_m, a_ref, N)[None, :] - ka[:, None]
+        if HAS_DECAY and POWER != 3 and not MASKED:  # the queries' factor (with stat); the keys' and the scales
+            # after the loop
+            x = tl.exp2(_local_decay(A, offs_m, a_ref, N))
+            if NORMALIZE:
+                x *= stat
+            p, g, ds = _bwd_tile_factored(s, x[None, :], delta[None, :], dov, POWER, NORMALIZE, ROW_DELTA)
         else:
-            logdec = 0.0
-        p, g, ds = _bwd_tile(s, logdec, stat[None, :], delta[None, :], frac[None, :], roff[None, :], dov,
-                             offs_m[None, :] - offs_n[:, None], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
+            s *= scale
+            if HAS_DECAY:
+                logdec = _local_decay(A, offs_m, a_ref, N)[None, :] - ka[:, None]
+            else:
+                logdec = 0.0
+            p, g, ds = _bwd_tile(s, logdec, stat[None, :], delta[None, :], frac[None, :], roff[None, :], dov,
+                                 offs_m[None, :] - offs_n[:, None], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
         dv = tl.dot(p.to(WDTYPE), do.to(WDTYPE), dv)
         dk = tl.dot(ds.to(WDTYPE), q.to(WDTYPE), dk)
         da -= tl.sum(g, 1)
@@ -409,8 +474,9 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
     v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
-    if HAS_DECAY:
-        a_ref = tl.load(A + start_n)
+    diag_end = tl.minimum(start_n + BLOCK_N, N)
+    if HAS_DECAY:  # the block's last key: a_j >= a_ref for its keys, a_i <= a_ref for the queries after it
+        a_ref = tl.load(A + diag_end - 1)
         ka = _local_decay(A, offs_n, a_ref, N)
     else:
         a_ref = 0.0
@@ -418,13 +484,19 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     da = tl.zeros([BLOCK_N], tl.float32)
-    diag_end = tl.minimum(start_n + BLOCK_N, N)
-    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
-                             start_n, diag_end, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
-                             ROW_DELTA, HAS_DECAY, True, WDTYPE)
+    # the query blocks after the diagonal block first, so that the keys' factor scales their sums alone
     dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              diag_end, N, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
                              ROW_DELTA, HAS_DECAY, False, WDTYPE)
+    if HAS_DECAY and POWER != 3:
+        kc = tl.exp2(-ka)
+        p_scale, ds_scale = _factored_scales(scale, POWER)
+        dk *= (kc * ds_scale)[:, None]
+        dv *= (kc * p_scale)[:, None]
+        da *= kc * p_scale
+    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
+                             start_n, diag_end, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
+                             ROW_DELTA, HAS_DECAY, True, WDTYPE)
     dk_ptrs, dk_mask = _tile(DK, offs_n, offs_d, N, D, sdk_n, sdk_d)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
     dv_ptrs, dv_mask = _tile(DV_OUT, offs_n, offs_dv, N, DV, sdv_n, sdv_d)
