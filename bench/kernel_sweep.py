@@ -1,6 +1,6 @@
-"""Tuning sweep of the linear-time kernels on one CUDA GPU: the constants they are launched with, timed in turn.
+"""Tuning sweep of our kernels on one CUDA GPU: the constants they are launched with, timed in turn.
 
-    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent linear]
+    python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent linear quadratic]
 
 The fused feature products of the chunked form (kernel/power/features.py: outer, apply, grad) at the
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = dv = 64, bf16) for each launch
@@ -11,7 +11,9 @@ contiguous "rows" or zero_state's column-major "columns") for each BLOCK_R, BLOC
 state's bytes read and written per second, beside the same bytes multiplied in place by PyTorch (a streaming
 roofline); and the decoding step's linear layers (kernel/dense.py) at `--linear-batches` rows beside the
 formula they replace, 20 layers' weights replayed from one CUDA graph (no launch overhead; weights cold, as in
-decoding), in us per call.
+decoding), in us per call; and the quadratic attention kernels' block configs (kernel/triton_attention.py:
+BLOCK_M, BLOCK_N, warps, stages of the forward, dq and dkdv kernels, one kernel's forced at a time) at
+`--quadratic-lengths`, the training shape (32768 tokens, 16 heads, d = 64, bf16, decay).
 triton.testing.do_bench medians in ms; results are printed and written as JSON
 (bench/results/kernel_sweep_<gpu>.json or --out).
 """
@@ -26,6 +28,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import triton
 from triton.testing import do_bench
 
 from kernel import dense
@@ -78,6 +81,70 @@ def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, head
             row = {"kernel": name, "C": C, **config, "ms": ms, "equals_one_stage": bool(torch.equal(out, one_stage))}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    return rows
+
+
+QUADRATIC_KERNELS = ("fwd", "dq", "dkdv")
+QUADRATIC_TYPES = {"2Mamba": ("2", True), "2Mamba-E": ("exp", True)}
+
+
+def quadratic_grid(name: str) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates of one quadratic kernel: the forward and dq kernels need
+    BLOCK_M (queries) a multiple of BLOCK_N (keys), dkdv the reverse."""
+    pairs = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]
+    if name == "dkdv":
+        pairs = [(n, m) for m, n in pairs]
+    return [(m, n, w, s) for (m, n), (w, s) in itertools.product(pairs, ((4, 3), (8, 2), (8, 3), (8, 4)))]
+
+
+def sweep_quadratic(lengths, types, names=QUADRATIC_KERNELS, d: int = 64, heads: int = 16,
+                    tokens: int = 32768) -> list[dict]:
+    """The quadratic attention kernels (kernel/triton_attention.py) at the training shape, each config of one
+    kernel forced in turn while the other two keep their autotuned choice: the forward kernel timed alone,
+    dq and dkdv by the forward+backward time."""
+    from kernel import triton_attention as ta
+    from kernel.attention import attention
+
+    kernels = {"fwd": ta._fwd_kernel, "dq": ta._bwd_dq_kernel, "dkdv": ta._bwd_dkdv_kernel}
+    rows = []
+    for (type_name, (power, normalize)), N in itertools.product(((t, QUADRATIC_TYPES[t]) for t in types), lengths):
+        B = max(1, tokens // N)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(B, heads, N, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
+        g = -F.softplus(torch.randn(B, heads, N, device="cuda", generator=gen) - 2.0)
+        leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
+
+        def fwd():
+            return attention(*leaves, power=power, normalize=normalize, backend="triton")
+
+        def fwd_bwd():
+            fwd().backward(do)
+
+        for name in names:
+            kernel = kernels[name]
+            tuned = kernel.configs
+            timed = fwd if name == "fwd" else fwd_bwd
+            try:
+                for config in [None] + quadratic_grid(name):
+                    if config is not None:
+                        m, n, w, st = config
+                        kernel.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
+                    kernel.cache.clear()
+                    try:
+                        ms = do_bench(timed, warmup=5, rep=30, grad_to_none=leaves)
+                    except Exception as err:  # noqa: BLE001 - a config that does not fit (shared memory) is reported
+                        ms = None
+                        print(f"    {name} {config}: {type(err).__name__}: {str(err)[:120]}")
+                    chosen = str(next(iter(kernel.cache.values()))) if config is None and kernel.cache else None
+                    row = {"kernel": f"quadratic {name}", "type": type_name, "N": N, "B": B,
+                           "config": "autotuned" if config is None else dict(zip(("BLOCK_M", "BLOCK_N", "NUM_WARPS",
+                                                                                    "NUM_STAGES"), config)),
+                           "autotuned_to": chosen, "timed": "fwd" if name == "fwd" else "fwd+bwd", "ms": ms}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            finally:
+                kernel.configs = tuned
+                kernel.cache.clear()
     return rows
 
 
@@ -176,9 +243,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
-    parser.add_argument("--kernels", nargs="+", choices=["features", *FEATURE_KERNELS, "recurrent", "linear"],
+    parser.add_argument("--kernels", nargs="+", choices=["features", *FEATURE_KERNELS, "recurrent", "linear",
+                                                         "quadratic"],
                         default=["features", "recurrent", "linear"],
-                        help="features: outer, apply and grad (or name any of them)")
+                        help="features: outer, apply and grad (or name any of them); quadratic: the attention "
+                             "kernels' block configs")
+    parser.add_argument("--quadratic-lengths", type=int, nargs="+", default=[2048],
+                        help="N of the quadratic sweep (B = 32768 / N, 16 heads, d = 64)")
+    parser.add_argument("--quadratic-types", nargs="+", choices=list(QUADRATIC_TYPES), default=["2Mamba"])
     parser.add_argument("--linear-batches", type=int, nargs="+", default=[32, 1],
                         help="rows of the linear layers (every config at the first, the fastest at the others)")
     parser.add_argument("--out", default=None)
@@ -194,6 +266,8 @@ def main(argv=None):
         rows += sweep_recurrent(args.batch)
     if "linear" in args.kernels:
         rows += sweep_linear(args.linear_batches)
+    if "quadratic" in args.kernels:
+        rows += sweep_quadratic(args.quadratic_lengths, args.quadratic_types)
     gpu = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_sweep_{gpu.replace(' ', '_')}.json")

@@ -60,12 +60,14 @@ def _configs(gpu, interpreter):
 
 
 # Forward and dq: BLOCK_M (queries) must be a multiple of BLOCK_N (keys); dkdv: the reverse. The GPU lists
-# hold configs that compile for sm_90 without register spills at d = 64 (checked offline with the compiler's
-# resource report, see bench/NOTES.md). The interpreter's blocks are small and unequal so that tests at
-# N = 17 or 100 cross block edges in both loops.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)], (32, 16, 4, 1))
-_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3)], (32, 16, 4, 1))
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)], (16, 32, 4, 1))
+# lead with the fastest 4-warp configs of the sweep at d = 64 (`bench/kernel_sweep.py --kernels quadratic`,
+# bench/NOTES.md; they spill a few hundred bytes to the stack and still ran fastest), then configs of 8 warps
+# that compile without spills (or nearly) for the autotuner to fall back on. The interpreter's blocks are
+# small and unequal so that tests at N = 17 or 100 cross block edges in both loops.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
+                        (32, 16, 4, 1))
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)], (32, 16, 4, 1))
+_DKDV_CONFIGS = _configs([(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)], (16, 32, 4, 1))
 # N_BUCKET and BH_BUCKET: powers of two above N and B * H, so that one tuning serves a range of shapes;
 # the kernels never read them, and do_not_specialize keeps them from causing recompiles.
 _KEY = ["N_BUCKET", "BH_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY"]
