@@ -34,6 +34,9 @@ e^{a_i - a_j} = e^{a_i - a_ref} e^{a_ref - a_j}: both factors <= 1 since g <= 0 
 where the whole weight does), the loop's vector of factors multiplies the tile and the program's own the
 sums after the loop, so those tiles need no exponential per element (the special-function units bound these
 loops, see bench/NOTES.md). The diagonal blocks keep the per-element e^{a_i - a_j} under the causal mask.
+exp needs its exponential per score anyway; there the queries' a_i, a constant of each row, stays out of the
+scores (added to the row's maximum and stat after the loops), so a score's exponent costs a multiply-add and an
+add (_exp_tile).
 The weights fed to the second matrix product are cast to bf16 for bf16 inputs (same range as fp32) and
 kept in fp32 (tf32 product) otherwise, since un-normalised s^2 or s can overflow fp16.
 """
@@ -118,12 +121,10 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
         k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
         v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
         s = tl.dot(q, tl.trans(k))
-        if not FACTORED:
-            s *= scale
-        if POWER == 3:
-            x = s * LOG2E
+        if POWER == 3:  # without the queries' a_i: a constant of each row, added to its stat after the loops
+            x = s * (scale * LOG2E)
             if HAS_DECAY:
-                x += qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
+                x -= _local_decay(A, offs_n, a_ref, N)[None, :]
             if MASKED:
                 x = tl.where(offs_m[:, None] > offs_n[None, :], x, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -141,6 +142,7 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
                 if POWER == 2:
                     w *= s
             else:
+                s *= scale
                 w = s if POWER == 1 else s * s
                 if HAS_DECAY:  # a diagonal block; the mask before exp2: above the diagonal a_i - a_j > 0 could overflow
                     logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
@@ -196,7 +198,7 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
                                D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
     # acc, den: sums strictly left of the diagonal; the diagonal term w_ii v_i (decay 1) joins here
     if POWER == 3:
-        x_diag = s_diag * LOG2E
+        x_diag = s_diag * LOG2E - qa
         m_new = tl.maximum(m_i, x_diag)
         alpha = tl.exp2(m_i - m_new)
         acc = acc * alpha[:, None]
@@ -208,12 +210,12 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
     offs_dv = tl.arange(0, BLOCK_DV)
     total_den = den + wdiag
     total = acc + wdiag[:, None] * _load_rows(V, offs_m, offs_dv, N, DV, sv_n, sv_d).to(tl.float32)
-    if POWER == 3:
+    if POWER == 3:  # m_i + qa: the row maximum with the queries' a_i back in
         if NORMALIZE:
             inv = 1.0 / total_den
-            stat = m_i + tl.log2(total_den)
+            stat = m_i + qa + tl.log2(total_den)
         else:
-            inv = tl.exp2(m_i)
+            inv = tl.exp2(m_i + qa)
             stat = tl.zeros([BLOCK_M], tl.float32)
     else:
         if NORMALIZE:
@@ -254,7 +256,8 @@ def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr
               ROW_DELTA: tl.constexpr, HAS_DECAY: tl.constexpr, MASKED: tl.constexpr):
     """Elementwise backward of one tile, in either orientation (all operands broadcast to the tile).
 
-    s: scores; logdec: log2 of the decay a_i - a_j; stat: the forward's per-row number; delta: dO_i . o_i;
+    s: scores (exp: the exponent of P, _exp_tile); logdec: log2 of the decay a_i - a_j; stat: the forward's
+    per-row number (not read for exp); delta: dO_i . o_i;
     dov: dO_i . v_j; diff: i - j; frac, roff: 1 - P_ii and dO_i . (o_i - P_ii v_i) from the forward's
     off-diagonal sums; without normalisation, ROW_DELTA: delta = -dL/dden_i of return_den's row sums (each
     weight w_ij is also a term of den_i). Returns P (the weight of v_j in o_i), G = w dL/dw without the
@@ -269,13 +272,8 @@ def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr
         dp = dov - delta
     else:
         dp = dov
-    if POWER == 3:
-        x = s * LOG2E
-        if HAS_DECAY:
-            x += logdec
-        if MASKED:
-            x = tl.where(diff >= 0, x, float("-inf"))
-        p = tl.exp2(x - stat)
+    if POWER == 3:  # s is the exponent of P in log2 units: stat and the decay are in it (_exp_tile)
+        p = tl.exp2(tl.where(diff >= 0, s, float("-inf")) if MASKED else s)
         g = p * dp
         ds = g
     else:
@@ -297,6 +295,14 @@ def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr
     if MASKED:
         g = tl.where(diff > 0, g, 0.0)
     return p, g, ds
+
+
+@triton.jit
+def _exp_tile(s, scale, key_decay, row):
+    """The exponent of P_ij = 2^(x_ij - stat_i) for exp, in log2 units: scale s_ij log2(e) - key_decay_j - row_i,
+    with key_decay_j = (a_j - a_ref) log2(e) and row_i = stat_i - (a_i - a_ref) log2(e) (broadcast to the
+    tile): one fused multiply-add and one add a score, a_ref any row near the tile."""
+    return s * (scale * LOG2E) - key_decay - row
 
 
 @triton.jit
@@ -341,7 +347,14 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref
         v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
         s = tl.dot(q, tl.trans(k))
         dov = tl.dot(do, tl.trans(v))
-        if HAS_DECAY and POWER != 3 and not MASKED:  # the keys' factor; the queries' and the scales after the loop
+        if POWER == 3:  # stat holds stat - (a_i - a_ref) log2(e) here (_bwd_dq_kernel)
+            if HAS_DECAY:
+                s = _exp_tile(s, scale, _local_decay(A, offs_n, a_ref, N)[None, :], stat[:, None])
+            else:
+                s = _exp_tile(s, scale, 0.0, stat[:, None])
+            p, g, ds = _bwd_tile(s, 0.0, 0.0, delta[:, None], frac[:, None], roff[:, None], dov,
+                                 offs_m[:, None] - offs_n[None, :], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
+        elif HAS_DECAY and not MASKED:  # the keys' factor; the queries' and the scales after the loop
             p, g, ds = _bwd_tile_factored(s, tl.exp2(-_local_decay(A, offs_n, a_ref, N))[None, :], delta[:, None],
                                           dov, POWER, NORMALIZE, ROW_DELTA)
         else:
@@ -390,6 +403,8 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
     else:
         a_ref = 0.0
         qa = tl.zeros([BLOCK_M], tl.float32)
+    if POWER == 3:  # the rows' part of the exponent (_exp_tile)
+        stat -= qa
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     da = tl.zeros([BLOCK_M], tl.float32)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
@@ -427,8 +442,14 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF,
         delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE, ROW_DELTA)
         s = tl.dot(k, tl.trans(q))
         dov = tl.dot(v, tl.trans(do))
-        if HAS_DECAY and POWER != 3 and not MASKED:  # the queries' factor (with stat); the keys' and the scales
-            # after the loop
+        if POWER == 3:
+            if HAS_DECAY:
+                s = _exp_tile(s, scale, ka[:, None], (stat - _local_decay(A, offs_m, a_ref, N))[None, :])
+            else:
+                s = _exp_tile(s, scale, 0.0, stat[None, :])
+            p, g, ds = _bwd_tile(s, 0.0, 0.0, delta[None, :], frac[None, :], roff[None, :], dov,
+                                 offs_m[None, :] - offs_n[:, None], POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, MASKED)
+        elif HAS_DECAY and not MASKED:  # the queries' factor (with stat); the keys' and the scales after the loop
             x = tl.exp2(_local_decay(A, offs_m, a_ref, N))
             if NORMALIZE:
                 x *= stat
