@@ -110,7 +110,8 @@ def sweep_quadratic(lengths, types, names=QUADRATIC_KERNELS, d: int = 64, heads:
     for (type_name, (power, normalize)), N in itertools.product(((t, QUADRATIC_TYPES[t]) for t in types), lengths):
         B = max(1, tokens // N)
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, do = (torch.randn(B, heads, N, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
+        q, k, v, do = (torch.randn(B, heads, N, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+                       for _ in range(4))
         g = -F.softplus(torch.randn(B, heads, N, device="cuda", generator=gen) - 2.0)
         leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
 

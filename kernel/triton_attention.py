@@ -26,7 +26,7 @@ the gradients, so [B, H, N, d] tensors and views of a block's [B, N, H, d] proje
 formed by a small kernel from the strided dO, o and o_off (no fp32 temporaries of [B, H, N, dv]).
 
 Numerics: the cumulative decay a is summed in float64 and every tile subtracts a block-local reference
-(the first row of the block it belongs to) before going to float32, so a_i - a_j keeps full precision
+(a row of the program's own block) before going to float32, so a_i - a_j keeps full precision
 for any sequence length and decay strength. exp keeps a running row maximum folded into the exponent.
 Powers 1 and 2 split the decay of the tiles off the diagonal blocks, where query i and key j lie on either
 side of a_ref (the forward's and dq's first query of the block, dkdv's last key of the block), into
@@ -144,7 +144,7 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
             else:
                 s *= scale
                 w = s if POWER == 1 else s * s
-                if HAS_DECAY:  # a diagonal block; the mask before exp2: above the diagonal a_i - a_j > 0 could overflow
+                if HAS_DECAY:  # a diagonal block: masked before exp2 (above the diagonal a_i - a_j > 0 could overflow)
                     logdec = qa[:, None] - _local_decay(A, offs_n, a_ref, N)[None, :]
                     w *= tl.exp2(tl.where(offs_m[:, None] > offs_n[None, :], logdec, float("-inf")))
                 elif MASKED:
@@ -301,7 +301,7 @@ def _bwd_tile(s, logdec, stat, delta, frac, roff, dov, diff, POWER: tl.constexpr
 def _exp_tile(s, scale, key_decay, row):
     """The exponent of P_ij = 2^(x_ij - stat_i) for exp, in log2 units: scale s_ij log2(e) - key_decay_j - row_i,
     with key_decay_j = (a_j - a_ref) log2(e) and row_i = stat_i - (a_i - a_ref) log2(e) (broadcast to the
-    tile): one fused multiply-add and one add a score, a_ref any row near the tile."""
+    tile): one fused multiply-add and one add per score, a_ref any row near the tile."""
     return s * (scale * LOG2E) - key_decay - row
 
 
