@@ -102,6 +102,8 @@ def sweep_quadratic(lengths, types, names=QUADRATIC_KERNELS, d: int = 64, heads:
     """The quadratic attention kernels (kernel/triton_attention.py) at the training shape, each config of one
     kernel forced in turn while the other two keep their autotuned choice: the forward kernel timed alone,
     dq and dkdv by the forward+backward time."""
+    from attention import make_inputs  # bench/attention.py: the attention benchmark's inputs
+
     from kernel import triton_attention as ta
     from kernel.attention import attention
 
@@ -109,10 +111,7 @@ def sweep_quadratic(lengths, types, names=QUADRATIC_KERNELS, d: int = 64, heads:
     rows = []
     for (type_name, (power, normalize)), N in itertools.product(((t, QUADRATIC_TYPES[t]) for t in types), lengths):
         B = max(1, tokens // N)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, do = (torch.randn(B, heads, N, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-                       for _ in range(4))
-        g = -F.softplus(torch.randn(B, heads, N, device="cuda", generator=gen) - 2.0)
+        q, k, v, g, do = make_inputs(B, heads, N, d)
         leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
 
         def fwd():
@@ -259,6 +258,8 @@ def main(argv=None):
     if args.batch < 1 or min(args.chunk_sizes) < 1 or not 1 <= min(args.linear_batches) <= max(args.linear_batches) <= dense.MAX_ROWS:
         parser.error(f"--batch and --chunk-sizes take values >= 1 and --linear-batches values in [1, {dense.MAX_ROWS}], "
                      f"got {args.batch}, {args.chunk_sizes} and {args.linear_batches}")
+    if min(args.quadratic_lengths) < 1:
+        parser.error(f"--quadratic-lengths take values >= 1, got {args.quadratic_lengths}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_sweep.py needs a CUDA GPU")
     names = FEATURE_KERNELS if "features" in args.kernels else [k for k in FEATURE_KERNELS if k in args.kernels]

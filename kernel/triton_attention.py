@@ -113,7 +113,6 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
                MASKED: tl.constexpr, WDTYPE: tl.constexpr):
-    FACTORED: tl.constexpr = HAS_DECAY and POWER != 3 and not MASKED
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
@@ -137,7 +136,7 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
             den = den * alpha
             m_i = m_new
         else:
-            if FACTORED:  # the keys' factor only; the queries' one and the scale after the loop (_fwd_kernel)
+            if HAS_DECAY and not MASKED:  # the keys' factor only; the queries' one and the scale after the loop
                 w = s * tl.exp2(-_local_decay(A, offs_n, a_ref, N))[None, :]
                 if POWER == 2:
                     w *= s
