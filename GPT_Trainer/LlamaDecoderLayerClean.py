@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
 from kernel import (attention, causal_conv1d, causal_conv1d_step, linear, linears, neg_softplus, power_attention,
                     rms_norm, swiglu)
-from kernel.power import state_size, zero_state
+from kernel.power import auto_algorithm, state_size, zero_state
 from kernel.reference import bhnd_views
 
 
@@ -370,7 +370,13 @@ class GenericAttention(nn.Module):
         unpadded sequence without a cache (the training op)."""
         op = functools.partial(power_attention, power=self.cfg.power, normalize=self.normalize, layout="bnhd")
         if entry is None:
-            return _maybe_checkpoint(self.checkpoint_core, op, q, k, v, g)
+            # Checkpointing recomputes only the chunked form, whose per-chunk states (~8x the values' size) it
+            # frees; the quadratic kernel keeps its output, o without the diagonal term and three per-row
+            # statistics (~2x the values' size), less than a second forward is worth.
+            recompute = self.checkpoint_core and torch.is_grad_enabled()
+            algorithm = auto_algorithm(q.shape[1], self.cfg.power, recompute_chunk=recompute)
+            return _maybe_checkpoint(recompute and algorithm == "chunk", functools.partial(op, algorithm=algorithm),
+                                     q, k, v, g)
         return op(q, k, v, g, initial_state=entry.state, output_final_state=True, inplace=True)[0]
 
     def _kv_core(self, q, k, v, g, entry, padding):
@@ -424,7 +430,6 @@ class SoftmaxAttention(nn.Module):
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim)
-        self.checkpoint_core = False
 
     def new_cache(self, batch: int, device, dtype, capacity: int):
         return KVState.empty(batch, self.num_heads, self.head_dim, self.head_dim, capacity, device, dtype, decayed=False)
@@ -450,8 +455,8 @@ class SoftmaxAttention(nn.Module):
         n = h.shape[1]
         q, k, v = self.project(h, torch.arange(n, device=h.device) if entry is None else entry.positions(n))
         keys, values, _, allowed = kv_context(k, v, None, entry, padding)
-        if allowed is None:
-            o = _maybe_checkpoint(self.checkpoint_core and entry is None, self.core, q, k, v)
+        if allowed is None:  # never recomputed: SDPA keeps only its output and a per-row statistic
+            o = self.core(q, k, v)
         else:
             o = masked_attention(q, keys, values, allowed)
         return self.finish(o, residual)

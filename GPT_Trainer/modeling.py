@@ -130,9 +130,12 @@ class TwoMambaForCausalLM(PreTrainedModel, GenerationMixin):
                     _add_safetensors_metadata(file, {ATTENTION_TYPE_KEY: self.config.attention_type})
 
     def set_activation_checkpointing(self, enabled: bool = True):
-        """Recompute the attention core and the MLP in the backward pass (the seed's memory saving)."""
+        """Recompute the MLPs and the attention cores that hold more than their output in the backward pass (the
+        seed's memory saving): the chunked 2Mamba form and the Mamba-2 block, not the quadratic kernels (softmax's
+        SDPA and ours), whose saved tensors are about their output's size (docs/training.md)."""
         for layer in self.model.layers:
-            layer.self_attn.checkpoint_core = enabled
+            if hasattr(layer.self_attn, "checkpoint_core"):
+                layer.self_attn.checkpoint_core = enabled
             layer.checkpoint_mlp = enabled
         return self
 

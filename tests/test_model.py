@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from GPT_Trainer.LlamaDecoderLayerClean import (
-    TWO_MAMBA, TWO_MAMBA_E, AttentionConfig, GenericAttention, LlamaDecoderLayer, Mamba2, SoftmaxAttention, configs,
+    TWO_MAMBA, TWO_MAMBA_E, AttentionConfig, GenericAttention, LlamaDecoderLayer, Mamba2, SoftmaxAttention,
+    attention_config, configs,
 )
 from GPT_Trainer.modeling import MODEL_SIZES, TwoMambaForCausalLM, get_model, load_model
 from kernel.reference import attention_reference
@@ -205,6 +206,52 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("attention_type, crossover, runs", [
+    (TWO_MAMBA, 16, {"chunk_power_attention": 2}),  # 37 tokens past the crossover: chunked, recomputed
+    (TWO_MAMBA, 1 << 30, {"attention": 1}),  # below it: the quadratic kernel, once
+    (TWO_MAMBA_E, 16, {"attention": 1}),  # exp: always quadratic
+])
+def test_checkpointing_recomputes_only_the_chunked_form(attention_type, crossover, runs, device, monkeypatch):
+    """A checkpointed block runs the chunked form's forward again in the backward pass and the quadratic
+    kernel's once, with the gradients of the same algorithm without checkpointing (the PyTorch path on the
+    CPU, the Triton kernels on a GPU)."""
+    import kernel.power as kp
+
+    for table in (kp.CHUNK_CROSSOVER, kp.RECOMPUTED_CHUNK_CROSSOVER):
+        monkeypatch.setitem(table, "2", crossover)
+    calls = []
+    for name in ("chunk_power_attention", "attention"):
+        def counted(*args, _fn=getattr(kp, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(kp, name, counted)
+    torch.manual_seed(0)
+    block = GenericAttention(64, 2, attention_config(attention_type)).to(device)
+    h, dout = torch.randn(2, 37, 64, device=device), torch.randn(2, 37, 64, device=device)
+    grads = []
+    for enabled in (False, True):
+        block.checkpoint_core, calls[:] = enabled, []
+        block.zero_grad()
+        x = h.clone().requires_grad_()
+        block(x).backward(dout)
+        grads.append([x.grad] + [p.grad.clone() for p in block.parameters()])
+    assert {name: calls.count(name) for name in set(calls)} == runs
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointing_leaves_softmax_attention_alone(monkeypatch):
+    """SDPA keeps only its output and a row statistic: set_activation_checkpointing does not recompute it."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    model = tiny("softmax").set_activation_checkpointing(True)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == model.config.num_hidden_layers
 
 
 def write_seed_checkpoint(path, model, attention_type, with_config_json=True, with_config_pt=True, max_len=64):

@@ -22,13 +22,19 @@ from .recurrent import recurrent_power_attention, recurrent_step
 
 ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
 # "auto" uses the chunked form from this many tokens on, per power; measured on an H200 with bench/attention.py
-# (forward + backward, bf16, H = 16, d = 64; see bench/NOTES.md): power 2 quadratic 10.0 ms vs chunked 9.6 ms
-# at 8K (state split in S and z); power 1 (unnormalised) 2.2 vs 4.4 ms at 2K, 8.2 vs 5.1 at 8K.
-CHUNK_CROSSOVER = {"1": 4096, "2": 8192}
+# (forward + backward, bf16, H = 16, d = 64, 32768 tokens; bench/NOTES.md, session 24): power 2 quadratic
+# 4.04 ms vs chunked 6.72 at 4K, 7.42 vs 6.72 at 8K; power 1 (unnormalised) 3.53 vs 4.62 at 4K, 6.60 vs 3.97
+# at 8K.
+CHUNK_CROSSOVER = {"1": 8192, "2": 8192}
+# The same where activation checkpointing recomputes the chunked form's forward in the backward pass (a block
+# does so for its per-chunk states, ~8x the values' size, but keeps the quadratic kernel's few tensors instead:
+# GPT_Trainer/LlamaDecoderLayerClean.py): forward + backward, plus a forward for the chunked form, in the same
+# run: power 2 7.42 vs 6.72 + 2.40 ms at 8K, 13.99 vs 6.75 + 2.07 at 16K; power 1 6.60 vs 3.97 + 1.74 at 8K.
+RECOMPUTED_CHUNK_CROSSOVER = {"1": 8192, "2": 16384}
 CHUNK_SIZE = 256  # the faster of 128 and 256 (bench/NOTES.md): half the state traffic of 128 for a longer quadratic part
 
-__all__ = ["power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size", "zero_state",
-           "ALGORITHMS"]
+__all__ = ["auto_algorithm", "power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size",
+           "zero_state", "ALGORITHMS"]
 
 
 def _check_state(state, q, v, power):
@@ -36,6 +42,16 @@ def _check_state(state, q, v, power):
     shape = (B, H, state_size(d, power), v.shape[-1] + 1)
     if tuple(state.shape) != shape:
         raise ValueError(f"initial_state must be [B, H, D, dv + 1] = {shape} for power {power!r}, got {tuple(state.shape)}")
+
+
+def auto_algorithm(N, power, *, recompute_chunk=False):
+    """What "auto" runs for N tokens without a state: "chunk" from the measured crossover on, else "quadratic"
+    (always for power "exp"). recompute_chunk: the crossover where the chunked form's forward runs twice
+    (activation checkpointing of the chunked form only)."""
+    if power == "exp":
+        return "quadratic"
+    crossover = (RECOMPUTED_CHUNK_CROSSOVER if recompute_chunk else CHUNK_CROSSOVER)[power]
+    return "chunk" if N >= crossover else "quadratic"
 
 
 def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, initial_state=None,
@@ -71,7 +87,7 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
         raise ValueError("inplace=True needs initial_state and output_final_state=True")
     N = views[0].shape[2]
     if algorithm == "auto":
-        algorithm = "recurrent" if N == 1 and stateful else "chunk" if N >= CHUNK_CROSSOVER[power] else "quadratic"
+        algorithm = "recurrent" if N == 1 and stateful else auto_algorithm(N, power)
     if algorithm == "quadratic" and not stateful:
         return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend, layout=layout)
     q, k, v, g = views
