@@ -350,16 +350,20 @@ def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(31)
     a, b, dy = (torch.randn(T, C, w, device="cuda", generator=gen).bfloat16() for w in (d, E, E))
     m = (torch.randn(T, d * (d + 1) // 2, E, device="cuda", generator=gen) / 30).bfloat16()
+    w = torch.rand(T, C, device="cuda", generator=gen)
     calls = {"outer": lambda: features._outer(a, b), "apply": lambda: features._apply(a, m, torch.float32),
-             "grad": lambda: features._grad(a, m, dy)}
+             "grad": lambda: features._grad(a, m, dy),  # and with token weights (the keys' decays):
+             "outer w": lambda: features._outer(a, b, w), "apply w": lambda: features._apply(a, m, b.dtype, w, b),
+             "grad w": lambda: features._grad(a, m, dy, w)}
     got = {name: [fn() for _ in range(3)] for name, fn in calls.items()}
-    for name in calls:  # each product's launch constants: features.OUTER, APPLY, GRAD
-        monkeypatch.setitem(getattr(features, name.upper()), "NUM_STAGES", 1)
+    for launch in (features.OUTER, features.APPLY, features.GRAD):  # each product's launch constants
+        monkeypatch.setitem(launch, "NUM_STAGES", 1)
     for name, fn in calls.items():
         ref = fn()
-        assert not ref.isnan().any(), name
-        for out in got[name]:
-            assert torch.equal(out, ref), f"{name}: pipelined != one stage ({(out != ref).float().mean():.1e} differ)"
+        for outs in got[name]:
+            for out, r in zip(*((x,) if torch.is_tensor(x) else x for x in (outs, ref))):
+                assert not r.isnan().any(), name
+                assert torch.equal(out, r), f"{name}: pipelined != one stage ({(out != r).float().mean():.1e} differ)"
 
 
 @gpu
@@ -431,16 +435,17 @@ def test_fused_normaliser_products(T, C, d):
 @pytest.mark.parametrize("T,C,d,E", [(2, 5, 8, 16), (1, 16, 12, 33), (1, 17, 40, 80), (1, 150, 8, 16),
                                      (1, 300, 8, 16), (1, 300, 8, 33)])
 def test_fused_feature_products(T, C, d, E):
-    """phi(a)^T b and phi(a) M with phi formed on chip == the materialised kron products, with gradients;
-    C = 300 walks the chunk in blocks of tokens (the outer product's long-chunk path), E = 33 and 80 take a
-    second column tile."""
+    """phi(a)^T b, phi(a)^T (w b) (token weights in (0, 1], as the chunk's key decays) and phi(a) M with phi
+    formed on chip == the materialised kron products, with gradients (of w too); C = 300 walks the chunk in
+    blocks of tokens (the outer product's long-chunk path), E = 33 and 80 take a second column tile."""
     from kernel.power.features import feature_apply, feature_outer
 
     gen = torch.Generator().manual_seed(15)
     nf = d * (d + 1) // 2
     a, b = torch.randn(T, C, d, generator=gen), torch.randn(T, C, E, generator=gen)
+    w = torch.rand(T, C, generator=gen) + 1e-3
     m = torch.randn(T, nf, E, generator=gen)
-    for fn, args in ((feature_outer, (a, b)), (feature_apply, (a, m))):
+    for fn, args in ((feature_outer, (a, b)), (feature_outer, (a, b, w)), (feature_apply, (a, m))):
         outs, gs = grads(lambda *t: fn(*t, power="2", fused=True), args)
         routs, rgs = grads(lambda *t: fn(*t, power="2", fused=False), [t.double() for t in args])
         assert_rel_close(outs + gs, routs + rgs, 1e-5)

@@ -280,7 +280,7 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     key_decay = torch.exp(L.reshape(B, H, n, 1) - b).reshape(T, C)
     fused = resolve_backend(backend, q) == "triton" and compute == torch.float32
     k_blocks = k.reshape(T, C, d)
-    u = feature_outer(k_blocks, v.reshape(T, C, dv) * key_decay.to(v.dtype)[..., None], power=power, fused=fused)
+    u = feature_outer(k_blocks, v.reshape(T, C, dv), key_decay, power=power, fused=fused)
     D = u.shape[1]
     h0 = None if initial_state is None else initial_state[..., :dv].reshape(B * H, D * dv)
     states, final = state_scan(u.reshape(B * H, n, D * dv), L, h0, states_dtype=q.dtype, backend=backend)

@@ -1,14 +1,15 @@
 """The two products of the chunked form with the symmetric feature map phi, fused so phi never hits HBM.
 
 For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d + 1) / 2 features):
-    feature_outer(a, b) = phi(a)^T b        [T, D, E]   (chunk states from keys, d state from queries)
+    feature_outer(a, b) = phi(a)^T b        [T, D, E]   (chunk states from keys, d state from queries;
+                                                     optionally with weights of the tokens, phi(a)^T (w b))
     feature_apply(a, M) = phi(a) M           [T, C, E]   (queries read a state, d values from d state)
 The two are adjoint, so their gradients are each other plus one kernel for d a (_grad_kernel), the kron
 backward of d loss / d phi(a_t) = M dy_t, never materialised either.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
-    outer  step i: rows e(i) + j of the result = (c_ij a_j a_i)^T b, the transposed factor formed in
+    outer  step i: rows e(i) + j of the result = (c_ij a_j a_i w)^T b, the transposed factor formed in
            registers from a transposed once per program, for both column tiles of b at once (half-width
            once i passes d / 2);
     apply and grad read the state as the unpacked symmetric matrix, row (m, j) = packed row (min, max), so
@@ -73,18 +74,21 @@ def _store_rows(OUT, out, t_, rows, ok, cols, E, E1, NF):
 
 
 @triton.jit
-def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
+def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
-                ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
+                ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
     j = J0 + tl.arange(0, BLOCK_J)
     c = tl.arange(0, BLOCK_C)
     em = tl.arange(0, BLOCK_MAIN)
     if BLOCK_TAIL > 0:
         et = E_MAIN + tl.arange(0, BLOCK_TAIL)
-    # The factor a_j a_i is formed in a's dtype: in bf16 one rounding of the exact product, as a float32 product
-    # rounded to bf16 would give, at half the registers and no conversions; c_ij scales the float32 result.
-    if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once) and b loaded once
+    # The factor a_j (a_i w) is formed in a's dtype: in bf16 one rounding of the exact product, as a float32
+    # product rounded to bf16 would give, at half the registers and no conversions (a_i w rounded once before,
+    # as the weighted values w b were before the weights moved in here); c_ij scales the float32 result.
+    if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once), b and w loaded once
         a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D))
+        if HAS_W:
+            w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)
         b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
         if BLOCK_TAIL > 0:
             b_tail = _load_rows(B, t_, c, c < C, C, et, E, E)
@@ -93,6 +97,8 @@ def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: 
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
         if ONE_BLOCK:
             ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0)
+            if HAS_W:
+                ai = (ai.to(tl.float32) * w).to(a_t.dtype)
             p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
@@ -104,6 +110,8 @@ def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: 
             for c0 in range(0, C, BLOCK_C):
                 cb = c0 + c
                 ai = tl.load(A + t_ * C * D + cb * D + i, mask=(cb < C) & (i < D), other=0.0)
+                if HAS_W:
+                    ai = (ai.to(tl.float32) * tl.load(W + t_ * C + cb, mask=cb < C, other=0.0)).to(ai.dtype)
                 a_t = tl.trans(_load_rows(A, t_, cb, cb < C, C, j, D, D))
                 p_t = (a_t * ai[None, :]).to(B.dtype.element_ty)
                 out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN), IEEE)
@@ -117,24 +125,25 @@ def _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: 
 
 
 @triton.jit
-def _outer_kernel(A, B, OUT, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _outer_kernel(A, B, W, OUT, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                   SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
-                  ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
-    """phi(a)^T b for BLOCK_I values of i, the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). For i
-    in the upper half of the head dimension every needed j (j >= i) lies in the upper half too: those steps
-    use half-width tiles (SPLIT = BLOCK_D / 2), a quarter of the products saved."""
+                  ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
+    """phi(a)^T b, or phi(a)^T (w b) with token weights (HAS_W), for BLOCK_I values of i, the state's columns in
+    two tiles, [0, E_MAIN) and [E_MAIN, E). For i in the upper half of the head dimension every needed j (j >= i)
+    lies in the upper half too: those steps use half-width tiles (SPLIT = BLOCK_D / 2), a quarter of the
+    products saved."""
     t_ = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_I
     if SPLIT < BLOCK_D:  # constexpr first: the Triton frontend does not mix it with a runtime test in one `and`
         if i0 >= SPLIT:
-            _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_MAIN,
-                        BLOCK_TAIL, BLOCK_I, ONE_BLOCK, IEEE)
+            _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_MAIN,
+                        BLOCK_TAIL, BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
         else:
-            _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
-                        BLOCK_I, ONE_BLOCK, IEEE)
+            _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
+                        BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
     else:
-        _outer_part(A, B, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL, BLOCK_I,
-                    ONE_BLOCK, IEEE)
+        _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL, BLOCK_I,
+                    ONE_BLOCK, HAS_W, IEEE)
 
 
 @triton.jit
@@ -144,13 +153,16 @@ def _sym_rows(j, m, D: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SPLIT: tl.constexpr, LOW: tl.constexpr, BLOCK_E: tl.constexpr, IEEE: tl.constexpr):
+def _apply_kernel(A, M, OUT, W, B, DW, TILE0, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
+                  BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, LOW: tl.constexpr, BLOCK_E: tl.constexpr,
+                  HAS_W: tl.constexpr, IEEE: tl.constexpr):
     """Columns [E0, E1) of phi(a) M for a block of tokens, as sum_m a_m (w a) M[(m, j) or (j, m)] plus
     (1 - 1 / sqrt 2) (a * a) M[(j, j)] for the diagonal. A pair j != m inside one half of the head dimension
     ([0, SPLIT) or [SPLIT, d)) is met twice, at m and at j, each with w = 1 / sqrt 2; the steps m >= SPLIT run
     on the upper half only (half-width products, a quarter of the work saved), so a pair across the halves is
-    met once, at its lower index, with w = sqrt 2."""
+    met once, at its lower index, with w = sqrt 2. HAS_W (the backward of the outer product with token weights
+    W): each token's row times its weight, and the row's partial sum <phi(a) M, b> over these columns (its
+    d W) in DW[TILE0 + its column program]."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -176,6 +188,11 @@ def _apply_kernel(A, M, OUT, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.cons
     diag = tl.load(M + t_ * NF * E + (_segment(j, D) + j)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
                    other=0.0)
     acc += _dot((a * a * (1.0 - INV_SQRT2)).to(diag.dtype), diag, IEEE)
+    if HAS_W:
+        b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & emask, other=0.0)
+        tile = TILE0 + tl.program_id(2)
+        tl.store(DW + (tile * tl.num_programs(0) + t_) * C + c, tl.sum(acc * b.to(tl.float32), axis=1), mask=cmask)
+        acc *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
     tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
              mask=cmask[:, None] & emask)
 
@@ -189,10 +206,10 @@ def _grad_rows(M, dy, t_, rows, rmask, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEE
 
 
 @triton.jit
-def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+def _grad_kernel(A, M, DY, W, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
     """d a (rounded once to a's dtype) for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and
-    [E_MAIN, E)."""
+    [E_MAIN, E). HAS_W: the product had token weights W, so each token's d y, hence its row of d a, is W times."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -209,6 +226,8 @@ def _grad_kernel(A, M, DY, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.co
             g += _grad_rows(M, dy_tail, t_, rows, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
         am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
         da += g * (am[:, None] * tl.where(j == m, 2.0, SQRT2)[None, :])
+    if HAS_W:
+        da *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
     tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da.to(DA.dtype.element_ty),
              mask=cmask[:, None] & jmask[None, :])
 
@@ -284,7 +303,7 @@ GRAD = dict(BLOCK_C=128, NUM_WARPS=8, NUM_STAGES=4)
 NORMALISER_WARPS = 4
 
 
-def _outer(a, b):
+def _outer(a, b, w=None):
     T, C, d = a.shape
     E = b.shape[-1]
     nf = d * (d + 1) // 2
@@ -292,38 +311,47 @@ def _outer(a, b):
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
     block_i = min(OUTER["BLOCK_I"], block_d)
-    _outer_kernel[(T, triton.cdiv(d, block_i))](a, b, out, C, E, e_main, D=d, NF=nf, BLOCK_C=block_c,
-                                                BLOCK_D=block_d, SPLIT=_split(block_d), BLOCK_MAIN=block_main,
-                                                BLOCK_TAIL=block_tail, BLOCK_I=block_i, ONE_BLOCK=C <= block_c,
+    _outer_kernel[(T, triton.cdiv(d, block_i))](a, b, a if w is None else w, out, C, E, e_main, D=d, NF=nf,
+                                                BLOCK_C=block_c, BLOCK_D=block_d, SPLIT=_split(block_d),
+                                                BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail, BLOCK_I=block_i,
+                                                ONE_BLOCK=C <= block_c, HAS_W=w is not None,
                                                 IEEE=a.dtype == torch.float32, num_warps=OUTER["NUM_WARPS"],
                                                 num_stages=OUTER["NUM_STAGES"])
     return out
 
 
-def _apply(a, m, out_dtype):
+def _apply(a, m, out_dtype, w=None, b=None):
+    """phi(a) m in out_dtype; with token weights w and b (the backward of the weighted outer product) the pair
+    (w phi(a) m, <phi(a) m, b> per token in float32)."""
     T, C, d = a.shape
     E = m.shape[-1]
     out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
     block_c, block_d = _block(C, APPLY["BLOCK_C"]), _block(d, 1 << 30)
     split = _split(block_d)
-    for e0, e1 in _column_tiles(E):
-        block_e = _block(e1 - e0)
+    windows = [(e0, e1, _block(e1 - e0)) for e0, e1 in _column_tiles(E)]
+    counts = [triton.cdiv(e1 - e0, block_e) for e0, e1, block_e in windows]
+    dw = torch.empty(sum(counts) if w is not None else 0, T, C, dtype=torch.float32, device=a.device)  # per tile
+    for (e0, e1, block_e), tile0 in zip(windows, [sum(counts[:i]) for i in range(len(counts))]):
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
-        _apply_kernel[grid](a, m, out, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d,
-                            SPLIT=split, LOW=min(split, d), BLOCK_E=block_e, IEEE=a.dtype == torch.float32,
+        _apply_kernel[grid](a, m, out, a if w is None else w, a if b is None else b, dw, tile0, C, E, e0, e1, D=d,
+                            NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d, SPLIT=split, LOW=min(split, d),
+                            BLOCK_E=block_e, HAS_W=w is not None, IEEE=a.dtype == torch.float32,
                             num_warps=APPLY["NUM_WARPS"], num_stages=APPLY["NUM_STAGES"])
-    return out
+    if w is None:
+        return out
+    return out, dw[0] if dw.shape[0] == 1 else dw.sum(0)
 
 
-def _grad(a, m, dy):
+def _grad(a, m, dy, w=None):
     T, C, d = a.shape
     E = m.shape[-1]
     da = torch.empty(T, C, d, dtype=a.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c = _block(C, GRAD["BLOCK_C"])
-    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), da, C, E, e_main, D=d,
-                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
-                                               BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
+    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), a if w is None else w, da, C, E,
+                                               e_main, D=d, NF=m.shape[1], BLOCK_C=block_c,
+                                               BLOCK_D=_block(d, 1 << 30), BLOCK_MAIN=block_main,
+                                               BLOCK_TAIL=block_tail, HAS_W=w is not None,
                                                IEEE=a.dtype == torch.float32, num_warps=GRAD["NUM_WARPS"],
                                                num_stages=GRAD["NUM_STAGES"])
     return da
@@ -370,16 +398,22 @@ class _NormaliserProduct(torch.autograd.Function):
 
 
 class _FeatureOuter(torch.autograd.Function):
+    """phi(a)^T (w b), the token weights w (float32, or None) read by the kernels as they are: the weighted
+    values are never written, and d b and d w come from one apply kernel."""
+
     @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return _outer(a, b)
+    def forward(ctx, a, b, w):
+        ctx.save_for_backward(a, b, w)
+        return _outer(a, b, w)
 
     @staticmethod
     def backward(ctx, dout):
-        a, b = ctx.saved_tensors
+        a, b, w = ctx.saved_tensors
         dout = dout.to(b.dtype).contiguous()
-        return _grad(a, dout, b), _apply(a, dout, b.dtype)
+        if w is None:
+            return _grad(a, dout, b), _apply(a, dout, b.dtype), None
+        db, dw = _apply(a, dout, b.dtype, w, b)
+        return _grad(a, dout, b, w), db, dw
 
 
 class _FeatureApply(torch.autograd.Function):
@@ -441,13 +475,15 @@ def feature_dot(a, z, *, power: str, fused: bool):
     return ((a @ Z).to(compute) * a.to(compute)).sum(-1)
 
 
-def feature_outer(a, b, *, power: str, fused: bool):
-    """phi(a)^T b per block: a [T, C, d], b [T, C, E] -> [T, D, E]; phi(a) = a for power "1"."""
-    if power == "1":
-        return a.transpose(1, 2) @ b
-    if fused:
-        return _FeatureOuter.apply(a.contiguous(), b.to(a.dtype).contiguous())
-    return kron_reference(a).transpose(1, 2) @ b
+def feature_outer(a, b, w=None, *, power: str, fused: bool):
+    """phi(a)^T (w b) per block: a [T, C, d], b [T, C, E], token weights w [T, C] or None -> [T, D, E];
+    phi(a) = a for power "1". Outside the fused kernels w b is formed in b's dtype."""
+    if fused and power == "2":
+        return _FeatureOuter.apply(a.contiguous(), b.to(a.dtype).contiguous(),
+                                   None if w is None else w.float().contiguous())
+    if w is not None:
+        b = b * w.to(b.dtype)[..., None]
+    return (a if power == "1" else kron_reference(a)).transpose(1, 2) @ b
 
 
 def feature_apply(a, m, *, power: str, fused: bool):
