@@ -196,6 +196,7 @@ def test_bnhd_gradients_come_back_in_the_callers_layout():
     + [(p, n, "mixed", 128, torch.bfloat16) for p, n in (("2", True), ("exp", True), ("1", False))]
     + [(p, n, "mixed", 64, torch.float16) for p, n in (("2", True), ("exp", True), ("1", False))]
     + [("2", True, "mixed", 32, torch.bfloat16), ("2", True, "mixed", 64, torch.float32)],
+    ids=lambda x: str(x).removeprefix("torch.") if isinstance(x, torch.dtype) else None,  # -k float32 selects
 )
 def test_gpu_real_shapes(power, normalize, decay, d, dtype):
     inputs = Inputs(1, 4, 2048, d, power=power, normalize=normalize, decay=decay, device="cuda", dtype=dtype)
