@@ -1,11 +1,12 @@
 """The two products of the chunked form with the symmetric feature map phi, fused so phi never hits HBM.
 
 For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d + 1) / 2 features):
-    feature_outer(a, b) = phi(a)^T b        [T, D, E]   (chunk states from keys, d state from queries;
-                                                     optionally with weights of the tokens, phi(a)^T (w b))
-    feature_apply(a, M) = phi(a) M           [T, C, E]   (queries read a state, d values from d state)
+    feature_outer(a, b, w) = phi(a)^T (w b)  [T, D, E]  (chunk states from keys, w the keys' decays; d state
+                                                        from queries, w = 1)
+    feature_apply(a, M)    = phi(a) M        [T, C, E]  (queries read a state, d values from d state)
 The two are adjoint, so their gradients are each other plus one kernel for d a (_grad_kernel), the kron
-backward of d loss / d phi(a_t) = M dy_t, never materialised either.
+backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
+outer product's backward.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
