@@ -182,6 +182,10 @@ def test_bad_arguments():
         power_attention(q, k, v, g, layout="nhd")
     with pytest.raises(ValueError, match="chunk_size"):
         power_attention(q, k, v, g, algorithm="chunk", chunk_size=0)
+    from kernel.power import auto_algorithm
+
+    with pytest.raises(ValueError, match="power must be one of"):
+        auto_algorithm(4, "3")
 
 
 @interpreter

@@ -50,6 +50,8 @@ def auto_algorithm(N, power, *, recompute_chunk=False):
     (activation checkpointing of the chunked form only)."""
     if power == "exp":
         return "quadratic"
+    if power not in CHUNK_CROSSOVER:
+        raise ValueError(f"power must be one of {[*CHUNK_CROSSOVER, 'exp']}, got {power!r}")
     crossover = (RECOMPUTED_CHUNK_CROSSOVER if recompute_chunk else CHUNK_CROSSOVER)[power]
     return "chunk" if N >= crossover else "quadratic"
 

@@ -99,7 +99,7 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
         if ONE_BLOCK:
             ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0)
             if HAS_W:
-                ai = (ai.to(tl.float32) * w).to(a_t.dtype)
+                ai = (ai.to(tl.float32) * w).to(ai.dtype)
             p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
