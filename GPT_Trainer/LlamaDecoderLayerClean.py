@@ -370,13 +370,13 @@ class GenericAttention(nn.Module):
         unpadded sequence without a cache (the training op)."""
         op = functools.partial(power_attention, power=self.cfg.power, normalize=self.normalize, layout="bnhd")
         if entry is None:
-            # Checkpointing recomputes only the chunked form, whose per-chunk states (~8x the values' size) it
-            # frees; the quadratic kernel keeps its output, o without the diagonal term and three per-row
-            # statistics (~2x the values' size), less than a second forward is worth.
+            # Under checkpointing the chunked form keeps no per-chunk states (~8x the values' size) for the
+            # backward pass but forms them again there; the quadratic kernel keeps its output, o without the
+            # diagonal term and three per-row statistics (~2x the values' size), less than a second forward is
+            # worth. Neither runs its whole forward twice.
             recompute = self.checkpoint_core and torch.is_grad_enabled()
             algorithm = auto_algorithm(q.shape[1], self.cfg.power, recompute_chunk=recompute)
-            return _maybe_checkpoint(recompute and algorithm == "chunk", functools.partial(op, algorithm=algorithm),
-                                     q, k, v, g)
+            return op(q, k, v, g, algorithm=algorithm, recompute_states=recompute)
         return op(q, k, v, g, initial_state=entry.state, output_final_state=True, inplace=True)[0]
 
     def _kv_core(self, q, k, v, g, entry, padding):

@@ -3,9 +3,10 @@
     python bench/attention.py [--lengths 2048 8192 32768] [--tokens 32768] [--heads 16] [--dim 64]
 
 Causal, bf16, B = tokens / N. Ours: the quadratic Triton kernels for 2Mamba, 2Mamba-E and linear+decay, and
-kernel.power_attention's linear-time chunked form of 2Mamba at several chunk sizes (--chunk-sizes) and its
-"auto" choice. Times are triton.testing.do_bench medians in ms, forward and forward+backward,
-every contender on the same inputs in the same process. Peers (--peers) are timed when importable:
+kernel.power_attention's linear-time chunked form of 2Mamba at several chunk sizes (--chunk-sizes), with its
+states recomputed in the backward pass (as training under activation checkpointing runs it), and its "auto"
+choice. Times are triton.testing.do_bench medians in ms, forward and forward+backward, every contender on the
+same inputs in the same process. Peers (--peers) are timed when importable:
 fla.ops.forgetting_attn.parallel_forgetting_attn (the math of 2Mamba-E) and retention.power_retention
 deg 2 with chunk 1024 (the math of 2Mamba, linear time); they run last, since their first call compiles and
 autotunes for minutes. Then the relative error of each kernel against the float64 reference at N = 2048.
@@ -87,6 +88,9 @@ def own_contenders(q, k, v, g, do):
                      leaves, do)
     for C in CHUNK_SIZES:
         out[chunked_name(C)] = (lambda C=C: power_attention(q, k, v, g, algorithm="chunk", chunk_size=C), leaves, do)
+    out[f"2Mamba chunk C={CHUNK_SIZES[0]}, states recomputed (ours)"] = (  # as training under checkpointing
+        lambda: power_attention(q, k, v, g, algorithm="chunk", chunk_size=CHUNK_SIZES[0], recompute_states=True),
+        leaves, do)
     out["2Mamba auto (ours)"] = (lambda: power_attention(q, k, v, g), leaves, do)
     out[f"linear+decay chunk C={CHUNK_SIZES[0]} (ours)"] = (
         lambda: power_attention(q, k, v, g, power="1", normalize=False, algorithm="chunk", chunk_size=CHUNK_SIZES[0]),

@@ -60,9 +60,9 @@ def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, head
     a, b, dy = (torch.randn(T, C, w, device="cuda", generator=gen, dtype=torch.bfloat16) for w in (d, E, E))
     m = (torch.randn(T, nf, E, device="cuda", generator=gen) / 30).to(torch.bfloat16)
     kernels = {
-        "outer": lambda: features._outer(a, b),
-        "apply": lambda: features._apply(a, m, torch.float32),
-        "grad": lambda: features._grad(a, m, dy),
+        "outer": lambda: features.outer(a, b),
+        "apply": lambda: features.apply(a, m, torch.float32),
+        "grad": lambda: features.grad(a, m, dy),
     }
     per_program = [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s)
                    for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))]

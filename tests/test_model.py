@@ -209,36 +209,41 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("attention_type, crossover, runs", [
-    (TWO_MAMBA, 16, {"chunk_power_attention": 2}),  # 37 tokens past the crossover: chunked, recomputed
-    (TWO_MAMBA, 1 << 30, {"attention": 1}),  # below it: the quadratic kernel, once
-    (TWO_MAMBA_E, 16, {"attention": 1}),  # exp: always quadratic
+@pytest.mark.parametrize("attention_type, crossover, runs, checkpointed_runs", [
+    # 37 tokens past the crossover: the chunked form once; checkpointed, its states formed again for the backward
+    (TWO_MAMBA, 16, {"chunk_power_attention": 1, "_form_states": 1}, {"chunk_power_attention": 1, "_form_states": 2}),
+    (TWO_MAMBA, 1 << 30, {"attention": 1}, {"attention": 1}),  # below it: the quadratic kernel, once
+    (TWO_MAMBA_E, 16, {"attention": 1}, {"attention": 1}),  # exp: always quadratic
 ])
-def test_checkpointing_recomputes_only_the_chunked_form(attention_type, crossover, runs, device, monkeypatch):
-    """A checkpointed block runs the chunked form's forward again in the backward pass and the quadratic
-    kernel's once, with the gradients of the same algorithm without checkpointing (the PyTorch path on the
-    CPU, the Triton kernels on a GPU)."""
+def test_checkpointing_runs_no_second_forward(attention_type, crossover, runs, checkpointed_runs, device,
+                                              monkeypatch):
+    """A checkpointed block runs its attention's forward once: the chunked form forms its per-chunk states again
+    in the backward pass instead of keeping them, the quadratic kernel keeps what it needs; the gradients are
+    those of the same algorithm without checkpointing (the PyTorch path on the CPU, the Triton kernels on a
+    GPU)."""
     import kernel.power as kp
+    from kernel.power import chunk
 
     for table in (kp.CHUNK_CROSSOVER, kp.RECOMPUTED_CHUNK_CROSSOVER):
         monkeypatch.setitem(table, "2", crossover)
     calls = []
-    for name in ("chunk_power_attention", "attention"):
-        def counted(*args, _fn=getattr(kp, name), _name=name, **kwargs):
+    for module, name in ((kp, "chunk_power_attention"), (kp, "attention"), (chunk, "_form_states")):
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
             calls.append(_name)
             return _fn(*args, **kwargs)
-        monkeypatch.setattr(kp, name, counted)
+        monkeypatch.setattr(module, name, counted)
     torch.manual_seed(0)
     block = GenericAttention(64, 2, attention_config(attention_type)).to(device)
     h, dout = torch.randn(2, 37, 64, device=device), torch.randn(2, 37, 64, device=device)
-    grads = []
+    grads, counts = [], []
     for enabled in (False, True):
         block.checkpoint_core, calls[:] = enabled, []
         block.zero_grad()
         x = h.clone().requires_grad_()
         block(x).backward(dout)
         grads.append([x.grad] + [p.grad.clone() for p in block.parameters()])
-    assert {name: calls.count(name) for name in set(calls)} == runs
+        counts.append({name: calls.count(name) for name in set(calls)})
+    assert counts == [runs, checkpointed_runs]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -223,6 +223,35 @@ def test_chunk_output_only(power, normalize, backend):
     assert_rel_close(outs + gs, routs + rgs, 1e-8 if backend == "torch" else 2e-5)
 
 
+@pytest.mark.parametrize("power,normalize", [("1", False), ("2", True)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_recompute_states(power, normalize, backend):
+    """recompute_states=True (training under activation checkpointing) gives the outputs and gradients of
+    keeping the states, bit for bit, while nothing saved for the backward pass is as large as the per-chunk
+    states: they are formed again there (the fused state part on the kernels, torch.utils.checkpoint on the
+    PyTorch path)."""
+    B, H, N, d, dv, C = 1, 2, 21, 8, 6, 4  # C < d: the states (d x dv for power 1) outsize every other tensor
+    q, k, v, g = make_inputs(25, B, H, N, d, dv, decay=1.0, positive=power == "1")
+    s0 = random_state(26, B, H, d, dv, power)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    states_numel = B * H * -(-N // C) * state_size(d, power) * dv
+    results = []
+    for recompute in (False, True):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            results.append(stateful_grads(power_attention, [t.to(dtype) for t in (q, k, v, g, s0)], power,
+                                          normalize=normalize, algorithm="chunk", chunk_size=C,
+                                          recompute_states=recompute, backend=backend))
+        assert (max(saved) >= states_numel) != recompute, (recompute, max(saved), states_numel)
+    for a, b in zip(*(outs + gs for outs, gs in results)):
+        assert torch.equal(a, b)
+
+
 def test_chunk_bf16_as_accurate_as_quadratic():
     """In bf16 at weak decay (a long effective context) the chunked form's o and gradients are about as close to
     float64 as the quadratic form's: its in-chunk sums stay float32 until they are divided by the whole
@@ -355,10 +384,12 @@ def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
     a, b, dy = (torch.randn(T, C, w, device="cuda", generator=gen).bfloat16() for w in (d, E, E))
     m = (torch.randn(T, d * (d + 1) // 2, E, device="cuda", generator=gen) / 30).bfloat16()
     w = torch.rand(T, C, device="cuda", generator=gen)
-    calls = {"outer": lambda: features._outer(a, b), "apply": lambda: features._apply(a, m, torch.float32),
-             "grad": lambda: features._grad(a, m, dy),  # and with token weights (the keys' decays):
-             "outer w": lambda: features._outer(a, b, w), "apply w": lambda: features._apply(a, m, b.dtype, w, b),
-             "grad w": lambda: features._grad(a, m, dy, w)}
+    calls = {"outer": lambda: features.outer(a, b), "apply": lambda: features.apply(a, m, torch.float32),
+             "grad": lambda: features.grad(a, m, dy),  # and with token weights (the keys' decays):
+             "outer w": lambda: features.outer(a, b, w), "apply w": lambda: features.apply(a, m, b.dtype, w, b),
+             "grad w": lambda: features.grad(a, m, dy, w),  # d y in float32 (as the chunked form's backward reads
+             # d inter), and another term added before the one rounding:
+             "outer f32": lambda: features.outer(a, dy.float()), "grad add": lambda: features.grad(a, m, dy.float(), w, a)}
     got = {name: [fn() for _ in range(3)] for name, fn in calls.items()}
     for launch in (features.OUTER, features.APPLY, features.GRAD):  # each product's launch constants
         monkeypatch.setitem(launch, "NUM_STAGES", 1)
@@ -402,7 +433,7 @@ def test_gpu_recurrent_step(power):
     assert rel_err(s, ref_state) < 1e-4
 
 
-def _normaliser_products(power, fused, T, C, d, dtype):
+def _normaliser_products(power, T, C, d):
     """feature_weighted_sum and feature_dot against the materialised features in float64, with gradients."""
     from kernel.power.features import feature_dot, feature_weighted_sum
     from kernel.power.naive import feature_map
@@ -410,8 +441,7 @@ def _normaliser_products(power, fused, T, C, d, dtype):
     gen = torch.Generator().manual_seed(21)
     D = state_size(d, power)
     a, w, z = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((T, C, d), (T, C), (T, D)))
-    got = grads(lambda a, w, z: (feature_weighted_sum(a, w, power=power, fused=fused),
-                                 feature_dot(a, z, power=power, fused=fused)), [t.to(dtype) for t in (a, w, z)])
+    got = grads(lambda a, w, z: (feature_weighted_sum(a, w, power=power), feature_dot(a, z, power=power)), (a, w, z))
     ref = grads(lambda a, w, z: ((feature_map(a, power).transpose(1, 2) @ w[..., None]).squeeze(-1),
                                  (feature_map(a, power) @ z[..., None]).squeeze(-1)), (a, w, z))
     return got[0] + got[1], ref[0] + ref[1]
@@ -421,38 +451,72 @@ def _normaliser_products(power, fused, T, C, d, dtype):
 def test_normaliser_products(power):
     """The state's normaliser part through d x d products == the materialised features, with gradients:
     phi(a)^T w (feature_weighted_sum) and phi(a) z (feature_dot), float64, d = 7 (odd, no tiling)."""
-    for x, y in zip(*_normaliser_products(power, False, 3, 10, 7, torch.float64)):
+    for x, y in zip(*_normaliser_products(power, 3, 10, 7)):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
-@interpreter
-@pytest.mark.parametrize("T,C,d", [(2, 10, 7), (1, 150, 12), (1, 33, 16)])
-def test_fused_normaliser_products(T, C, d):
-    """The same through the Triton kernels (_gram_kernel, _quad_kernel and their adjoint backward), float32
-    against float64: head widths below and at a 16-wide tile, C = 150 over three blocks of tokens of the
-    gram and two programs of the quadratic form."""
-    got, ref = _normaliser_products("2", True, T, C, d, torch.float32)
-    assert_rel_close(got, ref, 1e-5)
+def _kron_grad(a, m, dy):
+    """d a of <phi(a) m, dy> in float64 by autograd through the materialised features."""
+    from kernel.power.naive import feature_map
+
+    a = a.double().requires_grad_()
+    return torch.autograd.grad((feature_map(a, "2") @ m.double() * dy.double()).sum(), a)[0]
 
 
 @interpreter
 @pytest.mark.parametrize("T,C,d,E", [(2, 5, 8, 16), (1, 16, 12, 33), (1, 17, 40, 80), (1, 150, 8, 16),
                                      (1, 300, 8, 16), (1, 300, 8, 33)])
 def test_fused_feature_products(T, C, d, E):
-    """phi(a)^T b, phi(a)^T (w b) (token weights in (0, 1], as the chunk's key decays) and phi(a) M with phi
-    formed on chip == the materialised kron products, with gradients (of w too); C = 300 walks the chunk in
-    blocks of tokens (the outer product's long-chunk path), E = 33 and 80 take a second column tile."""
-    from kernel.power.features import feature_apply, feature_outer
+    """The kernels of the chunked form's state part (features.py), float32, each against its float64 formula
+    through the materialised kron features: phi(a)^T b and phi(a)^T (w b) (token weights in (0, 1], as the
+    chunk's key decays), phi(a) M and, for the weighted product's backward, (w phi(a) M, <phi(a) M, b>), and the
+    d a of <phi(a) M, dy> plain, times w and plus another term. C = 300 walks the chunk in blocks of tokens (the
+    outer product's long-chunk path), E = 33 and 80 take a second column tile."""
+    from kernel.power import features
+    from kernel.power.naive import feature_map
 
     gen = torch.Generator().manual_seed(15)
     nf = d * (d + 1) // 2
-    a, b = torch.randn(T, C, d, generator=gen), torch.randn(T, C, E, generator=gen)
+    a, b, dy = (torch.randn(T, C, x, generator=gen) for x in (d, E, E))
     w = torch.rand(T, C, generator=gen) + 1e-3
     m = torch.randn(T, nf, E, generator=gen)
-    for fn, args in ((feature_outer, (a, b)), (feature_outer, (a, b, w)), (feature_apply, (a, m))):
-        outs, gs = grads(lambda *t: fn(*t, power="2", fused=True), args)
-        routs, rgs = grads(lambda *t: fn(*t, power="2", fused=False), [t.double() for t in args])
-        assert_rel_close(outs + gs, routs + rgs, 1e-5)
+    add = torch.randn(T, C, d, generator=gen)
+    phi = feature_map(a.double(), "2")
+    pm = phi @ m.double()
+    got_w, got_dw = features.apply(a, m, torch.float32, w, b)
+    checks = {
+        "outer": (features.outer(a, b), phi.transpose(1, 2) @ b.double()),
+        "outer w": (features.outer(a, b, w), phi.transpose(1, 2) @ (w.double()[..., None] * b.double())),
+        "apply": (features.apply(a, m, torch.float32), pm),
+        "apply w": (got_w, w.double()[..., None] * pm),
+        "apply dw": (got_dw, (pm * b.double()).sum(-1)),
+        "grad": (features.grad(a, m, dy), _kron_grad(a, m, dy)),
+        "grad w add": (features.grad(a, m, dy, w, add), w.double()[..., None] * _kron_grad(a, m, dy) + add.double()),
+    }
+    for name, (x, ref) in checks.items():
+        assert rel_err(x, ref) < 1e-5, f"{name}: relative error {rel_err(x, ref):.2e}"
+
+
+@interpreter
+@pytest.mark.parametrize("T,C,d", [(2, 10, 7), (1, 150, 12), (1, 33, 16)])
+def test_fused_normaliser_products(T, C, d):
+    """The normaliser's kernels, float32, against their float64 formulas: phi(a)^T w (_gram_kernel),
+    phi(a) . z and s times its gradient in a (_quad_kernel); head widths below and at a 16-wide tile, C = 150
+    over three blocks of tokens of the gram and two programs of the quadratic form."""
+    from kernel.power import features
+    from kernel.power.naive import feature_map
+
+    gen = torch.Generator().manual_seed(21)
+    a, w, s = torch.randn(T, C, d, generator=gen), torch.randn(T, C, generator=gen), torch.randn(T, C, generator=gen)
+    z = torch.randn(T, d * (d + 1) // 2, generator=gen)
+    a64 = a.double().requires_grad_()
+    phi = feature_map(a64, "2")
+    dot = (phi @ z.double()[..., None]).squeeze(-1)
+    checks = {"gram": (features.gram(a, w), (phi.transpose(1, 2) @ w.double()[..., None]).squeeze(-1)),
+              "quad": (features.quad(a, z), dot),
+              "quad grad": (features.quad(a, z, s), torch.autograd.grad((dot * s.double()).sum(), a64)[0])}
+    for name, (x, ref) in checks.items():
+        assert rel_err(x, ref) < 1e-5, f"{name}: relative error {rel_err(x, ref):.2e}"
 
 
 def test_inplace_updates_the_given_state():

@@ -58,7 +58,7 @@ def auto_algorithm(N, power, *, recompute_chunk=False):
 
 def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, initial_state=None,
                     output_final_state=False, inplace=False, algorithm="auto", chunk_size=CHUNK_SIZE,
-                    backend="auto", layout="bhnd"):
+                    recompute_states=False, backend="auto", layout="bhnd"):
     """Causal power attention, o_i = sum_{j<=i} w_ij v_j (/ sum_{j<=i} w_ij), with state in and out.
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] (<= 0) or None; power "1"
@@ -68,6 +68,9 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     state and runs the quadratic kernel only. backend ("auto", "triton", "torch") picks the kernels.
     inplace=True (with initial_state and output_final_state) writes the final state into initial_state and
     returns that tensor: decoding into static buffers (the one-token step then updates it without a copy).
+    recompute_states=True (training under activation checkpointing): the chunked form keeps no per-chunk states
+    for the backward pass (~8x the values' size for power "2") but forms them again there; no effect on the
+    other algorithms, which keep none.
     layout "bnhd": q, k, v [B, N, H, d], g [B, N, H], o [B, N, H, dv] (the state is [B, H, D, dv + 1] in both);
     the quadratic kernel reads that layout with its strides, the chunk and recurrent algorithms transpose it.
     """
@@ -100,7 +103,8 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     else:  # the quadratic algorithm with a state is the chunked one with a single chunk
         o, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
                                          initial_state=initial_state, output_final_state=output_final_state,
-                                         chunk_size=N if algorithm == "quadratic" else chunk_size, backend=backend)
+                                         chunk_size=N if algorithm == "quadratic" else chunk_size,
+                                         recompute_states=recompute_states, backend=backend)
         result = (o, final) if output_final_state else o
     if inplace and result[1] is not initial_state:
         initial_state.copy_(result[1])

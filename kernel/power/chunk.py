@@ -12,21 +12,26 @@ each factor is <= 1 and nothing overflows at any length; b is summed in float64.
 The state's two parts go apart: S [D, dv] through the fused feature products of features.py (phi formed on
 chip), z [D] through d x d products (the normaliser kernels there), so no product runs over a [v, 1] padded
 to 16 columns for the one column of z. Likewise intra's two parts: the quadratic kernel on v, its own row
-sums of the weights as the den part (attention(..., return_den=True)). With one fused kernel that combines intra
-and inter, divides and casts (forward and backward), and a few elementwise ops, autograd reaches q, k, v, g
-and the initial state.
+sums of the weights as the den part (attention(..., return_den=True)). On the kernels, the state part (chunk
+sums, scans, the queries' reads of S and z) is one autograd function with its backward written out
+(_FusedStatePart), which can form the states again instead of keeping them (recompute_states). With one fused
+kernel that combines intra and inter, divides and casts (forward and backward), and a few elementwise ops,
+autograd reaches q, k, v, g and the initial state.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.checkpoint import checkpoint
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import attention, resolve_backend
-from .features import feature_apply, feature_dot, feature_outer, feature_weighted_sum
-from .naive import normalized
+from .features import apply, feature_apply, feature_dot, feature_outer, feature_weighted_sum, grad, gram, outer, quad
+from .naive import normalized, state_size
 
 SCAN_BLOCK = 1024
 COMBINE_ROWS = 32
@@ -75,15 +80,35 @@ def _scan_bwd_kernel(STATES, LOGD, DSTATES, DFINAL, DU, DLOGD, DH0, n, M, NBLOCK
     tl.store(DH0 + bh * M + offs, dh, mask=mask)
 
 
+def _scan_forward(u, log_decay, h0, states_dtype):
+    """The Triton scan: (states [BH, n, M] in states_dtype, final [BH, M] float32) from contiguous u [BH, n, M],
+    float32 log_decay [BH, n] and h0 [BH, M] float32 or None."""
+    BH, n, M = u.shape
+    states = torch.empty(BH, n, M, dtype=states_dtype, device=u.device)
+    final = torch.empty(BH, M, dtype=torch.float32, device=u.device)
+    _scan_fwd_kernel[(BH, triton.cdiv(M, SCAN_BLOCK))](u, log_decay, u if h0 is None else h0, states, final, n, M,
+                                                       HAS_H0=h0 is not None, BLOCK=SCAN_BLOCK)
+    return states, final
+
+
+def _scan_backward(states, log_decay, dstates, dfinal, u_dtype):
+    """(d u in u_dtype, d log_decay, d h0 float32) of _scan_forward; dstates and dfinal may be None (zero)."""
+    BH, n, M = states.shape
+    nblocks = triton.cdiv(M, SCAN_BLOCK)
+    dstates = torch.zeros_like(states) if dstates is None else dstates.contiguous()
+    du = torch.empty(BH, n, M, dtype=u_dtype, device=states.device)
+    dlog_parts = torch.empty(BH, n, nblocks, dtype=torch.float32, device=states.device)
+    dh0 = torch.empty(BH, M, dtype=torch.float32, device=states.device)
+    _scan_bwd_kernel[(BH, nblocks)](states, log_decay, dstates,
+                                    dfinal.float().contiguous() if dfinal is not None else states, du, dlog_parts,
+                                    dh0, n, M, nblocks, HAS_DFINAL=dfinal is not None, BLOCK=SCAN_BLOCK)
+    return du, dlog_parts.sum(-1), dh0
+
+
 class _TritonStateScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, log_decay, h0, states_dtype):
-        BH, n, M = u.shape
-        states = torch.empty(BH, n, M, dtype=states_dtype, device=u.device)
-        final = torch.empty(BH, M, dtype=torch.float32, device=u.device)
-        grid = (BH, triton.cdiv(M, SCAN_BLOCK))
-        _scan_fwd_kernel[grid](u, log_decay, h0 if h0 is not None else u, states, final, n, M,
-                               HAS_H0=h0 is not None, BLOCK=SCAN_BLOCK)
+        states, final = _scan_forward(u, log_decay, h0, states_dtype)
         ctx.save_for_backward(states, log_decay)
         ctx.has_h0 = h0 is not None
         ctx.u_dtype = u.dtype
@@ -92,17 +117,8 @@ class _TritonStateScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dstates, dfinal):
         states, log_decay = ctx.saved_tensors
-        BH, n, M = states.shape
-        nblocks = triton.cdiv(M, SCAN_BLOCK)
-        dstates = torch.zeros_like(states) if dstates is None else dstates.contiguous()
-        du = torch.empty(BH, n, M, dtype=ctx.u_dtype, device=states.device)
-        dlog_parts = torch.empty(BH, n, nblocks, dtype=torch.float32, device=states.device)
-        dh0 = torch.empty(BH, M, dtype=torch.float32, device=states.device)
-        _scan_bwd_kernel[(BH, nblocks)](states, log_decay, dstates,
-                                        dfinal.float().contiguous() if dfinal is not None else states,
-                                        du, dlog_parts, dh0, n, M, nblocks,
-                                        HAS_DFINAL=dfinal is not None, BLOCK=SCAN_BLOCK)
-        return du, dlog_parts.sum(-1), dh0 if ctx.has_h0 else None, None
+        du, dlog, dh0 = _scan_backward(states, log_decay, dstates, dfinal, ctx.u_dtype)
+        return du, dlog, dh0 if ctx.has_h0 else None, None
 
 
 def state_scan(u, log_decay, h0=None, *, states_dtype=None, backend="auto"):
@@ -219,8 +235,89 @@ def combine(intra, intra_den, inter, inter_z, query_decay, *, normalize, fused, 
     return normalized(torch.cat([num, den], dim=1), True).to(out_dtype)
 
 
+def _form_states(k, v, w, L, h0, *, power, fused, states_dtype, backend):
+    """The states S entering each chunk [BH, n, D dv] and the final one [BH, D dv] (float32): chunk sums
+    U = phi(k)^T (w v), then the scan. fused: the kernels, no autograd (w, L, h0 float32); otherwise
+    differentiable (PyTorch products, and the scan of `backend`)."""
+    BH, n = L.shape
+    if fused:
+        return _scan_forward(outer(k, v, w).view(BH, n, -1), L, h0, states_dtype)
+    u = feature_outer(k, v, w, power=power)
+    return state_scan(u.reshape(BH, n, -1), L, h0, states_dtype=states_dtype, backend=backend)
+
+
+def _state_part(q, k, v, w, L, h0, h0_z, *, power, need_z, read_z, states_dtype, backend):
+    """(inter, inter_z, final S, final z) through autograd: the states, the queries' reads phi(q) S and, read_z,
+    phi(q) . z; z formed only with need_z. Blocks q, k [T, C, d], v [T, C, dv], key decays w [T, C], chunk
+    decays L [BH, n]."""
+    T = q.shape[0]
+    dv = v.shape[-1]
+    BH, n = L.shape
+    states, final = _form_states(k, v, w, L, h0, power=power, fused=False, states_dtype=states_dtype,
+                                 backend=backend)
+    inter = feature_apply(q, states.reshape(T, -1, dv), power=power)
+    inter_z = final_z = None
+    if need_z:
+        u_z = feature_weighted_sum(k, w, power=power)
+        states_z, final_z = state_scan(u_z.reshape(BH, n, -1), L, h0_z, backend=backend)
+        if read_z:
+            inter_z = feature_dot(q, states_z.reshape(T, -1), power=power)
+    return inter, inter_z, final, final_z
+
+
+class _FusedStatePart(torch.autograd.Function):
+    """_state_part for power 2 on the fused feature kernels (features.py), with its backward written out: each
+    of d q and d k is the float32 sum of its two kernels (the state's and the normaliser's) rounded once, and
+    d inter is read as it comes (float32), so no bf16 adds and casts run between them. recompute: keep no
+    per-chunk states S (~8x the values' size in bf16) for the backward but form them again there (outer product
+    and scan): what activation checkpointing needs, at a fraction of a second forward. Inputs as _state_part's,
+    in float32 where not the blocks' dtype (w, L, h0, h0_z)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, L, h0, h0_z, need_z, read_z, recompute):
+        T = q.shape[0]
+        dv = v.shape[-1]
+        BH, n = L.shape
+        states, final = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton")
+        inter = apply(q, states.view(T, -1, dv), torch.float32)
+        inter_z = final_z = states_z = None
+        if need_z:
+            states_z, final_z = _scan_forward(gram(k, w).view(BH, n, -1), L, h0_z, torch.float32)
+            if read_z:
+                inter_z = quad(q, states_z.view(T, -1))
+        ctx.save_for_backward(q, k, v, w, L, h0, None if recompute else states, states_z)
+        ctx.has_h0, ctx.has_h0_z = h0 is not None, h0_z is not None
+        ctx.set_materialize_grads(False)
+        return inter, inter_z, final, final_z
+
+    @staticmethod
+    def backward(ctx, dinter, dinter_z, dfinal, dfinal_z):
+        q, k, v, w, L, h0, states, states_z = ctx.saved_tensors
+        T, C, _ = q.shape
+        dv = v.shape[-1]
+        BH, n = L.shape
+        if states is None:
+            states, _ = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton")
+        dinter = q.new_zeros(T, C, dv, dtype=torch.float32) if dinter is None else dinter.contiguous()
+        dq_z = None if dinter_z is None else quad(q, states_z.view(T, -1), dinter_z.contiguous())
+        dq = grad(q, states.view(T, -1, dv), dinter, add=dq_z)
+        du, dL, dh0 = _scan_backward(states, L, outer(q, dinter).view(BH, n, -1), dfinal, q.dtype)
+        du = du.view(T, -1, dv)
+        dvalues, dw = apply(k, du, v.dtype, w, v)
+        dk_z = dh0_z = None
+        if states_z is not None:
+            dstates_z = None if dinter_z is None else gram(q, dinter_z.contiguous()).view(BH, n, -1)
+            du_z, dL_z, dh0_z = _scan_backward(states_z, L, dstates_z, dfinal_z, torch.float32)
+            du_z = du_z.view(T, -1)
+            dk_z = quad(k, du_z, w)
+            dw, dL = dw + quad(k, du_z), dL + dL_z
+        dk = grad(k, du, v, w, add=dk_z)
+        return (dq, dk, dvalues, dw, dL, dh0 if ctx.has_h0 else None, dh0_z if ctx.has_h0_z else None, None, None,
+                None)
+
+
 def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, output_final_state, chunk_size,
-                          backend="auto"):
+                          recompute_states=False, backend="auto"):
     """o ([B, H, N, dv], q's dtype) and the final state ([B, H, D, dv + 1], float32 or float64; None unless
     output_final_state).
 
@@ -228,7 +325,8 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
     Without gradients (a prefill) a long input runs in segments of whole chunks with the state passed on
     (exact: a split anywhere gives the outputs of one call), so that the per-chunk states held at once stay
     within SEGMENT_TOKENS token-heads (32 prompts of 128K tokens would otherwise need 140 GB of them and their
-    chunk sums, for d = dv = 64 in bf16).
+    chunk sums, for d = dv = 64 in bf16). recompute_states: keep no per-chunk states for the backward pass but
+    form them again there (_FusedStatePart; torch.utils.checkpoint of the state part on the PyTorch path).
     """
     B, H, N = q.shape[:3]
     C = max(1, min(chunk_size, N))
@@ -237,18 +335,19 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
     if needs_grad or N <= segment:
         return _chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
                                       initial_state=initial_state, output_final_state=output_final_state,
-                                      chunk_size=C, backend=backend)
+                                      chunk_size=C, recompute_states=recompute_states, backend=backend)
     outs, state = [], initial_state
     for s in range(0, N, segment):
         piece = [None if t is None else t[:, :, s:s + segment] for t in (q, k, v, g)]
         o, state = _chunk_power_attention(*piece, power=power, scale=scale, normalize=normalize, initial_state=state,
-                                          output_final_state=True, chunk_size=C, backend=backend)
+                                          output_final_state=True, chunk_size=C, recompute_states=False,
+                                          backend=backend)
         outs.append(o)
     return torch.cat(outs, dim=2), state if output_final_state else None
 
 
 def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, output_final_state, chunk_size,
-                           backend):
+                           recompute_states, backend):
     B, H, N, d = q.shape
     dv = v.shape[-1]
     C = max(1, min(chunk_size, N))
@@ -279,23 +378,26 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     L = b[..., -1].reshape(B * H, n)
     key_decay = torch.exp(L.reshape(B, H, n, 1) - b).reshape(T, C)
     fused = resolve_backend(backend, q) == "triton" and compute == torch.float32
-    k_blocks = k.reshape(T, C, d)
-    u = feature_outer(k_blocks, v.reshape(T, C, dv), key_decay, power=power, fused=fused)
-    D = u.shape[1]
+    D = state_size(d, power)
     h0 = None if initial_state is None else initial_state[..., :dv].reshape(B * H, D * dv)
-    states, final = state_scan(u.reshape(B * H, n, D * dv), L, h0, states_dtype=q.dtype, backend=backend)
-    q_blocks = q.reshape(T, C, d)
-    inter = feature_apply(q_blocks, states.reshape(T, D, dv), power=power, fused=fused)
-    query_decay = (torch.exp(b) * scale ** int(power)).to(compute)
+    h0_z = None if initial_state is None else initial_state[..., dv].reshape(B * H, D)
+    blocks = q.reshape(T, C, d), k.reshape(T, C, d), v.reshape(T, C, dv)
     # z only where it is read: by the queries when normalising, in the final state when that is returned
-    if normalize or output_final_state:
-        u_z = feature_weighted_sum(k_blocks, key_decay, power=power, fused=fused)
-        h0_z = None if initial_state is None else initial_state[..., dv].reshape(B * H, D)
-        states_z, final_z = state_scan(u_z.reshape(B * H, n, D), L, h0_z, backend=backend)
-    inter_z = feature_dot(q_blocks, states_z.reshape(T, D), power=power, fused=fused).reshape(-1) if normalize else None
+    need_z = normalize or output_final_state
+    if fused and power == "2":
+        inter, inter_z, final, final_z = _FusedStatePart.apply(
+            *blocks, *(None if t is None else t.float().contiguous() for t in (key_decay, L, h0, h0_z)), need_z,
+            normalize, recompute_states)
+    else:
+        part = functools.partial(_state_part, power=power, need_z=need_z, read_z=normalize, states_dtype=q.dtype,
+                                 backend=backend)
+        args = (*blocks, key_decay, L, h0, h0_z)
+        recompute = recompute_states and torch.is_grad_enabled()
+        inter, inter_z, final, final_z = checkpoint(part, *args, use_reentrant=False) if recompute else part(*args)
+    query_decay = (torch.exp(b) * scale ** int(power)).to(compute)
     o = combine(intra.reshape(-1, dv), None if intra_den is None else intra_den.reshape(-1),
-                inter.reshape(-1, dv).to(compute), inter_z, query_decay.reshape(-1), normalize=normalize, fused=fused,
-                out_dtype=q.dtype)
+                inter.reshape(-1, dv).to(compute), None if inter_z is None else inter_z.reshape(-1),
+                query_decay.reshape(-1), normalize=normalize, fused=fused, out_dtype=q.dtype)
     if output_final_state:
         final = torch.cat([final.reshape(B, H, D, dv), final_z.reshape(B, H, D, 1)], dim=-1)
     return o.reshape(B, H, n * C, dv)[:, :, :N], final if output_final_state else None

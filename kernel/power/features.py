@@ -1,12 +1,12 @@
 """The two products of the chunked form with the symmetric feature map phi, fused so phi never hits HBM.
 
 For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d + 1) / 2 features):
-    feature_outer(a, b, w) = phi(a)^T (w b)  [T, D, E]  (chunk states from keys, w the keys' decays; d state
-                                                        from queries, w = 1)
-    feature_apply(a, M)    = phi(a) M        [T, C, E]  (queries read a state, d values from d state)
-The two are adjoint, so their gradients are each other plus one kernel for d a (_grad_kernel), the kron
-backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
-outer product's backward.
+    outer(a, b, w) = phi(a)^T (w b)  [T, D, E]  (chunk states from keys, w the keys' decays; d state from
+                                                queries, w = 1)
+    apply(a, M)    = phi(a) M        [T, C, E]  (queries read a state, d values from d state)
+The two are adjoint, so their gradients are each other plus one kernel for d a (grad, _grad_kernel), the
+kron backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
+outer product's backward. chunk.py's _FusedStatePart strings them together, forward and backward.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
@@ -26,11 +26,12 @@ tests/test_power_attention.py compares the pipelined kernels with one-stage runs
 Full-width products per m are more tensor-core work than the triangle, but with no per-step row sums they
 ran 1.3x (apply) and 3.4x (grad) faster on an H200 (bench/NOTES.md).
 For one column of weights (the normaliser z of the state) a column of D is a d x d symmetric matrix:
-    feature_weighted_sum(a, w) = phi(a)^T w = packed c_ij (a^T diag(w) a)_ij      [T, D]
-    feature_dot(a, z)          = phi(a) z   = a_c^T Z a_c, Z the unpacked z        [T, C]
+    gram(a, w) = phi(a)^T w = packed c_ij (a^T diag(w) a)_ij      [T, D]
+    quad(a, z) = phi(a) z   = a_c^T Z a_c, Z the unpacked z        [T, C]
 one d x d product each (_gram_kernel, _quad_kernel), again adjoint to each other.
-CPU tensors and the "torch" backend materialise phi with kron_reference instead (the normaliser products
-use the same d x d form in PyTorch).
+CPU tensors and the "torch" backend take the differentiable PyTorch products at the end of this file
+instead (feature_outer, feature_apply: phi materialised with kron_reference; feature_weighted_sum,
+feature_dot: the same d x d form as the kernels).
 """
 from __future__ import annotations
 
@@ -90,9 +91,9 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
         a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D))
         if HAS_W:
             w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)
-        b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
+        b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN).to(A.dtype.element_ty)
         if BLOCK_TAIL > 0:
-            b_tail = _load_rows(B, t_, c, c < C, C, et, E, E)
+            b_tail = _load_rows(B, t_, c, c < C, C, et, E, E).to(A.dtype.element_ty)
     for ii in range(BLOCK_I):
         i = i0 + ii
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
@@ -100,7 +101,7 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
             ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0)
             if HAS_W:
                 ai = (ai.to(tl.float32) * w).to(ai.dtype)
-            p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
+            p_t = (a_t * ai[None, :]).to(A.dtype.element_ty)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
                 out_tail = _dot(p_t, b_tail, IEEE)
@@ -114,10 +115,10 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
                 if HAS_W:
                     ai = (ai.to(tl.float32) * tl.load(W + t_ * C + cb, mask=cb < C, other=0.0)).to(ai.dtype)
                 a_t = tl.trans(_load_rows(A, t_, cb, cb < C, C, j, D, D))
-                p_t = (a_t * ai[None, :]).to(B.dtype.element_ty)
-                out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN), IEEE)
+                p_t = (a_t * ai[None, :]).to(A.dtype.element_ty)
+                out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN).to(A.dtype.element_ty), IEEE)
                 if BLOCK_TAIL > 0:
-                    out_tail += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, et, E, E), IEEE)
+                    out_tail += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, et, E, E).to(A.dtype.element_ty), IEEE)
         rows = _segment(i, D) + j
         ok = (j >= i) & (j < D) & (i < D)
         _store_rows(OUT, out * coef, t_, rows, ok, em, E, E_MAIN, NF)
@@ -207,18 +208,20 @@ def _grad_rows(M, dy, t_, rows, rmask, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEE
 
 
 @triton.jit
-def _grad_kernel(A, M, DY, W, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
-    """d a (rounded once to a's dtype) for a block of tokens; the state's columns in two tiles, [0, E_MAIN) and
+def _grad_kernel(A, M, DY, W, ADD, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
+    """d a for a block of tokens, plus ADD (another term of the same gradient) with HAS_ADD, rounded once to
+    a's dtype; d y in any float dtype (read in M's); the state's columns in two tiles, [0, E_MAIN) and
     [E_MAIN, E). HAS_W: the product had token weights W, so each token's d y, hence its row of d a, is W times."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     j = tl.arange(0, BLOCK_D)
     jmask = j < D
-    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN)  # the same for every m
+    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN).to(M.dtype.element_ty)  # every m's
     if BLOCK_TAIL > 0:
-        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E)
+        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E).to(M.dtype.element_ty)
     da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for m in range(D):
         rows = _sym_rows(j, m, D)
@@ -229,6 +232,8 @@ def _grad_kernel(A, M, DY, W, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl
         da += g * (am[:, None] * tl.where(j == m, 2.0, SQRT2)[None, :])
     if HAS_W:
         da *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
+    if HAS_ADD:
+        da += _load_rows(ADD, t_, c, cmask, C, j, D, D).to(tl.float32)
     tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da.to(DA.dtype.element_ty),
              mask=cmask[:, None] & jmask[None, :])
 
@@ -304,11 +309,13 @@ GRAD = dict(BLOCK_C=128, NUM_WARPS=8, NUM_STAGES=4)
 NORMALISER_WARPS = 4
 
 
-def _outer(a, b, w=None):
+def outer(a, b, w=None):
+    """phi(a)^T b, or phi(a)^T (w b) with token weights w [T, C] (float32), in a's dtype: a [T, C, d]; b
+    [T, C, E] in any float dtype (read in a's)."""
     T, C, d = a.shape
     E = b.shape[-1]
     nf = d * (d + 1) // 2
-    out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
+    out = torch.empty(T, nf, E, dtype=a.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
     block_i = min(OUTER["BLOCK_I"], block_d)
@@ -321,9 +328,9 @@ def _outer(a, b, w=None):
     return out
 
 
-def _apply(a, m, out_dtype, w=None, b=None):
-    """phi(a) m in out_dtype; with token weights w and b (the backward of the weighted outer product) the pair
-    (w phi(a) m, <phi(a) m, b> per token in float32)."""
+def apply(a, m, out_dtype, w=None, b=None):
+    """phi(a) m in out_dtype (a [T, C, d], m [T, D, E] in a's dtype); with token weights w and b (the backward of
+    the weighted outer product: m its d out) the pair (w phi(a) m, <phi(a) m, b> per token in float32)."""
     T, C, d = a.shape
     E = m.shape[-1]
     out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
@@ -343,91 +350,44 @@ def _apply(a, m, out_dtype, w=None, b=None):
     return out, dw[0] if dw.shape[0] == 1 else dw.sum(0)
 
 
-def _grad(a, m, dy, w=None):
+def grad(a, m, dy, w=None, add=None):
+    """d a of <phi(a) m, dy> (times w per token with token weights w), plus add ([T, C, d], another term of the
+    same gradient) when given, rounded once to a's dtype: a [T, C, d], m [T, D, E] in a's dtype, dy [T, C, E]
+    in any float dtype."""
     T, C, d = a.shape
     E = m.shape[-1]
     da = torch.empty(T, C, d, dtype=a.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c = _block(C, GRAD["BLOCK_C"])
-    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy.to(m.dtype).contiguous(), a if w is None else w, da, C, E,
+    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy, a if w is None else w, a if add is None else add, da, C, E,
                                                e_main, D=d, NF=m.shape[1], BLOCK_C=block_c,
                                                BLOCK_D=_block(d, 1 << 30), BLOCK_MAIN=block_main,
-                                               BLOCK_TAIL=block_tail, HAS_W=w is not None,
+                                               BLOCK_TAIL=block_tail, HAS_W=w is not None, HAS_ADD=add is not None,
                                                IEEE=a.dtype == torch.float32, num_warps=GRAD["NUM_WARPS"],
                                                num_stages=GRAD["NUM_STAGES"])
     return da
 
 
-def _gram(a, w):
+def gram(a, w):
+    """phi(a)^T w per block (float32): a [T, C, d], w [T, C] float32."""
     T, C, d = a.shape
     out = torch.empty(T, d * (d + 1) // 2, dtype=torch.float32, device=a.device)
-    _gram_kernel[(T,)](a, w.float().contiguous(), out, C, D=d, NF=out.shape[1], BLOCK_C=_block(C),
-                       BLOCK_D=_block(d, 1 << 30), IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
+    _gram_kernel[(T,)](a, w, out, C, D=d, NF=out.shape[1], BLOCK_C=_block(C), BLOCK_D=_block(d, 1 << 30),
+                       IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
     return out
 
 
-def _quad(a, z, s=None):
-    """a^T Z a per token (float32), or with s its gradient times s, 2 s Z a (in a's dtype, rounded once)."""
+def quad(a, z, s=None):
+    """phi(a) . z per token (float32), or with s [T, C] its gradient times s, 2 s Z a (in a's dtype, rounded once):
+    a [T, C, d], z [T, D] float32."""
     T, C, d = a.shape
     out = torch.empty((T, C, d) if s is not None else (T, C), dtype=a.dtype if s is not None else torch.float32,
                       device=a.device)
     block_c = _block(C, 128)
-    z = z.float().contiguous()
-    _quad_kernel[(T, triton.cdiv(C, block_c))](a, z, z if s is None else s.float().contiguous(), out, C, D=d,
-                                               NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
-                                               GRAD=s is not None, IEEE=a.dtype == torch.float32,
-                                               num_warps=NORMALISER_WARPS)
+    _quad_kernel[(T, triton.cdiv(C, block_c))](a, z, z if s is None else s, out, C, D=d, NF=z.shape[1],
+                                               BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30), GRAD=s is not None,
+                                               IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
     return out
-
-
-class _NormaliserProduct(torch.autograd.Function):
-    """phi(a)^T w (gram) or phi(a) . z, each the other's adjoint, so the gradients are the two kernels again:
-    weighted sum: d a = 2 w_c Z(du) a_c, d w_c = phi(a_c) . du;  dot: d a = 2 dy_c Z(z) a_c, d z = phi(a)^T dy."""
-
-    @staticmethod
-    def forward(ctx, a, x, gram):
-        ctx.save_for_backward(a, x)
-        ctx.gram = gram
-        return _gram(a, x) if gram else _quad(a, x)
-
-    @staticmethod
-    def backward(ctx, dout):
-        a, x = ctx.saved_tensors
-        if ctx.gram:
-            return _quad(a, dout, x), _quad(a, dout), None
-        return _quad(a, x, dout), _gram(a, dout), None
-
-
-class _FeatureOuter(torch.autograd.Function):
-    """phi(a)^T (w b), the token weights w (float32, or None) read by the kernels as they are: the weighted
-    values are never written, and d b and d w come from one apply kernel."""
-
-    @staticmethod
-    def forward(ctx, a, b, w):
-        ctx.save_for_backward(a, b, w)
-        return _outer(a, b, w)
-
-    @staticmethod
-    def backward(ctx, dout):
-        a, b, w = ctx.saved_tensors
-        dout = dout.to(b.dtype).contiguous()
-        if w is None:
-            return _grad(a, dout, b), _apply(a, dout, b.dtype), None
-        db, dw = _apply(a, dout, b.dtype, w, b)
-        return _grad(a, dout, b, w), db, dw
-
-
-class _FeatureApply(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, m):
-        ctx.save_for_backward(a, m)
-        return _apply(a, m, torch.float32)
-
-    @staticmethod
-    def backward(ctx, dout):
-        a, m = ctx.saved_tensors
-        dout = dout.to(m.dtype).contiguous()
-        return _grad(a, m, dout), _outer(a, dout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -445,16 +405,14 @@ def _symmetric_tables(d: int, device: torch.device):
     return i * d + j, c, unpacked.flatten(), weight
 
 
-# The normaliser's products run in a's dtype, as the fused products do (bf16 operands, float32 sums), and
-# return float32 (float64 for float64 a); fused: one Triton kernel each way (_gram_kernel, _quad_kernel).
+# The PyTorch products (differentiable by autograd) run in a's dtype, as the kernels do (bf16 operands, float32
+# sums); the normaliser's return float32 (float64 for float64 a).
 
 
-def feature_weighted_sum(a, w, *, power: str, fused: bool):
+def feature_weighted_sum(a, w, *, power: str):
     """phi(a)^T w per block: a [T, C, d], w [T, C] -> [T, D] (the normaliser column of the chunk states), from
     the d x d product a^T (w a) packed by kron's index pairs: one small product, not D columns."""
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    if power == "2" and fused:
-        return _NormaliserProduct.apply(a.contiguous(), w, True)
     aw = a * w.to(a.dtype)[..., None]
     if power == "1":
         return aw.sum(1, dtype=compute)
@@ -462,35 +420,26 @@ def feature_weighted_sum(a, w, *, power: str, fused: bool):
     return (a.transpose(1, 2) @ aw).flatten(1).index_select(1, packed).to(compute) * c.to(compute)
 
 
-def feature_dot(a, z, *, power: str, fused: bool):
+def feature_dot(a, z, *, power: str):
     """phi(a) z per block: a [T, C, d], z [T, D] -> [T, C] (the normaliser of the state's share), as the
     quadratic form a^T Z a of z unpacked to a symmetric d x d matrix."""
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
     if power == "1":
         return (a @ z.to(a.dtype)[..., None]).squeeze(-1).to(compute)
-    if fused:
-        return _NormaliserProduct.apply(a.contiguous(), z, False)
     d = a.shape[-1]
     _, _, unpacked, weight = _symmetric_tables(d, a.device)
     Z = (z.index_select(1, unpacked).view(-1, d, d) * weight.to(z.dtype)).to(a.dtype)
     return ((a @ Z).to(compute) * a.to(compute)).sum(-1)
 
 
-def feature_outer(a, b, w=None, *, power: str, fused: bool):
+def feature_outer(a, b, w=None, *, power: str):
     """phi(a)^T (w b) per block: a [T, C, d], b [T, C, E], token weights w [T, C] or None -> [T, D, E];
-    phi(a) = a for power "1". Outside the fused kernels w b is formed in b's dtype."""
-    if fused and power == "2":
-        return _FeatureOuter.apply(a.contiguous(), b.to(a.dtype).contiguous(),
-                                   None if w is None else w.float().contiguous())
+    phi(a) = a for power "1"; w b formed in b's dtype."""
     if w is not None:
         b = b * w.to(b.dtype)[..., None]
     return (a if power == "1" else kron_reference(a)).transpose(1, 2) @ b
 
 
-def feature_apply(a, m, *, power: str, fused: bool):
+def feature_apply(a, m, *, power: str):
     """phi(a) m per block: a [T, C, d], m [T, D, E] -> [T, C, E]; phi(a) = a for power "1"."""
-    if power == "1":
-        return a @ m
-    if fused:
-        return _FeatureApply.apply(a.contiguous(), m.to(a.dtype).contiguous())
-    return kron_reference(a) @ m
+    return (a if power == "1" else kron_reference(a)) @ m
