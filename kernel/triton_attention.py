@@ -585,7 +585,8 @@ class _TritonAttention(torch.autograd.Function):
         buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
         _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, H, *buckets, scale,
                                                 *q.stride(), *k.stride(), *v.stride(), *o.stride(), **meta)
-        ctx.save_for_backward(q, k, v, a, o, stat, o_off, frac)
+        # o and o_off serve only the normalised backward (its Delta): an unnormalised call keeps neither
+        ctx.save_for_backward(q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac)
         ctx.meta, ctx.scale, ctx.buckets, ctx.bnhd = meta, scale, buckets, bnhd
         ctx.g_dtype = None if g is None else g.dtype
         return (o, stat) if return_den else o

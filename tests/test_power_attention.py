@@ -387,9 +387,8 @@ def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
     calls = {"outer": lambda: features.outer(a, b), "apply": lambda: features.apply(a, m, torch.float32),
              "grad": lambda: features.grad(a, m, dy),  # and with token weights (the keys' decays):
              "outer w": lambda: features.outer(a, b, w), "apply w": lambda: features.apply(a, m, b.dtype, w, b),
-             "grad w": lambda: features.grad(a, m, dy, w),  # d y in float32 (as the chunked form's backward reads
-             # d inter), and another term added before the one rounding:
-             "outer f32": lambda: features.outer(a, dy.float()), "grad add": lambda: features.grad(a, m, dy.float(), w, a)}
+             "grad w": lambda: features.grad(a, m, dy, w),
+             "grad add": lambda: features.grad(a, m, dy, w, a)}  # another term added before the one rounding
     got = {name: [fn() for _ in range(3)] for name, fn in calls.items()}
     for launch in (features.OUTER, features.APPLY, features.GRAD):  # each product's launch constants
         monkeypatch.setitem(launch, "NUM_STAGES", 1)

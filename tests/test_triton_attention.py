@@ -189,6 +189,19 @@ def test_bnhd_gradients_come_back_in_the_callers_layout():
     assert all(x.is_contiguous() for x in grads[:3])
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_only_the_normalised_backward_keeps_the_output(normalize):
+    """The output (and o without its diagonal term) are kept for the normalised backward's Delta only: an
+    unnormalised call (every chunk of the chunked form) saves no tensor of v's size but v, float32 out too."""
+    q, k = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 20, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        attention(q, k, v, -torch.rand(1, 2, 20), power="2", normalize=normalize, backend="triton",
+                  out_dtype=torch.float32)
+    assert saved.count(v.numel()) == (3 if normalize else 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "power,normalize,decay,d,dtype",

@@ -26,10 +26,12 @@ ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
 # 4.04 ms vs chunked 6.72 at 4K, 7.42 vs 6.72 at 8K; power 1 (unnormalised) 3.53 vs 4.62 at 4K, 6.60 vs 3.97
 # at 8K.
 CHUNK_CROSSOVER = {"1": 8192, "2": 8192}
-# The same where activation checkpointing recomputes the chunked form's forward in the backward pass (a block
-# does so for its per-chunk states, ~8x the values' size, but keeps the quadratic kernel's few tensors instead:
-# GPT_Trainer/LlamaDecoderLayerClean.py): forward + backward, plus a forward for the chunked form, in the same
-# run: power 2 7.42 vs 6.72 + 2.40 ms at 8K, 13.99 vs 6.75 + 2.07 at 16K; power 1 6.60 vs 3.97 + 1.74 at 8K.
+# The same under activation checkpointing, where the chunked form keeps no per-chunk states but forms them again
+# in the backward pass (recompute_states) and the quadratic kernel keeps its few tensors
+# (GPT_Trainer/LlamaDecoderLayerClean.py): forward + backward in the same run (bench/NOTES.md, session 25): power 2
+# quadratic 7.48 ms vs chunked 7.66 at 8K, 14.10 vs 7.73 at 16K. Power 1 recomputes only d x dv states (small
+# products); at 8K its quadratic kernel took 6.60 ms against 3.97 + 1.74 for the chunked form with a whole
+# second forward (session 24), so 8K stands.
 RECOMPUTED_CHUNK_CROSSOVER = {"1": 8192, "2": 16384}
 CHUNK_SIZE = 256  # the faster of 128 and 256 (bench/NOTES.md): half the state traffic of 128 for a longer quadratic part
 
@@ -46,8 +48,8 @@ def _check_state(state, q, v, power):
 
 def auto_algorithm(N, power, *, recompute_chunk=False):
     """What "auto" runs for N tokens without a state: "chunk" from the measured crossover on, else "quadratic"
-    (always for power "exp"). recompute_chunk: the crossover where the chunked form's forward runs twice
-    (activation checkpointing of the chunked form only)."""
+    (always for power "exp"). recompute_chunk: the crossover where the chunked form forms its states again in
+    the backward pass (recompute_states, as activation checkpointing runs it)."""
     if power == "exp":
         return "quadratic"
     if power not in CHUNK_CROSSOVER:

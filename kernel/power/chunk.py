@@ -267,8 +267,8 @@ def _state_part(q, k, v, w, L, h0, h0_z, *, power, need_z, read_z, states_dtype,
 
 class _FusedStatePart(torch.autograd.Function):
     """_state_part for power 2 on the fused feature kernels (features.py), with its backward written out: each
-    of d q and d k is the float32 sum of its two kernels (the state's and the normaliser's) rounded once, and
-    d inter is read as it comes (float32), so no bf16 adds and casts run between them. recompute: keep no
+    of d q and d k is the float32 sum of its two kernels (the state's and the normaliser's) rounded once, with
+    no bf16 add between them. recompute: keep no
     per-chunk states S (~8x the values' size in bf16) for the backward but form them again there (outer product
     and scan): what activation checkpointing needs, at a fraction of a second forward. Inputs as _state_part's,
     in float32 where not the blocks' dtype (w, L, h0, h0_z)."""
@@ -298,7 +298,8 @@ class _FusedStatePart(torch.autograd.Function):
         BH, n = L.shape
         if states is None:
             states, _ = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton")
-        dinter = q.new_zeros(T, C, dv, dtype=torch.float32) if dinter is None else dinter.contiguous()
+        # d inter comes in float32; the products read it once rounded (as in the forward's bf16 operands)
+        dinter = q.new_zeros(T, C, dv) if dinter is None else dinter.to(q.dtype).contiguous()
         dq_z = None if dinter_z is None else quad(q, states_z.view(T, -1), dinter_z.contiguous())
         dq = grad(q, states.view(T, -1, dv), dinter, add=dq_z)
         du, dL, dh0 = _scan_backward(states, L, outer(q, dinter).view(BH, n, -1), dfinal, q.dtype)

@@ -91,9 +91,9 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
         a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D))
         if HAS_W:
             w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)
-        b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN).to(A.dtype.element_ty)
+        b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
         if BLOCK_TAIL > 0:
-            b_tail = _load_rows(B, t_, c, c < C, C, et, E, E).to(A.dtype.element_ty)
+            b_tail = _load_rows(B, t_, c, c < C, C, et, E, E)
     for ii in range(BLOCK_I):
         i = i0 + ii
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
@@ -101,7 +101,7 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
             ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0)
             if HAS_W:
                 ai = (ai.to(tl.float32) * w).to(ai.dtype)
-            p_t = (a_t * ai[None, :]).to(A.dtype.element_ty)  # formed once for both column tiles
+            p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
                 out_tail = _dot(p_t, b_tail, IEEE)
@@ -115,10 +115,10 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
                 if HAS_W:
                     ai = (ai.to(tl.float32) * tl.load(W + t_ * C + cb, mask=cb < C, other=0.0)).to(ai.dtype)
                 a_t = tl.trans(_load_rows(A, t_, cb, cb < C, C, j, D, D))
-                p_t = (a_t * ai[None, :]).to(A.dtype.element_ty)
-                out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN).to(A.dtype.element_ty), IEEE)
+                p_t = (a_t * ai[None, :]).to(B.dtype.element_ty)
+                out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN), IEEE)
                 if BLOCK_TAIL > 0:
-                    out_tail += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, et, E, E).to(A.dtype.element_ty), IEEE)
+                    out_tail += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, et, E, E), IEEE)
         rows = _segment(i, D) + j
         ok = (j >= i) & (j < D) & (i < D)
         _store_rows(OUT, out * coef, t_, rows, ok, em, E, E_MAIN, NF)
@@ -212,16 +212,15 @@ def _grad_kernel(A, M, DY, W, ADD, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_
                  BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr,
                  HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
     """d a for a block of tokens, plus ADD (another term of the same gradient) with HAS_ADD, rounded once to
-    a's dtype; d y in any float dtype (read in M's); the state's columns in two tiles, [0, E_MAIN) and
-    [E_MAIN, E). HAS_W: the product had token weights W, so each token's d y, hence its row of d a, is W times."""
+    a's dtype; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). HAS_W: the product had token weights W, so each token's d y, hence its row of d a, is W times."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     j = tl.arange(0, BLOCK_D)
     jmask = j < D
-    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN).to(M.dtype.element_ty)  # every m's
+    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN)  # the same for every m
     if BLOCK_TAIL > 0:
-        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E).to(M.dtype.element_ty)
+        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E)
     da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for m in range(D):
         rows = _sym_rows(j, m, D)
@@ -310,12 +309,12 @@ NORMALISER_WARPS = 4
 
 
 def outer(a, b, w=None):
-    """phi(a)^T b, or phi(a)^T (w b) with token weights w [T, C] (float32), in a's dtype: a [T, C, d]; b
-    [T, C, E] in any float dtype (read in a's)."""
+    """phi(a)^T b, or phi(a)^T (w b) with token weights w [T, C] (float32): a [T, C, d], b [T, C, E] in a's
+    dtype."""
     T, C, d = a.shape
     E = b.shape[-1]
     nf = d * (d + 1) // 2
-    out = torch.empty(T, nf, E, dtype=a.dtype, device=a.device)
+    out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
     block_i = min(OUTER["BLOCK_I"], block_d)
@@ -352,8 +351,8 @@ def apply(a, m, out_dtype, w=None, b=None):
 
 def grad(a, m, dy, w=None, add=None):
     """d a of <phi(a) m, dy> (times w per token with token weights w), plus add ([T, C, d], another term of the
-    same gradient) when given, rounded once to a's dtype: a [T, C, d], m [T, D, E] in a's dtype, dy [T, C, E]
-    in any float dtype."""
+    same gradient) when given, rounded once to a's dtype: a [T, C, d]; m [T, D, E] and dy [T, C, E] in a's
+    dtype."""
     T, C, d = a.shape
     E = m.shape[-1]
     da = torch.empty(T, C, d, dtype=a.dtype, device=a.device)
