@@ -236,8 +236,8 @@ def combine(intra, intra_den, inter, inter_z, query_decay, *, normalize, fused, 
 
 
 def _form_states(k, v, w, L, h0, *, power, fused, states_dtype, backend):
-    """The states S entering each chunk [BH, n, D dv] and the final one [BH, D dv] (float32): chunk sums
-    U = phi(k)^T (w v), then the scan. fused: the kernels, no autograd (w, L, h0 float32); otherwise
+    """The states S entering each chunk [BH, n, D dv] (states_dtype) and the final one [BH, D dv] (float32):
+    chunk sums U = phi(k)^T (w v), then the scan. fused: the kernels, no autograd (w, L, h0 float32); otherwise
     differentiable (PyTorch products, and the scan of `backend`)."""
     BH, n = L.shape
     if fused:
@@ -268,10 +268,10 @@ def _state_part(q, k, v, w, L, h0, h0_z, *, power, need_z, read_z, states_dtype,
 class _FusedStatePart(torch.autograd.Function):
     """_state_part for power 2 on the fused feature kernels (features.py), with its backward written out: each
     of d q and d k is the float32 sum of its two kernels (the state's and the normaliser's) rounded once, with
-    no bf16 add between them. recompute: keep no
-    per-chunk states S (~8x the values' size in bf16) for the backward but form them again there (outer product
-    and scan): what activation checkpointing needs, at a fraction of a second forward. Inputs as _state_part's,
-    in float32 where not the blocks' dtype (w, L, h0, h0_z)."""
+    no bf16 add between them. recompute: keep no per-chunk states S (~8x the values' size in bf16) for the
+    backward but form them again there (outer product and scan): what activation checkpointing needs, at a
+    fraction of a second forward. Inputs as _state_part's, in float32 where not the blocks' dtype (w, L, h0,
+    h0_z)."""
 
     @staticmethod
     def forward(ctx, q, k, v, w, L, h0, h0_z, need_z, read_z, recompute):
