@@ -206,6 +206,25 @@ def test_chunk_triton_interpreter(power, normalize, has_state):
     assert_rel_close(outs + gs, routs + rgs, 2e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_chunk_state_only(backend):
+    """A loss on the final state alone (o unused, so no gradient reaches the queries' reads of the state):
+    the gradients of k, v, g and the initial state == the float64 recurrence's, and q gets none."""
+    B, H, N, d, dv = 1, 2, 21, 8, 6
+    q, k, v, g = make_inputs(27, B, H, N, d, dv, decay=2.0)
+    s0 = random_state(28, B, H, d, dv, "2")
+    dtype = torch.float64 if backend == "torch" else torch.float32
+
+    def final_state(fn, *t, **kw):
+        return fn(*t[:4], power="2", initial_state=t[4], output_final_state=True, **kw)[1]
+
+    outs, gs = grads(lambda *t: final_state(power_attention, *t, algorithm="chunk", chunk_size=8, backend=backend),
+                     [t.to(dtype) for t in (q, k, v, g, s0)])
+    routs, rgs = grads(lambda *t: final_state(power_attention_naive, *t), (q, k, v, g, s0))
+    assert gs[0] is None
+    assert_rel_close(outs + gs[1:], routs + rgs[1:], 1e-8 if backend == "torch" else 2e-5)
+
+
 @pytest.mark.parametrize("power,normalize", [("1", False), ("1", True), ("2", False), ("2", True)])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
 def test_chunk_output_only(power, normalize, backend):

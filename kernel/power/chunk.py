@@ -293,16 +293,19 @@ class _FusedStatePart(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dinter, dinter_z, dfinal, dfinal_z):
         q, k, v, w, L, h0, states, states_z = ctx.saved_tensors
-        T, C, _ = q.shape
+        T = q.shape[0]
         dv = v.shape[-1]
         BH, n = L.shape
         if states is None:
             states, _ = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton")
-        # d inter comes in float32; the products read it once rounded (as in the forward's bf16 operands)
-        dinter = q.new_zeros(T, C, dv) if dinter is None else dinter.to(q.dtype).contiguous()
-        dq_z = None if dinter_z is None else quad(q, states_z.view(T, -1), dinter_z.contiguous())
-        dq = grad(q, states.view(T, -1, dv), dinter, add=dq_z)
-        du, dL, dh0 = _scan_backward(states, L, outer(q, dinter).view(BH, n, -1), dfinal, q.dtype)
+        dq = dstates = None
+        if dinter is not None:  # None when only the final state reaches the loss (then so is d inter_z)
+            dq_z = None if dinter_z is None else quad(q, states_z.view(T, -1), dinter_z.contiguous())
+            # d inter comes in float32; the products read it once rounded (as in the forward's bf16 operands)
+            dinter = dinter.to(q.dtype).contiguous()
+            dq = grad(q, states.view(T, -1, dv), dinter, add=dq_z)
+            dstates = outer(q, dinter).view(BH, n, -1)
+        du, dL, dh0 = _scan_backward(states, L, dstates, dfinal, q.dtype)
         du = du.view(T, -1, dv)
         dvalues, dw = apply(k, du, v.dtype, w, v)
         dk_z = dh0_z = None
