@@ -84,23 +84,28 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
     em = tl.arange(0, BLOCK_MAIN)
     if BLOCK_TAIL > 0:
         et = E_MAIN + tl.arange(0, BLOCK_TAIL)
-    # The factor a_j (a_i w) is formed in a's dtype: in bf16 one rounding of the exact product, as a float32
-    # product rounded to bf16 would give, at half the registers and no conversions (a_i w rounded once before,
-    # as the weighted values w b were before the weights moved in here); c_ij scales the float32 result.
-    if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once), b and w loaded once
+    # The factor a_j a_i is formed in a's dtype: in bf16 one rounding of the exact product, as a float32
+    # product rounded to bf16 would give, at half the registers and no conversions; c_ij scales the float32
+    # result. The token weights w are rounded into one operand: w b, once, for a chunk in one block (the weighted
+    # values as they were before the weights moved in here; b goes to shared memory and w leaves the registers,
+    # which it held through every step when it scaled a_i: the half-width loop then reloaded 29 spilled values a
+    # pass at 4 warps, now 5 as without weights, bench/kernel_resources.py), a_i w per step for a longer chunk
+    # (b is loaded per step there).
+    if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once), b (weighted) loaded once
         a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D))
-        if HAS_W:
-            w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)
         b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
         if BLOCK_TAIL > 0:
             b_tail = _load_rows(B, t_, c, c < C, C, et, E, E)
+        if HAS_W:
+            w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)[:, None]
+            b = (b.to(tl.float32) * w).to(B.dtype.element_ty)
+            if BLOCK_TAIL > 0:
+                b_tail = (b_tail.to(tl.float32) * w).to(B.dtype.element_ty)
     for ii in range(BLOCK_I):
         i = i0 + ii
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
         if ONE_BLOCK:
             ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0)
-            if HAS_W:
-                ai = (ai.to(tl.float32) * w).to(ai.dtype)
             p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
