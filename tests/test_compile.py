@@ -16,6 +16,7 @@ import importlib
 import itertools
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,29 @@ def test_every_launched_kernel_compiles_for_sm90(tmp_path):
     assert len(kernels) >= 15, sorted(kernels)  # the attention, chunk, feature, recurrent, norm, conv, kron kernels
     compiled = _run("compile", launches, interpret=False)
     assert compiled.returncode == 0, compiled.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
+                         / "ptxas").exists(), reason="this Triton wheel ships no ptxas")
+def test_kernel_resources_reads_every_feature_kernel():
+    """bench/kernel_resources.py names every argument of the kernels it compiles (so it follows their
+    signatures), and run as a script (no interpreter) reads registers, spills and loops of each."""
+    import inspect
+
+    spec = importlib.util.spec_from_file_location("kernel_resources", ROOT / "bench" / "kernel_resources.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    table = tool.kernels(None)
+    for name, (fn, args, _) in table.items():
+        assert list(args) == list(inspect.signature(fn.fn).parameters), name
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_resources.py")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if " registers, " in line]
+    assert [row.split()[0] for row in rows] == [name.split()[0] for name in table], run.stdout
+    assert all(re.search(r"loops \d+ \(\d+\)", row) for row in rows), run.stdout
 
 
 if __name__ == "__main__":
