@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
 from kernel import (attention, causal_conv1d, causal_conv1d_step, linear, linears, neg_softplus, power_attention,
                     rms_norm, swiglu)
-from kernel.power import auto_algorithm, state_size, zero_state
+from kernel.power import state_size, zero_state
 from kernel.reference import bhnd_views
 
 
@@ -373,10 +373,8 @@ class GenericAttention(nn.Module):
             # Under checkpointing the chunked form keeps no per-chunk states (~8x the values' size) for the
             # backward pass but forms them again there; the quadratic kernel keeps its output, o without the
             # diagonal term and three per-row statistics (~2x the values' size), less than a second forward is
-            # worth. Neither runs its whole forward twice.
-            recompute = self.checkpoint_core and torch.is_grad_enabled()
-            algorithm = auto_algorithm(q.shape[1], self.cfg.power, recompute_chunk=recompute)
-            return op(q, k, v, g, algorithm=algorithm, recompute_states=recompute)
+            # worth. Neither runs its whole forward twice; "auto" picks between them at the crossover measured so.
+            return op(q, k, v, g, recompute_states=self.checkpoint_core and torch.is_grad_enabled())
         return op(q, k, v, g, initial_state=entry.state, output_final_state=True, inplace=True)[0]
 
     def _kv_core(self, q, k, v, g, entry, padding):

@@ -1,61 +1,69 @@
 """Static sm_90 resources of the chunked form's feature kernels, on any machine (no GPU needed).
 
-Each kernel is compiled for Hopper at the launch constants of kernel/power/features.py and the bench shape
-(C = 256 tokens a chunk, d = dv = 64, bf16), with and without token weights; ptxas -v (shipped with Triton's
-wheel) reports registers and spills, and nvdisasm's listing gives each loop's size and its local-memory loads
-(spill reloads on every pass). A cheap check before timing a kernel change on the device.
+The launchers of kernel/power/features.py are called at the bench shape (one chunk of C = 256 tokens,
+d = dv = 64, bf16), with and without token weights, with their kernel launches captured instead of run; each
+captured launch is compiled for Hopper as the GPU's launcher would specialise it. ptxas -v (shipped with
+Triton's wheel) reports registers and spills, and nvdisasm's listing gives each loop's size and its
+local-memory loads (spill reloads on every pass). A cheap check before timing a kernel change on the device.
 
     python bench/kernel_resources.py [--warps 4 8]
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
 import tempfile
+from unittest import mock
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from kernel.power import features
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 C, D, E = 256, 64, 64
-BF16, F32, I32 = "*bf16", "*fp32", "i32"
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def kernels(warps):
-    """name -> (kernel, {argument: type or constexpr value}, launch options); warps None: features.py's."""
-    def launch(table):
-        return dict(num_warps=warps or table["NUM_WARPS"], num_stages=table["NUM_STAGES"])
+def launches():
+    """name -> (kernel, {argument: value}, launch options) of each product as its launcher calls it."""
+    def tensor(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype)
 
+    a, b, dy, add = tensor(1, C, D), tensor(1, C, E), tensor(1, C, E), tensor(1, C, D)
+    m, w = tensor(1, D * (D + 1) // 2, E), tensor(1, C, dtype=torch.float32)
+    calls = {"outer": lambda: features.outer(a, b), "apply": lambda: features.apply(a, m, torch.float32),
+             "grad": lambda: features.grad(a, m, dy), "outer w": lambda: features.outer(a, b, w),
+             "apply w": lambda: features.apply(a, m, b.dtype, w, b), "grad w": lambda: features.grad(a, m, dy, w, add)}
     out = {}
-    for has_w in (False, True):
-        w = " w" if has_w else ""
-        out["outer" + w] = (features._outer_kernel, dict(
-            A=BF16, B=BF16, W=F32, OUT=BF16, C=I32, E=I32, E_MAIN=I32, D=D, NF=I32, BLOCK_C=C, BLOCK_D=D, SPLIT=D // 2,
-            BLOCK_MAIN=E, BLOCK_TAIL=0, BLOCK_I=features.OUTER["BLOCK_I"], ONE_BLOCK=True, HAS_W=has_w, IEEE=False),
-            launch(features.OUTER))
-        out["apply" + w] = (features._apply_kernel, dict(
-            A=BF16, M=BF16, OUT=F32, W=F32, B=BF16, DW=F32, TILE0=I32, C=I32, E=I32, E0=I32, E1=I32, D=D, NF=I32,
-            BLOCK_C=features.APPLY["BLOCK_C"], BLOCK_D=D, SPLIT=D // 2, LOW=D // 2, BLOCK_E=E, HAS_W=has_w,
-            IEEE=False), launch(features.APPLY))
-        out["grad" + w] = (features._grad_kernel, dict(
-            A=BF16, M=BF16, DY=BF16, W=F32, ADD=BF16, DA=BF16, C=I32, E=I32, E_MAIN=I32, D=D, NF=I32,
-            BLOCK_C=features.GRAD["BLOCK_C"], BLOCK_D=D, BLOCK_MAIN=E, BLOCK_TAIL=0, HAS_W=has_w, HAS_ADD=has_w,
-            IEEE=False), launch(features.GRAD))
+    for name, call in calls.items():
+        captured = []
+        with mock.patch.object(JITFunction, "run", lambda self, *args, grid, warmup, **kw: captured.append(
+                (self, args, kw))):
+            call()
+        fn, args, kwargs = captured[0]
+        params = list(inspect.signature(fn.fn).parameters)
+        values = dict(zip(params, args), **{k: v for k, v in kwargs.items() if k in params})
+        out[name] = (fn, values, {k: kwargs[k] for k in ("num_warps", "num_stages")})
     return out
 
 
-def resources(fn, args, options):
-    """(registers, spill bytes stored, shared bytes, [(loop lines, spill reloads per pass)])."""
-    signature = {k: v if isinstance(v, str) else "constexpr" for k, v in args.items()}
-    constants = {k: v for k, v in args.items() if not isinstance(v, str)}
-    pointers = [i for i, v in enumerate(args.values()) if isinstance(v, str) and v.startswith("*")]
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants,
-                                        attrs={(i,): [["tt.divisibility", 16]] for i in pointers}),
+def resources(fn, values, options):
+    """(registers, spill bytes stored, shared bytes, [(loop lines, spill reloads per pass)]) of one launch,
+    specialised as the GPU's launcher does: pointers and integers divisible by 16 marked so."""
+    constexprs = {name for name, p in inspect.signature(fn.fn).parameters.items() if "constexpr" in str(p.annotation)}
+    signature = {k: "constexpr" if k in constexprs else POINTER_TYPES[v.dtype] if torch.is_tensor(v) else "i32"
+                 for k, v in values.items()}
+    aligned = [i for i, (k, v) in enumerate(values.items()) if k not in constexprs
+               and (v.data_ptr() % 16 == 0 if torch.is_tensor(v) else v % 16 == 0)]
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={k: values[k] for k in constexprs},
+                                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
                               target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -85,9 +93,11 @@ def main():
                         help="warps per program to compile at (default: each kernel's own from features.py)")
     args = parser.parse_args()
     print(f"sm_90, C={C}, d={D}, dv={E}, bf16; loops: instructions per pass (spill reloads per pass)")
+    table = launches()
     for warps in args.warps:
-        for name, (fn, kernel_args, options) in kernels(warps).items():
-            registers, spilled, shared, loops = resources(fn, kernel_args, options)
+        for name, (fn, values, options) in table.items():
+            options = dict(options, num_warps=warps or options["num_warps"])
+            registers, spilled, shared, loops = resources(fn, values, options)
             body = ", ".join(f"{n} ({ldl})" for n, ldl in loops)
             print(f"{name:8} warps {options['num_warps']}: {registers} registers, {spilled} bytes spilled, "
                   f"{shared} bytes shared; loops {body}")

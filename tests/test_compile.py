@@ -185,23 +185,16 @@ def test_every_launched_kernel_compiles_for_sm90(tmp_path):
 @pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
                          / "ptxas").exists(), reason="this Triton wheel ships no ptxas")
 def test_kernel_resources_reads_every_feature_kernel():
-    """bench/kernel_resources.py names every argument of the kernels it compiles (so it follows their
-    signatures), and run as a script (no interpreter) reads registers, spills and loops of each."""
-    import inspect
-
-    spec = importlib.util.spec_from_file_location("kernel_resources", ROOT / "bench" / "kernel_resources.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    table = tool.kernels(None)
-    for name, (fn, args, _) in table.items():
-        assert list(args) == list(inspect.signature(fn.fn).parameters), name
+    """bench/kernel_resources.py, run as a script (no interpreter), captures the six launches of the feature
+    products from their launchers and reads registers, spills and loops of each."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_resources.py")], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if " registers, " in line]
-    assert [row.split()[0] for row in rows] == [name.split()[0] for name in table], run.stdout
+    assert [row.split(" warps")[0].strip() for row in rows] == ["outer", "apply", "grad", "outer w", "apply w",
+                                                                 "grad w"], run.stdout
     assert all(re.search(r"loops \d+ \(\d+\)", row) for row in rows), run.stdout
 
 

@@ -46,15 +46,15 @@ def _check_state(state, q, v, power):
         raise ValueError(f"initial_state must be [B, H, D, dv + 1] = {shape} for power {power!r}, got {tuple(state.shape)}")
 
 
-def auto_algorithm(N, power, *, recompute_chunk=False):
+def auto_algorithm(N, power, *, recompute_states=False):
     """What "auto" runs for N tokens without a state: "chunk" from the measured crossover on, else "quadratic"
-    (always for power "exp"). recompute_chunk: the crossover where the chunked form forms its states again in
-    the backward pass (recompute_states, as activation checkpointing runs it)."""
+    (always for power "exp"). recompute_states: the crossover where the chunked form forms its states again in
+    the backward pass (as activation checkpointing runs it)."""
     if power == "exp":
         return "quadratic"
     if power not in CHUNK_CROSSOVER:
         raise ValueError(f"power must be one of {[*CHUNK_CROSSOVER, 'exp']}, got {power!r}")
-    crossover = (RECOMPUTED_CHUNK_CROSSOVER if recompute_chunk else CHUNK_CROSSOVER)[power]
+    crossover = (RECOMPUTED_CHUNK_CROSSOVER if recompute_states else CHUNK_CROSSOVER)[power]
     return "chunk" if N >= crossover else "quadratic"
 
 
@@ -71,8 +71,8 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     inplace=True (with initial_state and output_final_state) writes the final state into initial_state and
     returns that tensor: decoding into static buffers (the one-token step then updates it without a copy).
     recompute_states=True (training under activation checkpointing): the chunked form keeps no per-chunk states
-    for the backward pass (~8x the values' size for power "2") but forms them again there; no effect on the
-    other algorithms, which keep none.
+    for the backward pass (~8x the values' size for power "2") but forms them again there, and "auto" takes the
+    crossover measured with that recompute; no effect on the other algorithms, which keep none.
     layout "bnhd": q, k, v [B, N, H, d], g [B, N, H], o [B, N, H, dv] (the state is [B, H, D, dv + 1] in both);
     the quadratic kernel reads that layout with its strides, the chunk and recurrent algorithms transpose it.
     """
@@ -94,7 +94,7 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
         raise ValueError("inplace=True needs initial_state and output_final_state=True")
     N = views[0].shape[2]
     if algorithm == "auto":
-        algorithm = "recurrent" if N == 1 and stateful else auto_algorithm(N, power)
+        algorithm = "recurrent" if N == 1 and stateful else auto_algorithm(N, power, recompute_states=recompute_states)
     if algorithm == "quadratic" and not stateful:
         return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend, layout=layout)
     q, k, v, g = views

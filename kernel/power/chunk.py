@@ -298,9 +298,10 @@ class _FusedStatePart(torch.autograd.Function):
         BH, n = L.shape
         if states is None:
             states, _ = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton")
+        dinter_z = None if dinter_z is None else dinter_z.contiguous()
         dq = dstates = None
         if dinter is not None:  # None when only the final state reaches the loss (then so is d inter_z)
-            dq_z = None if dinter_z is None else quad(q, states_z.view(T, -1), dinter_z.contiguous())
+            dq_z = None if dinter_z is None else quad(q, states_z.view(T, -1), dinter_z)
             # d inter comes in float32; the products read it once rounded (as in the forward's bf16 operands)
             dinter = dinter.to(q.dtype).contiguous()
             dq = grad(q, states.view(T, -1, dv), dinter, add=dq_z)
@@ -310,7 +311,7 @@ class _FusedStatePart(torch.autograd.Function):
         dvalues, dw = apply(k, du, v.dtype, w, v)
         dk_z = dh0_z = None
         if states_z is not None:
-            dstates_z = None if dinter_z is None else gram(q, dinter_z.contiguous()).view(BH, n, -1)
+            dstates_z = None if dinter_z is None else gram(q, dinter_z).view(BH, n, -1)
             du_z, dL_z, dh0_z = _scan_backward(states_z, L, dstates_z, dfinal_z, torch.float32)
             du_z = du_z.view(T, -1)
             dk_z = quad(k, du_z, w)

@@ -88,9 +88,9 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
     # product rounded to bf16 would give, at half the registers and no conversions; c_ij scales the float32
     # result. The token weights w are rounded into one operand: w b, once, for a chunk in one block (the weighted
     # values as they were before the weights moved in here; b goes to shared memory and w leaves the registers,
-    # which it held through every step when it scaled a_i: the half-width loop then reloaded 29 spilled values a
-    # pass at 4 warps, now 5 as without weights, bench/kernel_resources.py), a_i w per step for a longer chunk
-    # (b is loaded per step there).
+    # which it held through every step when it scaled a_i: at 4 warps the two loops ran 510 and 412 instructions
+    # a pass with a spill, now 308 and 220 without, bench/kernel_resources.py), a_i w per step for a longer
+    # chunk (b is loaded per step there).
     if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once), b (weighted) loaded once
         a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D))
         b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
