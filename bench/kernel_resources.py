@@ -92,6 +92,8 @@ def main():
     parser.add_argument("--warps", type=int, nargs="*", default=[None],
                         help="warps per program to compile at (default: each kernel's own from features.py)")
     args = parser.parse_args()
+    if any(w is not None and w not in (1, 2, 4, 8, 16) for w in args.warps):
+        parser.error(f"--warps takes powers of two from 1 to 16, got {args.warps}")
     print(f"sm_90, C={C}, d={D}, dv={E}, bf16; loops: instructions per pass (spill reloads per pass)")
     table = launches()
     for warps in args.warps:
