@@ -175,7 +175,7 @@ def errors_at(N, H, d, peers=None):
     return result
 
 
-def profile_chunk(N, B, H, d, top=18):
+def profile_chunk(N, B, H, d, top=30):
     """Kernel time by op of one forward+backward of the chunked form (after a warm-up call)."""
     from train_throughput import profile_step  # bench/ is on sys.path: the script runs from it
 
@@ -183,6 +183,8 @@ def profile_chunk(N, B, H, d, top=18):
     leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
 
     def step():
+        for t in leaves:  # as do_bench's grad_to_none: no accumulation into earlier gradients
+            t.grad = None
         power_attention(*leaves, algorithm="chunk", chunk_size=CHUNK_SIZES[0]).backward(do)
 
     step()  # compiles

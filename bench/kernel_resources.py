@@ -38,9 +38,11 @@ def launches():
 
     a, b, dy, add = tensor(1, C, D), tensor(1, C, E), tensor(1, C, E), tensor(1, C, D)
     m, w = tensor(1, D * (D + 1) // 2, E), tensor(1, C, dtype=torch.float32)
+    # as the chunked form calls them (kernel/power/chunk.py): the gradients with their other terms added
     calls = {"outer": lambda: features.outer(a, b), "apply": lambda: features.apply(a, m, torch.float32),
-             "grad": lambda: features.grad(a, m, dy), "outer w": lambda: features.outer(a, b, w),
-             "apply w": lambda: features.apply(a, m, b.dtype, w, b), "grad w": lambda: features.grad(a, m, dy, w, add)}
+             "grad": lambda: features.grad(a, m, dy, adds=(add, add)), "outer w": lambda: features.outer(a, b, w),
+             "apply w": lambda: features.apply(a, m, b.dtype, w, b, add=dy),
+             "grad w": lambda: features.grad(a, m, dy, w, adds=(add, add))}
     out = {}
     for name, call in calls.items():
         captured = []

@@ -2,7 +2,8 @@
 
     python bench/kernel_sweep.py [--chunk-sizes 128 256] [--batch 32] [--kernels features recurrent linear quadratic]
 
-The fused feature products of the chunked form (kernel/power/features.py: outer, apply, grad) at the
+The fused feature products of the chunked form (kernel/power/features.py: outer, plain and with the keys'
+token weights, apply, grad) at the
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = dv = 64, bf16) for each launch
 config (features.OUTER, APPLY, GRAD: BLOCK_I or BLOCK_C, NUM_WARPS, NUM_STAGES), each also compared bit for
 bit with its one-stage run (a race in the software pipeline shows as a difference), and the one-token recurrent
@@ -13,7 +14,9 @@ roofline); and the decoding step's linear layers (kernel/dense.py) at `--linear-
 formula they replace, 20 layers' weights replayed from one CUDA graph (no launch overhead; weights cold, as in
 decoding), in us per call; and the quadratic attention kernels' block configs (kernel/triton_attention.py:
 BLOCK_M, BLOCK_N, warps, stages of the forward, dq and dkdv kernels, one kernel's forced at a time) at
-`--quadratic-lengths`, the training shape (32768 tokens, 16 heads, d = 64, bf16, decay).
+`--quadratic-lengths`, the training shape (32768 tokens, 16 heads, d = 64, bf16, decay); and the chunked form's
+state scans (kernel/power/chunk.py SCAN: entries per program, warps) by the chunked op's forward+backward time
+at `--scan-lengths`.
 triton.testing.do_bench medians in ms; results are printed and written as JSON
 (bench/results/kernel_sweep_<gpu>.json or --out).
 """
@@ -59,8 +62,10 @@ def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, head
     gen = torch.Generator(device="cuda").manual_seed(0)
     a, b, dy = (torch.randn(T, C, w, device="cuda", generator=gen, dtype=torch.bfloat16) for w in (d, E, E))
     m = (torch.randn(T, nf, E, device="cuda", generator=gen) / 30).to(torch.bfloat16)
-    kernels = {
+    w = torch.rand(T, C, device="cuda", generator=gen)
+    kernels = {  # the outer product also with token weights, as the forward's chunk sums call it
         "outer": lambda: features.outer(a, b),
+        "outer w": lambda: features.outer(a, b, w),
         "apply": lambda: features.apply(a, m, torch.float32),
         "grad": lambda: features.grad(a, m, dy),
     }
@@ -70,15 +75,43 @@ def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, head
              "apply": per_program, "grad": per_program}
     rows = []
     for name, fn in kernels.items():
-        if name not in names:
+        product = name.split()[0]
+        if product not in names:
             continue
-        for config in grids[name]:
-            with _constants(features, (name.upper(),), (config,)):
+        for config in grids[product]:
+            with _constants(features, (product.upper(),), (config,)):
                 ms = do_bench(fn, warmup=5, rep=30)
                 out = fn()
-            with _constants(features, (name.upper(),), ({**config, "NUM_STAGES": 1},)):
+            with _constants(features, (product.upper(),), ({**config, "NUM_STAGES": 1},)):
                 one_stage = fn()  # the same sums in the same order: any difference is a race in the pipeline
             row = {"kernel": name, "C": C, **config, "ms": ms, "equals_one_stage": bool(torch.equal(out, one_stage))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def sweep_scan(lengths, d: int = 64, heads: int = 16, tokens: int = 32768) -> list[dict]:
+    """The chunked form's state scans (kernel/power/chunk.py, SCAN: entries per program, warps) at the attention
+    benchmark's shape: the whole chunked op forward+backward (its two scans each way) for each config, at each
+    length (B = tokens / N)."""
+    from attention import make_inputs  # bench/attention.py: the attention benchmark's inputs
+
+    from kernel.power import chunk, power_attention
+
+    rows = []
+    for N in lengths:
+        B = max(1, tokens // N)
+        q, k, v, g, do = make_inputs(B, heads, N, d)
+        leaves = [t.requires_grad_(True) for t in (q, k, v, g)]
+
+        def fwd_bwd():
+            power_attention(*leaves, algorithm="chunk").backward(do)
+
+        for block, warps in itertools.product((256, 512, 1024, 2048), (2, 4, 8)):
+            with _constants(chunk, ("SCAN",), (dict(BLOCK=block, NUM_WARPS=warps),)):
+                ms = do_bench(fwd_bwd, warmup=5, rep=30, grad_to_none=leaves)
+            row = {"kernel": "scan (chunked op fwd+bwd)", "N": N, "B": B, "BLOCK": block, "NUM_WARPS": warps,
+                   "ms": ms}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -244,10 +277,12 @@ def main(argv=None):
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
     parser.add_argument("--kernels", nargs="+", choices=["features", *FEATURE_KERNELS, "recurrent", "linear",
-                                                         "quadratic"],
+                                                         "quadratic", "scan"],
                         default=["features", "recurrent", "linear"],
                         help="features: outer, apply and grad (or name any of them); quadratic: the attention "
-                             "kernels' block configs")
+                             "kernels' block configs; scan: the chunked form's state scans")
+    parser.add_argument("--scan-lengths", type=int, nargs="+", default=[8192, 32768],
+                        help="N of the scan sweep (B = 32768 / N, 16 heads, d = 64)")
     parser.add_argument("--quadratic-lengths", type=int, nargs="+", default=[2048],
                         help="N of the quadratic sweep (B = 32768 / N, 16 heads, d = 64)")
     parser.add_argument("--quadratic-types", nargs="+", choices=list(QUADRATIC_TYPES), default=["2Mamba"])
@@ -258,8 +293,9 @@ def main(argv=None):
     if args.batch < 1 or min(args.chunk_sizes) < 1 or not 1 <= min(args.linear_batches) <= max(args.linear_batches) <= dense.MAX_ROWS:
         parser.error(f"--batch and --chunk-sizes take values >= 1 and --linear-batches values in [1, {dense.MAX_ROWS}], "
                      f"got {args.batch}, {args.chunk_sizes} and {args.linear_batches}")
-    if min(args.quadratic_lengths) < 1:
-        parser.error(f"--quadratic-lengths take values >= 1, got {args.quadratic_lengths}")
+    if min(args.quadratic_lengths + args.scan_lengths) < 1:
+        parser.error(f"--quadratic-lengths and --scan-lengths take values >= 1, got {args.quadratic_lengths} and "
+                     f"{args.scan_lengths}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_sweep.py needs a CUDA GPU")
     names = FEATURE_KERNELS if "features" in args.kernels else [k for k in FEATURE_KERNELS if k in args.kernels]
@@ -270,6 +306,8 @@ def main(argv=None):
         rows += sweep_linear(args.linear_batches)
     if "quadratic" in args.kernels:
         rows += sweep_quadratic(args.quadratic_lengths, args.quadratic_types)
+    if "scan" in args.kernels:
+        rows += sweep_scan(args.scan_lengths)
     gpu = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_sweep_{gpu.replace(' ', '_')}.json")

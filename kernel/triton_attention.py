@@ -563,64 +563,78 @@ def _empty(like, shape, bnhd, dtype=None):
     return like.new_empty(B, N, H, x, dtype=dtype).transpose(1, 2) if bnhd else like.new_empty(B, H, N, x, dtype=dtype)
 
 
+def attention_forward(q, k, v, g, power, normalize, scale, bnhd, out_dtype):
+    """The forward kernel on [B, H, N, .] views with any strides: (o, stat, saved, info), saved and info what
+    attention_backward takes. stat [B, H, N] float32: the row sums den of an unnormalised power 1 or 2."""
+    B, H, N, _ = q.shape
+    # a = cumsum g in float64: long sequences with strong decay reach |a| ~ 1e5 and more. The kernels index
+    # a and the per-row vectors below as contiguous [B, H, N].
+    if g is None:
+        a = q.new_empty(1, dtype=torch.float64)
+    else:
+        a = torch.cumsum(g, dim=-1, dtype=torch.float64, out=q.new_empty(B, H, N, dtype=torch.float64))
+    o = _empty(q, v.shape, bnhd, out_dtype)
+    stat = q.new_empty(B, H, N, dtype=torch.float32)
+    # o without its diagonal term and 1 - P_ii, for the backward (see _bwd_tile); only when normalising
+    o_off = _empty(q, v.shape, bnhd) if normalize else o
+    frac = torch.empty_like(stat) if normalize else stat
+    meta = _meta(q, v, power, normalize, g)
+    buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
+    _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, H, *buckets, scale,
+                                            *q.stride(), *k.stride(), *v.stride(), *o.stride(), **meta)
+    # o and o_off serve only the normalised backward (its Delta): an unnormalised call keeps neither
+    saved = (q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac)
+    return o, stat, saved, (meta, scale, buckets, bnhd, None if g is None else g.dtype)
+
+
+def attention_backward(saved, info, do, dden=None):
+    """(dq, dk, dv, da) of attention_forward's call from its saved tensors and info, d o (any strides and float
+    dtype: read rounded to q's) and, for an unnormalised call, d den or None. da: the gradient of the cumulative
+    log decay a = cumsum g as the two kernels' float32 terms (da_q, da_k) [B, H, N], None without decay."""
+    q, k, v, a, o, stat, o_off, frac = saved
+    meta, scale, buckets, bnhd, _ = info
+    B, H, N, _ = q.shape
+    do = do.to(q.dtype)  # read with its strides (a float32 o's gradient rounded like the inputs)
+    if meta["NORMALIZE"]:
+        delta, roff = torch.empty_like(stat), torch.empty_like(stat)
+        rows = 16 if INTERPRET else 4096 // meta["BLOCK_DV"]  # three fp32 tiles of 4096: no register spills
+        _delta_kernel[(triton.cdiv(N, rows), B * H)](do, o, o_off, delta, roff, N, H, *do.stride(), *o.stride(),
+                                                    DV=meta["DV"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=rows)
+    elif dden is not None:  # each weight is also a term of its row's den: dL/dw_ij gains dL/dden_i
+        delta = roff = (-dden).float().contiguous()
+    else:
+        delta = roff = stat
+    row_delta = not meta["NORMALIZE"] and dden is not None
+    dq, dk = _empty(q, q.shape, bnhd), _empty(q, k.shape, bnhd)
+    dv = _empty(q, v.shape, bnhd)
+    da_q = torch.empty_like(stat)
+    da_k = torch.empty_like(stat)
+    rows = (stat, delta, frac, roff)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, H, *buckets, scale,
+                                                *strides, *dq.stride(), ROW_DELTA=row_delta, **meta)
+    _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, H, *buckets, scale,
+                                                  *strides, *dk.stride(), *dv.stride(), ROW_DELTA=row_delta, **meta)
+    return dq, dk, dv, (da_q, da_k) if meta["HAS_DECAY"] else None
+
+
 class _TritonAttention(torch.autograd.Function):
     """q, k, v: [B, H, N, .] views with any strides; o, dq, dk, dv are allocated in the caller's layout (bnhd).
     return_den: o and the row sums den [B, H, N] (float32), the forward's stat of an unnormalised power 1 or 2."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, power, normalize, scale, bnhd, out_dtype, return_den):
-        B, H, N, _ = q.shape
-        # a = cumsum g in float64: long sequences with strong decay reach |a| ~ 1e5 and more. The kernels index
-        # a and the per-row vectors below as contiguous [B, H, N].
-        if g is None:
-            a = q.new_empty(1, dtype=torch.float64)
-        else:
-            a = torch.cumsum(g, dim=-1, dtype=torch.float64, out=q.new_empty(B, H, N, dtype=torch.float64))
-        o = _empty(q, v.shape, bnhd, out_dtype)
-        stat = q.new_empty(B, H, N, dtype=torch.float32)
-        # o without its diagonal term and 1 - P_ii, for the backward (see _bwd_tile); only when normalising
-        o_off = _empty(q, v.shape, bnhd) if normalize else o
-        frac = torch.empty_like(stat) if normalize else stat
-        meta = _meta(q, v, power, normalize, g)
-        buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
-        _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, H, *buckets, scale,
-                                                *q.stride(), *k.stride(), *v.stride(), *o.stride(), **meta)
-        # o and o_off serve only the normalised backward (its Delta): an unnormalised call keeps neither
-        ctx.save_for_backward(q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac)
-        ctx.meta, ctx.scale, ctx.buckets, ctx.bnhd = meta, scale, buckets, bnhd
-        ctx.g_dtype = None if g is None else g.dtype
+        o, stat, saved, ctx.info = attention_forward(q, k, v, g, power, normalize, scale, bnhd, out_dtype)
+        ctx.save_for_backward(*saved)
         return (o, stat) if return_den else o
 
     @staticmethod
     def backward(ctx, do, dden=None):
-        q, k, v, a, o, stat, o_off, frac = ctx.saved_tensors
-        meta, scale = ctx.meta, ctx.scale
-        B, H, N, _ = q.shape
-        do = do.to(q.dtype)  # read with its strides (a float32 o's gradient rounded like the inputs)
-        if meta["NORMALIZE"]:
-            delta, roff = torch.empty_like(stat), torch.empty_like(stat)
-            rows = 16 if INTERPRET else 4096 // meta["BLOCK_DV"]  # three fp32 tiles of 4096: no register spills
-            _delta_kernel[(triton.cdiv(N, rows), B * H)](do, o, o_off, delta, roff, N, H, *do.stride(), *o.stride(),
-                                                        DV=meta["DV"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=rows)
-        elif dden is not None:  # each weight is also a term of its row's den: dL/dw_ij gains dL/dden_i
-            delta = roff = (-dden).float().contiguous()
-        else:
-            delta = roff = stat
-        row_delta = not meta["NORMALIZE"] and dden is not None
-        dq, dk = _empty(q, q.shape, ctx.bnhd), _empty(q, k.shape, ctx.bnhd)
-        dv = _empty(q, v.shape, ctx.bnhd)
-        da_q = torch.empty_like(stat)
-        da_k = torch.empty_like(stat)
-        rows = (stat, delta, frac, roff)
-        strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-        _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, H, *ctx.buckets, scale,
-                                                    *strides, *dq.stride(), ROW_DELTA=row_delta, **meta)
-        _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, H, *ctx.buckets, scale,
-                                                      *strides, *dk.stride(), *dv.stride(), ROW_DELTA=row_delta, **meta)
+        dq, dk, dv, da = attention_backward(ctx.saved_tensors, ctx.info, do, dden)
         dg = None
-        if meta["HAS_DECAY"]:
-            da = da_q.double() + da_k.double()
-            dg = da.flip(-1).cumsum(-1).flip(-1).to(ctx.g_dtype)
+        if da is not None:  # a = cumsum g: d g is the reverse cumulative sum of d a
+            da = da[0].double() + da[1].double()
+            dg = da.flip(-1).cumsum(-1).flip(-1).to(ctx.info[-1])
         return dq, dk, dv, dg, None, None, None, None, None, None
 
 

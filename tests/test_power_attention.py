@@ -145,6 +145,27 @@ def test_extreme_decay_and_no_decay():
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
+@interpreter
+def test_chunk_triton_extreme_decay_and_no_decay():
+    """The kernels' decays (one kernel each way, float64 sums inside the chunks) at decays from 0 to -1e4 per
+    token, and without decay: o, the final state and every gradient == the float64 recurrence's."""
+    B, H, N, d, dv = 1, 2, 21, 8, 6
+    q, k, v, g = make_inputs(31, B, H, N, d, dv)
+    g = g * torch.tensor([1e-6, 1e4], dtype=torch.float64)[None, :, None]
+    s0 = random_state(32, B, H, d, dv, "2")
+    for gg in (g, None):
+        def call(fn, *t, **kw):
+            q_, k_, v_, s_, *g_ = t
+            return fn(q_, k_, v_, g_[0] if g_ else None, power="2", initial_state=s_, output_final_state=True, **kw)
+
+        tensors = [q, k, v, s0] + ([gg] if gg is not None else [])
+        outs, gs = grads(lambda *t: call(power_attention, *t, algorithm="chunk", chunk_size=8, backend="triton"),
+                         [t.float() for t in tensors])
+        routs, rgs = grads(lambda *t: call(power_attention_naive, *t), tensors)
+        assert all(torch.isfinite(x).all() for x in outs + gs)
+        assert_rel_close(outs + gs, routs + rgs, 2e-5)
+
+
 def test_zero_rows_give_zero():
     q, k, v, g = make_inputs(6, 1, 1, 20, 4, 3)
     k[:, :, :7] = 0  # the first 7 rows see only zero keys: normaliser 0
@@ -204,6 +225,28 @@ def test_chunk_triton_interpreter(power, normalize, has_state):
                               algorithm="chunk", chunk_size=8, backend="triton")
     routs, rgs = stateful_grads(power_attention_naive, tensors(torch.float64), power, normalize=normalize)
     assert_rel_close(outs + gs, routs + rgs, 2e-5)
+
+
+@interpreter
+def test_chunk_in_pieces(monkeypatch):
+    """More chunks than the in-chunk kernel's grid takes (MAX_GRID_HEADS, made small here): the sequences (batch
+    x heads) run in slices, with the outputs, final states and every gradient of one call; a single sequence of
+    more chunks than that is refused."""
+    from kernel.power import chunk
+
+    B, H, N, d, dv = 2, 3, 21, 8, 6  # 3 chunks of 8 per sequence
+    q, k, v, g = make_inputs(29, B, H, N, d, dv, decay=2.0)
+    s0 = random_state(30, B, H, d, dv, "2")
+    tensors = [t.float() for t in (q, k, v, g, s0)]
+    kw = dict(algorithm="chunk", chunk_size=8, backend="triton")
+    whole = stateful_grads(power_attention, tensors, "2", **kw)
+    monkeypatch.setattr(chunk, "MAX_GRID_HEADS", 7)  # two sequences a slice
+    pieces = stateful_grads(power_attention, tensors, "2", **kw)
+    for a, b in zip(*(outs + gs for outs, gs in (whole, pieces))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(chunk, "MAX_GRID_HEADS", 2)
+    with pytest.raises(ValueError, match="at most 2 chunks per sequence, got 3"):
+        power_attention(*tensors[:4], **kw)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
@@ -407,7 +450,8 @@ def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
              "grad": lambda: features.grad(a, m, dy),  # and with token weights (the keys' decays):
              "outer w": lambda: features.outer(a, b, w), "apply w": lambda: features.apply(a, m, b.dtype, w, b),
              "grad w": lambda: features.grad(a, m, dy, w),
-             "grad add": lambda: features.grad(a, m, dy, w, a)}  # another term added before the one rounding
+             "grad adds": lambda: features.grad(a, m, dy, w, adds=(a, a * 2)),  # other terms before the one rounding
+             "apply add": lambda: features.apply(a, m, b.dtype, w, b, add=dy)}
     got = {name: [fn() for _ in range(3)] for name, fn in calls.items()}
     for launch in (features.OUTER, features.APPLY, features.GRAD):  # each product's launch constants
         monkeypatch.setitem(launch, "NUM_STAGES", 1)
@@ -487,9 +531,9 @@ def _kron_grad(a, m, dy):
 def test_fused_feature_products(T, C, d, E):
     """The kernels of the chunked form's state part (features.py), float32, each against its float64 formula
     through the materialised kron features: phi(a)^T b and phi(a)^T (w b) (token weights in (0, 1], as the
-    chunk's key decays), phi(a) M and, for the weighted product's backward, (w phi(a) M, <phi(a) M, b>), and the
-    d a of <phi(a) M, dy> plain, times w and plus another term. C = 300 walks the chunk in blocks of tokens (the
-    outer product's long-chunk path), E = 33 and 80 take a second column tile."""
+    chunk's key decays), phi(a) M and, for the weighted product's backward, (w phi(a) M, <phi(a) M, b>), also plus
+    another term, and the d a of <phi(a) M, dy> plain, times w and plus one or two other terms. C = 300 walks
+    the chunk in blocks of tokens (the outer product's long-chunk path), E = 33 and 80 take a second column tile."""
     from kernel.power import features
     from kernel.power.naive import feature_map
 
@@ -498,21 +542,30 @@ def test_fused_feature_products(T, C, d, E):
     a, b, dy = (torch.randn(T, C, x, generator=gen) for x in (d, E, E))
     w = torch.rand(T, C, generator=gen) + 1e-3
     m = torch.randn(T, nf, E, generator=gen)
-    add = torch.randn(T, C, d, generator=gen)
+    add, add2 = (torch.randn(T, C, d, generator=gen) for _ in range(2))
+    add_e = torch.randn(T, C, E, generator=gen)
     phi = feature_map(a.double(), "2")
     pm = phi @ m.double()
     got_w, got_dw = features.apply(a, m, torch.float32, w, b)
+    got_w_add, got_dw_add = features.apply(a, m, torch.float32, w, b, add=add_e)
     checks = {
         "outer": (features.outer(a, b), phi.transpose(1, 2) @ b.double()),
         "outer w": (features.outer(a, b, w), phi.transpose(1, 2) @ (w.double()[..., None] * b.double())),
         "apply": (features.apply(a, m, torch.float32), pm),
         "apply w": (got_w, w.double()[..., None] * pm),
         "apply dw": (got_dw, (pm * b.double()).sum(-1)),
+        "apply w add": (got_w_add, w.double()[..., None] * pm + add_e.double()),
+        "apply w add, dw": (got_dw_add, (pm * b.double()).sum(-1)),
         "grad": (features.grad(a, m, dy), _kron_grad(a, m, dy)),
-        "grad w add": (features.grad(a, m, dy, w, add), w.double()[..., None] * _kron_grad(a, m, dy) + add.double()),
+        "grad w add": (features.grad(a, m, dy, w, adds=(add,)),
+                       w.double()[..., None] * _kron_grad(a, m, dy) + add.double()),
+        "grad two adds": (features.grad(a, m, dy, adds=(None, add, add2)),
+                          _kron_grad(a, m, dy) + add.double() + add2.double()),
     }
     for name, (x, ref) in checks.items():
         assert rel_err(x, ref) < 1e-5, f"{name}: relative error {rel_err(x, ref):.2e}"
+    with pytest.raises(ValueError, match="at most two terms"):
+        features.grad(a, m, dy, adds=(add, add, add2))
 
 
 @interpreter

@@ -22,16 +22,18 @@ from .recurrent import recurrent_power_attention, recurrent_step
 
 ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
 # "auto" uses the chunked form from this many tokens on, per power; measured on an H200 with bench/attention.py
-# (forward + backward, bf16, H = 16, d = 64, 32768 tokens; bench/NOTES.md, session 24): power 2 quadratic
-# 4.04 ms vs chunked 6.72 at 4K, 7.42 vs 6.72 at 8K; power 1 (unnormalised) 3.53 vs 4.62 at 4K, 6.60 vs 3.97
-# at 8K.
+# (forward + backward, bf16, H = 16, d = 64, 32768 tokens, one run; bench/NOTES.md, session 26): power 2 quadratic
+# 4.05 ms vs chunked 5.85 at 4K, 7.43 vs 5.90 at 8K; power 1 (unnormalised, session 24) 3.53 vs 4.62 at 4K, 6.60
+# vs 3.97 at 8K.
 CHUNK_CROSSOVER = {"1": 8192, "2": 8192}
 # The same under activation checkpointing, where the chunked form keeps no per-chunk states but forms them again
 # in the backward pass (recompute_states) and the quadratic kernel keeps its few tensors
-# (GPT_Trainer/LlamaDecoderLayerClean.py): forward + backward in the same run (bench/NOTES.md, session 25): power 2
-# quadratic 7.48 ms vs chunked 7.66 at 8K, 14.10 vs 7.73 at 16K. Power 1 recomputes only d x dv states (small
-# products); at 8K its quadratic kernel took 6.60 ms against 3.97 + 1.74 for the chunked form with a whole
-# second forward (session 24), so 8K stands.
+# (GPT_Trainer/LlamaDecoderLayerClean.py). For power 2 the op alone favours the chunked form at 8K too (6.76 ms
+# vs 7.43, session 26), but training the small model at 8K (bench/train_throughput.py, one run each way) gave
+# 102.5k tokens/s with the quadratic kernel against 90.5k (and 101.5k in another run) with the chunked form, which
+# also peaks 2.9 GiB higher; at 16K it takes half the quadratic kernel's time (6.81 vs 13.98 ms). Power 1 recomputes only
+# d x dv states (small products); at 8K its quadratic kernel took 6.60 ms against 3.97 + 1.74 for the chunked form
+# with a whole second forward (session 24), so 8K stands.
 RECOMPUTED_CHUNK_CROSSOVER = {"1": 8192, "2": 16384}
 CHUNK_SIZE = 256  # the faster of 128 and 256 (bench/NOTES.md): half the state traffic of 128 for a longer quadratic part
 

@@ -6,7 +6,7 @@ For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d
     apply(a, M)    = phi(a) M        [T, C, E]  (queries read a state, d values from d state)
 The two are adjoint, so their gradients are each other plus one kernel for d a (grad, _grad_kernel), the
 kron backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
-outer product's backward. chunk.py's _FusedStatePart strings them together, forward and backward.
+outer product's backward. chunk.py's _fused_state_forward and _backward string them together.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
@@ -160,16 +160,17 @@ def _sym_rows(j, m, D: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(A, M, OUT, W, B, DW, TILE0, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
+def _apply_kernel(A, M, OUT, W, B, DW, ADD, TILE0, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
                   BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, LOW: tl.constexpr, BLOCK_E: tl.constexpr,
-                  HAS_W: tl.constexpr, IEEE: tl.constexpr):
+                  HAS_W: tl.constexpr, HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
     """Columns [E0, E1) of phi(a) M for a block of tokens, as sum_m a_m (w a) M[(m, j) or (j, m)] plus
     (1 - 1 / sqrt 2) (a * a) M[(j, j)] for the diagonal. A pair j != m inside one half of the head dimension
     ([0, SPLIT) or [SPLIT, d)) is met twice, at m and at j, each with w = 1 / sqrt 2; the steps m >= SPLIT run
     on the upper half only (half-width products, a quarter of the work saved), so a pair across the halves is
     met once, at its lower index, with w = sqrt 2. HAS_W (the backward of the outer product with token weights
     W): each token's row times its weight, and the row's partial sum <phi(a) M, b> over these columns (its
-    d W) in DW[TILE0 + its column program]."""
+    d W) in DW[TILE0 + its column program]. HAS_ADD: plus ADD [T, C, E] (another term of the same gradient)
+    before the one rounding."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -200,6 +201,9 @@ def _apply_kernel(A, M, OUT, W, B, DW, TILE0, C, E, E0, E1, D: tl.constexpr, NF,
         tile = TILE0 + tl.program_id(2)
         tl.store(DW + (tile * tl.num_programs(0) + t_) * C + c, tl.sum(acc * b.to(tl.float32), axis=1), mask=cmask)
         acc *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
+    if HAS_ADD:
+        acc += tl.load(ADD + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & emask,
+                       other=0.0).to(tl.float32)
     tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
              mask=cmask[:, None] & emask)
 
@@ -213,11 +217,11 @@ def _grad_rows(M, dy, t_, rows, rmask, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEE
 
 
 @triton.jit
-def _grad_kernel(A, M, DY, W, ADD, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
+def _grad_kernel(A, M, DY, W, ADD, ADD2, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr,
-                 HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
-    """d a for a block of tokens, plus ADD (another term of the same gradient) with HAS_ADD, rounded once to
-    a's dtype; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). HAS_W: the product had token
+                 N_ADD: tl.constexpr, IEEE: tl.constexpr):
+    """d a for a block of tokens, plus ADD and ADD2 (other terms of the same gradient: the first N_ADD of them),
+    rounded once to a's dtype; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). HAS_W: the product had token
     weights W, so each token's d y, hence its row of d a, is W times."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -237,8 +241,10 @@ def _grad_kernel(A, M, DY, W, ADD, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_
         da += g * (am[:, None] * tl.where(j == m, 2.0, SQRT2)[None, :])
     if HAS_W:
         da *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
-    if HAS_ADD:
+    if N_ADD > 0:
         da += _load_rows(ADD, t_, c, cmask, C, j, D, D).to(tl.float32)
+    if N_ADD > 1:
+        da += _load_rows(ADD2, t_, c, cmask, C, j, D, D).to(tl.float32)
     tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da.to(DA.dtype.element_ty),
              mask=cmask[:, None] & jmask[None, :])
 
@@ -333,9 +339,10 @@ def outer(a, b, w=None):
     return out
 
 
-def apply(a, m, out_dtype, w=None, b=None):
+def apply(a, m, out_dtype, w=None, b=None, add=None):
     """phi(a) m in out_dtype (a [T, C, d], m [T, D, E] in a's dtype); with token weights w and b (the backward of
-    the weighted outer product: m its d out) the pair (w phi(a) m, <phi(a) m, b> per token in float32)."""
+    the weighted outer product: m its d out) the pair (w phi(a) m, <phi(a) m, b> per token in float32); plus add
+    ([T, C, E], another term of the same gradient) before the one rounding when given."""
     T, C, d = a.shape
     E = m.shape[-1]
     out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
@@ -346,28 +353,33 @@ def apply(a, m, out_dtype, w=None, b=None):
     dw = torch.empty(sum(counts) if w is not None else 0, T, C, dtype=torch.float32, device=a.device)  # per tile
     for (e0, e1, block_e), tile0 in zip(windows, [sum(counts[:i]) for i in range(len(counts))]):
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
-        _apply_kernel[grid](a, m, out, a if w is None else w, a if b is None else b, dw, tile0, C, E, e0, e1, D=d,
-                            NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d, SPLIT=split, LOW=min(split, d),
-                            BLOCK_E=block_e, HAS_W=w is not None, IEEE=a.dtype == torch.float32,
+        _apply_kernel[grid](a, m, out, a if w is None else w, a if b is None else b, dw, a if add is None else add,
+                            tile0, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d, SPLIT=split,
+                            LOW=min(split, d), BLOCK_E=block_e, HAS_W=w is not None, HAS_ADD=add is not None,
+                            IEEE=a.dtype == torch.float32,
                             num_warps=APPLY["NUM_WARPS"], num_stages=APPLY["NUM_STAGES"])
     if w is None:
         return out
     return out, dw[0] if dw.shape[0] == 1 else dw.sum(0)
 
 
-def grad(a, m, dy, w=None, add=None):
-    """d a of <phi(a) m, dy> (times w per token with token weights w), plus add ([T, C, d], another term of the
-    same gradient) when given, rounded once to a's dtype: a [T, C, d]; m [T, D, E] and dy [T, C, E] in a's
-    dtype."""
+def grad(a, m, dy, w=None, adds=()):
+    """d a of <phi(a) m, dy> (times w per token with token weights w), plus adds (at most two [T, C, d] tensors,
+    other terms of the same gradient; None entries skipped), rounded once to a's dtype: a [T, C, d]; m [T, D, E]
+    and dy [T, C, E] in a's dtype."""
     T, C, d = a.shape
     E = m.shape[-1]
+    adds = [x for x in adds if x is not None]
+    if len(adds) > 2:
+        raise ValueError(f"grad adds at most two terms, got {len(adds)}")
     da = torch.empty(T, C, d, dtype=a.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c = _block(C, GRAD["BLOCK_C"])
-    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy, a if w is None else w, a if add is None else add, da, C, E,
-                                               e_main, D=d, NF=m.shape[1], BLOCK_C=block_c,
-                                               BLOCK_D=_block(d, 1 << 30), BLOCK_MAIN=block_main,
-                                               BLOCK_TAIL=block_tail, HAS_W=w is not None, HAS_ADD=add is not None,
+    add, add2 = (adds + [a, a])[:2]
+    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy, a if w is None else w, add, add2, da, C, E, e_main, D=d,
+                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
+                                               BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail, HAS_W=w is not None,
+                                               N_ADD=len(adds),
                                                IEEE=a.dtype == torch.float32, num_warps=GRAD["NUM_WARPS"],
                                                num_stages=GRAD["NUM_STAGES"])
     return da
