@@ -15,8 +15,9 @@ to 16 columns for the one column of z. Likewise intra's two parts: the quadratic
 sums of the weights as the den part (attention(..., return_den=True)), and one fused kernel combines intra and
 inter, divides and casts. For power 2 on the kernels the three (in-chunk kernel, state part: chunk sums, scans,
 the queries' reads of S and z; combine) are one autograd function with its backward written out
-(_FusedChunkCore), which can form the states again instead of keeping them (recompute_states); elsewhere
-autograd strings them together. A few elementwise ops on the decays lead to g.
+(_FusedChunkCore), which can form the states again instead of keeping them (recompute_states), and two small
+kernels compute the chunks' decays from g and gather d g; elsewhere autograd strings the three and a few
+elementwise ops on the decays together.
 """
 from __future__ import annotations
 

@@ -221,8 +221,8 @@ def _grad_kernel(A, M, DY, W, ADD, ADD2, DA, C, E, E_MAIN, D: tl.constexpr, NF, 
                  BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr,
                  N_ADD: tl.constexpr, IEEE: tl.constexpr):
     """d a for a block of tokens, plus ADD and ADD2 (other terms of the same gradient: the first N_ADD of them),
-    rounded once to a's dtype; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). HAS_W: the product had token
-    weights W, so each token's d y, hence its row of d a, is W times."""
+    rounded once to a's dtype; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). HAS_W: the product
+    had token weights W, so each token's d y, hence its row of d a, is W times."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
