@@ -166,6 +166,17 @@ def test_chunk_triton_extreme_decay_and_no_decay():
         assert_rel_close(outs + gs, routs + rgs, 2e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["quadratic", "chunk", "recurrent"])
+def test_keys_and_values_in_other_dtypes(algorithm):
+    """k and v in other float dtypes than q are taken in q's, on every algorithm, as kernel.attention does."""
+    q, k, v, g = make_inputs(33, 1, 2, 13, 8, 6)
+    q = q.float()
+    got = power_attention(q, k, v.half(), g, algorithm=algorithm, chunk_size=4, backend="torch")
+    ref = power_attention(q, k.float(), v.half().float(), g, algorithm=algorithm, chunk_size=4, backend="torch")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 def test_zero_rows_give_zero():
     q, k, v, g = make_inputs(6, 1, 1, 20, 4, 3)
     k[:, :, :7] = 0  # the first 7 rows see only zero keys: normaliser 0

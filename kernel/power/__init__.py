@@ -67,8 +67,8 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
 
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] (<= 0) or None; power "1"
     (w = s), "2" (w = s^2) or "exp" (w = e^s), s = scale * q.k, scale 1/sqrt(d) by default.
-    initial_state: a state returned by an earlier call (any algorithm) or None (empty context).
-    Returns o in q's dtype, or (o, final_state) with output_final_state=True. Power "exp" has no finite
+    initial_state: a state returned by an earlier call (any algorithm) or None (empty context). k and v are
+    taken in q's dtype (cast, as kernel.attention does). Returns o in q's dtype, or (o, final_state) with output_final_state=True. Power "exp" has no finite
     state and runs the quadratic kernel only. backend ("auto", "triton", "torch") picks the kernels.
     inplace=True (with initial_state and output_final_state) writes the final state into initial_state and
     returns that tensor: decoding into static buffers (the one-token step then updates it without a copy).
@@ -99,7 +99,8 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
         algorithm = "recurrent" if N == 1 and stateful else auto_algorithm(N, power, recompute_states=recompute_states)
     if algorithm == "quadratic" and not stateful:
         return attention(q, k, v, g, power=power, normalize=normalize, scale=scale, backend=backend, layout=layout)
-    q, k, v, g = views
+    q, g = views[0], views[3]
+    k, v = views[1].to(q.dtype), views[2].to(q.dtype)
     if algorithm == "recurrent":
         result = recurrent_power_attention(q, k, v, g, power=power, normalize=normalize, scale=scale,
                                            initial_state=initial_state, output_final_state=output_final_state,
