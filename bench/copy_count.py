@@ -6,7 +6,10 @@ so the counts are those of the GPU code path; the interpreter's own copies of th
 out. bf16 autocast as in training (on a CPU the interpreter's bf16 values are garbage; only the counts and
 bytes are meant). Bytes = bytes read + bytes written by each copy_.
 
-    python bench/copy_count.py [--type 2mamba] [--batch 2 --seq 256 --model_size tiny]
+    python bench/copy_count.py [--type 2mamba] [--batch 2 --seq 256 --model_size tiny] [--chunked]
+
+--chunked: power 1 and 2 take the linear-time chunked form at any length (kernel.power's crossovers set to 1),
+to set its copies beside the quadratic kernel's.
 """
 from __future__ import annotations
 
@@ -142,7 +145,13 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=4, help="block only (d = hidden / heads: 64 as in the small model)")
     parser.add_argument("--model_size", default="tiny", help="training step only")
     parser.add_argument("--vocab", type=int, default=512, help="training step only")
+    parser.add_argument("--chunked", action="store_true", help="the chunked form at any length")
     args = parser.parse_args(argv)
+    if args.chunked:
+        import kernel.power as kp
+
+        for table in (kp.CHUNK_CROSSOVER, kp.RECOMPUTED_CHUNK_CROSSOVER):
+            table.update({power: 1 for power in table})
     # the Triton kernels run on CUDA, or on a CPU through the interpreter
     os.environ.setdefault("TWOMAMBA_ATTENTION_BACKEND", "triton")
     attention_type = TYPES[args.type]
