@@ -633,8 +633,9 @@ class _TritonAttention(torch.autograd.Function):
         dq, dk, dv, da = attention_backward(ctx.saved_tensors, ctx.info, do, dden)
         dg = None
         if da is not None:  # a = cumsum g: d g is the reverse cumulative sum of d a
+            g_dtype = ctx.info[-1]
             da = da[0].double() + da[1].double()
-            dg = da.flip(-1).cumsum(-1).flip(-1).to(ctx.info[-1])
+            dg = da.flip(-1).cumsum(-1).flip(-1).to(g_dtype)
         return dq, dk, dv, dg, None, None, None, None, None, None
 
 

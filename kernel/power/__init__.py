@@ -68,8 +68,9 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     q, k: [B, H, N, d]; v: [B, H, N, dv]; g: per-token log decay [B, H, N] (<= 0) or None; power "1"
     (w = s), "2" (w = s^2) or "exp" (w = e^s), s = scale * q.k, scale 1/sqrt(d) by default.
     initial_state: a state returned by an earlier call (any algorithm) or None (empty context). k and v are
-    taken in q's dtype (cast, as kernel.attention does). Returns o in q's dtype, or (o, final_state) with output_final_state=True. Power "exp" has no finite
-    state and runs the quadratic kernel only. backend ("auto", "triton", "torch") picks the kernels.
+    taken in q's dtype (cast, as kernel.attention does). Returns o in q's dtype, or (o, final_state) with
+    output_final_state=True. Power "exp" has no finite state and runs the quadratic kernel only. backend
+    ("auto", "triton", "torch") picks the kernels.
     inplace=True (with initial_state and output_final_state) writes the final state into initial_state and
     returns that tensor: decoding into static buffers (the one-token step then updates it without a copy).
     recompute_states=True (training under activation checkpointing): the chunked form keeps no per-chunk states
