@@ -16,7 +16,9 @@ decoding), in us per call; and the quadratic attention kernels' block configs (k
 BLOCK_M, BLOCK_N, warps, stages of the forward, dq and dkdv kernels, one kernel's forced at a time) at
 `--quadratic-lengths`, the training shape (32768 tokens, 16 heads, d = 64, bf16, decay); and the chunked form's
 state scans (kernel/power/chunk.py SCAN: entries per program, warps) by the chunked op's forward+backward time
-at `--scan-lengths`.
+at `--scan-lengths`; and the input conv's backward (kernel/triton_conv.py BWD_BLOCK_N, BWD_TILES: rows per tile,
+tiles per program) at the small model's qkv, [B, N, 3072] bf16 with 32768 tokens, width 2, beside the forward and
+nn.functional.conv1d (cuDNN) on the same input.
 triton.testing.do_bench medians in ms; results are printed and written as JSON
 (bench/results/kernel_sweep_<gpu>.json or --out).
 """
@@ -114,6 +116,36 @@ def sweep_scan(lengths, d: int = 64, heads: int = 16, tokens: int = 32768) -> li
                    "ms": ms}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    return rows
+
+
+def sweep_conv(channels: int = 3072, tokens: int = 32768, width: int = 2, seq_len: int = 2048) -> list[dict]:
+    """The causal conv's forward and forward+backward (kernel/triton_conv.py) for each backward tiling, and the
+    same through nn.functional.conv1d; all on x [tokens / seq_len, seq_len, channels] bf16 with bias."""
+    from kernel import conv, triton_conv
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens // seq_len, seq_len, channels, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(channels, 1, width, device="cuda", generator=gen)
+    b = torch.randn(channels, device="cuda", generator=gen)
+    leaves = [t.requires_grad_(True) for t in (x, w, b)]
+    dy = torch.randn_like(x)
+    rows = []
+
+    def timed(name, backend, **config):
+        def fwd_bwd():
+            conv.causal_conv1d(*leaves, backend=backend).backward(dy)
+
+        row = {"kernel": name, "N": seq_len, "channels": channels, "width": width, **config,
+               "fwd_ms": do_bench(lambda: conv.causal_conv1d(*leaves, backend=backend), warmup=5, rep=30),
+               "fwd_bwd_ms": do_bench(fwd_bwd, warmup=5, rep=30, grad_to_none=leaves)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    timed("conv1d (cuDNN)", "torch")
+    for block_n, tiles in itertools.product((8, 16, 32), (1, 4, 16, 64)):
+        with _constants(triton_conv, ("BWD_BLOCK_N", "BWD_TILES"), (block_n, tiles)):
+            timed("causal conv (ours)", "triton", BWD_BLOCK_N=block_n, BWD_TILES=tiles)
     return rows
 
 
@@ -277,10 +309,11 @@ def main(argv=None):
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=32, help="sequences of the recurrent step")
     parser.add_argument("--kernels", nargs="+", choices=["features", *FEATURE_KERNELS, "recurrent", "linear",
-                                                         "quadratic", "scan"],
+                                                         "quadratic", "scan", "conv"],
                         default=["features", "recurrent", "linear"],
                         help="features: outer, apply and grad (or name any of them); quadratic: the attention "
-                             "kernels' block configs; scan: the chunked form's state scans")
+                             "kernels' block configs; scan: the chunked form's state scans; conv: the input conv's "
+                             "backward tiling")
     parser.add_argument("--scan-lengths", type=int, nargs="+", default=[8192, 32768],
                         help="N of the scan sweep (B = 32768 / N, 16 heads, d = 64)")
     parser.add_argument("--quadratic-lengths", type=int, nargs="+", default=[2048],
@@ -308,6 +341,8 @@ def main(argv=None):
         rows += sweep_quadratic(args.quadratic_lengths, args.quadratic_types)
     if "scan" in args.kernels:
         rows += sweep_scan(args.scan_lengths)
+    if "conv" in args.kernels:
+        rows += sweep_conv()
     gpu = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kernel_sweep_{gpu.replace(' ', '_')}.json")

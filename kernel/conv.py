@@ -18,7 +18,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     x: [B, N, C]; weight: [C, 1, k] (nn.Conv1d's depthwise layout); bias: [C] or None. Returns [B, N, C].
     backend as for attention (kernel/attention.py): "triton" runs kernel/triton_conv.py in the [B, N, C]
-    layout (contiguous y), "torch" nn.functional.conv1d; the causal-conv1d extension first when installed.
+    layout (contiguous y; windows of up to 4 taps), "torch" nn.functional.conv1d; the causal-conv1d extension
+    first when installed.
     """
     channels, _, width = weight.shape
     if x.shape[-1] != channels:
@@ -27,9 +28,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if causal_conv1d_fn is not None and x.is_cuda and 2 <= width <= 4:
         return causal_conv1d_fn(xt, weight[:, 0], bias).transpose(1, 2)
     if resolve_backend(backend, x) == "triton":
-        from .triton_conv import triton_causal_conv1d
+        from .triton_conv import MAX_WIDTH, triton_causal_conv1d
 
-        return triton_causal_conv1d(x, weight, bias)
+        if width <= MAX_WIDTH:  # wider windows (no config uses them) take conv1d below
+            return triton_causal_conv1d(x, weight, bias)
     # Zero rows on the left only: y is [B, C, N] itself, so the [B, N, C] view returned has feature stride N
     # (not N + k - 1: aligned for the attention kernels, which read it with its strides). The pad is the copy
     # that conv1d would make of the transposed input anyway.

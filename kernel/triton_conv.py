@@ -3,8 +3,8 @@
 y_t = bias + sum_i w_i x_{t-k+1+i} (zero rows before t = 0), per channel, for short windows (the q/k/v input
 conv, k = 2..4). It works in the [B, N, C] layout the projections produce and the attention kernels read,
 so no transposes or padded copies are made (nn.functional.conv1d needs [B, C, N]); fp32 accumulation.
-Backward: dx_t = sum_i w_i dy_{t+k-1-i}; dw_i and dbias are sums over all (b, t), formed per block of rows
-and channels and summed over the blocks in PyTorch (no atomics, deterministic).
+Backward: dx_t = sum_i w_i dy_{t+k-1-i}; dw_i and dbias are sums over all (b, t), formed per span of rows
+and block of channels and summed over the spans in PyTorch (no atomics, deterministic).
 """
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ from .triton_compat import INTERPRET
 # backward of 64 x 128 spills; checked offline with cuobjdump --dump-resource-usage). Small in the
 # interpreter so that tests cross block edges.
 BLOCK_N, BLOCK_C = (8, 16) if INTERPRET else (32, 64)
+# The backward's tiles (rows x the same channels) and tiles per program, whose dw and dbias sums it keeps in
+# float32 tiles: 16 rows, as 32 took all 255 registers (bench/kernel_resources.py-style ptxas -v). Two tiles in the
+# interpreter, so that tests cross programs.
+BWD_BLOCK_N, BWD_TILES = (8, 2) if INTERPRET else (16, 16)
+MAX_WIDTH = 4
 
 
 @triton.jit
@@ -47,31 +52,60 @@ def _conv_fwd_kernel(X, W, BIAS, Y, N, C, sx_b, sx_n, sx_c, sy_b, sy_n, sy_c,
 
 
 @triton.jit
+def _shift_terms(X, DY, W, b, offs_n, offs_c, c_mask, dy, dx, acc, N, C, sx_b, sx_n, sx_c, sdy_b, sdy_n, sdy_c,
+                 SHIFT: tl.constexpr, WIDTH: tl.constexpr):
+    """The tap that reads x SHIFT rows back (tap WIDTH - 1 - SHIFT): y_t took w x_{t-SHIFT}, so dx_t gets
+    w dy_{t+SHIFT}, and its dw sums dy_t x_{t-SHIFT} (acc, reduced once per program)."""
+    w = tl.load(W + offs_c * WIDTH + WIDTH - 1 - SHIFT, mask=c_mask, other=0.0).to(tl.float32)
+    dx += w[None, :] * _rows(DY, b, offs_n + SHIFT, offs_c, N, C, sdy_b, sdy_n, sdy_c)
+    acc += dy * _rows(X, b, offs_n - SHIFT, offs_c, N, C, sx_b, sx_n, sx_c)
+    return dx, acc
+
+
+@triton.jit
 def _conv_bwd_kernel(X, W, DY, DX, DWB, N, C, sx_b, sx_n, sx_c, sdy_b, sdy_n, sdy_c,
-                     WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx of a tile, and this tile's share of dw_0..dw_{k-1} and dbias: rows (WIDTH + 1) of DWB[program]."""
+                     WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+    """dx of TILES x BLOCK_N rows and BLOCK_C channels, and their share of dw_0..dw_{k-1} and dbias: rows
+    (WIDTH + 1) of DWB[program]. The products dy_t x_{t-shift} add up in float32 tiles over the program's rows and
+    are reduced across rows once at the end (a reduction per tile of 32 rows ran the backward 5x the forward's
+    time on an H200, bench/NOTES.md). At most four taps (one accumulator each)."""
     b = tl.program_id(2).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    part = DWB + ((b * tl.num_programs(0) + tl.program_id(0)) * (WIDTH + 1)) * C
-    dy = _rows(DY, b, offs_n, offs_c, N, C, sdy_b, sdy_n, sdy_c)
-    tl.store(part + WIDTH * C + offs_c, tl.sum(dy, 0), mask=c_mask)  # dbias
-    dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    for i in tl.static_range(WIDTH):
-        shift = WIDTH - 1 - i
-        w = tl.load(W + offs_c * WIDTH + i, mask=c_mask, other=0.0).to(tl.float32)
-        # y_{t} took w_i x_{t-shift}: dx_t gets w_i dy_{t+shift}; dw_i sums dy_t x_{t-shift}
-        dx += w[None, :] * _rows(DY, b, offs_n + shift, offs_c, N, C, sdy_b, sdy_n, sdy_c)
-        x = _rows(X, b, offs_n - shift, offs_c, N, C, sx_b, sx_n, sx_c)
-        tl.store(part + i * C + offs_c, tl.sum(dy * x, 0), mask=c_mask)
-    mask = (offs_n[:, None] < N) & c_mask[None, :]
-    tl.store(DX + b * N * C + offs_n[:, None].to(tl.int64) * C + offs_c[None, :], dx.to(DX.dtype.element_ty),
-             mask=mask)
+    zeros = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    acc_bias, acc0, acc1, acc2, acc3 = zeros, zeros, zeros, zeros, zeros  # acc<s>: the tap reading s rows back
+    for tile in range(TILES):
+        offs_n = (tl.program_id(0) * TILES + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dy = _rows(DY, b, offs_n, offs_c, N, C, sdy_b, sdy_n, sdy_c)
+        acc_bias += dy
+        dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        dx, acc0 = _shift_terms(X, DY, W, b, offs_n, offs_c, c_mask, dy, dx, acc0, N, C, sx_b, sx_n, sx_c, sdy_b,
+                                sdy_n, sdy_c, 0, WIDTH)
+        if WIDTH > 1:
+            dx, acc1 = _shift_terms(X, DY, W, b, offs_n, offs_c, c_mask, dy, dx, acc1, N, C, sx_b, sx_n, sx_c,
+                                    sdy_b, sdy_n, sdy_c, 1, WIDTH)
+        if WIDTH > 2:
+            dx, acc2 = _shift_terms(X, DY, W, b, offs_n, offs_c, c_mask, dy, dx, acc2, N, C, sx_b, sx_n, sx_c,
+                                    sdy_b, sdy_n, sdy_c, 2, WIDTH)
+        if WIDTH > 3:
+            dx, acc3 = _shift_terms(X, DY, W, b, offs_n, offs_c, c_mask, dy, dx, acc3, N, C, sx_b, sx_n, sx_c,
+                                    sdy_b, sdy_n, sdy_c, 3, WIDTH)
+        mask = (offs_n[:, None] < N) & c_mask[None, :]
+        tl.store(DX + b * N * C + offs_n[:, None].to(tl.int64) * C + offs_c[None, :], dx.to(DX.dtype.element_ty),
+                 mask=mask)
+    part = DWB + ((b * tl.num_programs(0) + tl.program_id(0)) * (WIDTH + 1)) * C + offs_c
+    tl.store(part + WIDTH * C, tl.sum(acc_bias, 0), mask=c_mask)
+    tl.store(part + (WIDTH - 1) * C, tl.sum(acc0, 0), mask=c_mask)
+    if WIDTH > 1:
+        tl.store(part + (WIDTH - 2) * C, tl.sum(acc1, 0), mask=c_mask)
+    if WIDTH > 2:
+        tl.store(part + (WIDTH - 3) * C, tl.sum(acc2, 0), mask=c_mask)
+    if WIDTH > 3:
+        tl.store(part + (WIDTH - 4) * C, tl.sum(acc3, 0), mask=c_mask)
 
 
-def _grid(B, N, C):
-    return (triton.cdiv(N, BLOCK_N), triton.cdiv(C, BLOCK_C), B)
+def _grid(B, N, C, rows=BLOCK_N):
+    return (triton.cdiv(N, rows), triton.cdiv(C, BLOCK_C), B)
 
 
 class _TritonCausalConv(torch.autograd.Function):
@@ -94,11 +128,11 @@ class _TritonCausalConv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         B, N, C = x.shape
         width = w.shape[-1]
-        grid = _grid(B, N, C)
+        grid = _grid(B, N, C, BWD_BLOCK_N * BWD_TILES)
         dx = x.new_empty(B, N, C)
         parts = torch.empty(B * grid[0], width + 1, C, dtype=torch.float32, device=x.device)
         _conv_bwd_kernel[grid](x, w, dy, dx, parts, N, C, *x.stride(), *dy.stride(), WIDTH=width,
-                               BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+                               BLOCK_N=BWD_BLOCK_N, BLOCK_C=BLOCK_C, TILES=BWD_TILES)
         sums = parts.sum(0)  # [width + 1, C]
         dweight = sums[:width].t().reshape(ctx.weight_shape).to(ctx.weight_dtype)
         dbias = None if ctx.bias_dtype is None else sums[width].to(ctx.bias_dtype)

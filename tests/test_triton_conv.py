@@ -27,11 +27,20 @@ def _check(x, w, b, tol, dtype=None):
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("N", [1, 37])
 def test_matches_conv1d(width, has_bias, N):
-    # N = 37 and C = 40 cross the interpreter's 8 x 16 blocks; N = 1 is shorter than the window
+    # N = 37 and C = 40 cross the interpreter's 8 x 16 blocks and its backward's spans of two of them; N = 1 is
+    # shorter than the window
     B, C = 2, 40
     x = torch.randn(B, N, C)
     w, b = torch.randn(C, 1, width), torch.randn(C) if has_bias else None
     _check(x, w, b, 1e-5)
+
+
+def test_wide_window_takes_conv1d():
+    """The kernels take up to MAX_WIDTH taps; a wider window on the triton backend runs conv1d, the same numbers."""
+    x, w, b = torch.randn(2, 37, 40), torch.randn(40, 1, 5), torch.randn(40)
+    dy = torch.randn(2, 37, 40)
+    for got, ref in zip(_run(x, w, b, dy, "triton"), _run(x, w, b, dy, "torch")):
+        assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("view", ["slice", "transposed"])

@@ -97,36 +97,52 @@ def _load_or_zeros(PTR, offs, mask, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _scan_fwd_kernel(U, LOGD, H0, STATES, FINAL, n, M, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
-    """STATES[c] = state entering chunk c; FINAL = state after the last chunk. One program per (head, block)."""
+    """STATES[c] = state entering chunk c; FINAL = state after the last chunk. One program per (head, block).
+    Each step loads the next chunk's sums and decay before it updates the state, so the update never waits on a
+    load issued in the same step."""
     bh = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     h = _load_or_zeros(H0 + bh * M, offs, mask, HAS_H0, BLOCK)
+    u = tl.load(U + bh * n * M + offs, mask=mask, other=0.0).to(tl.float32)
+    log_decay = tl.load(LOGD + bh * n)
     for c in range(n):
         row = (bh * n + c) * M
         tl.store(STATES + row + offs, h.to(STATES.dtype.element_ty), mask=mask)
-        u = tl.load(U + row + offs, mask=mask, other=0.0).to(tl.float32)
-        h = tl.exp(tl.load(LOGD + bh * n + c)) * h + u
+        more = c + 1 < n
+        u_next = tl.load(U + row + M + offs, mask=mask & more, other=0.0).to(tl.float32)
+        log_decay_next = tl.load(LOGD + bh * n + c + 1, mask=more, other=0.0)
+        h = tl.exp(log_decay) * h + u
+        u, log_decay = u_next, log_decay_next
     tl.store(FINAL + bh * M + offs, h, mask=mask)
 
 
 @triton.jit
 def _scan_bwd_kernel(STATES, LOGD, DSTATES, DFINAL, DU, DLOGD, DH0, n, M, NBLOCKS,
                      HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
-    """Reverse pass: dU_c = dM_{c+1}; dL_c = e^{L_c} <dM_{c+1}, M_c> (one partial sum per block)."""
+    """Reverse pass: dU_c = dM_{c+1}; dL_c = e^{L_c} <dM_{c+1}, M_c> (one partial sum per block). Each step loads
+    the previous chunk's rows before it uses the current ones (as the forward)."""
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     dh = _load_or_zeros(DFINAL + bh * M, offs, mask, HAS_DFINAL, BLOCK)
+    last = (bh * n + n - 1) * M
+    h = tl.load(STATES + last + offs, mask=mask, other=0.0).to(tl.float32)
+    dstate = tl.load(DSTATES + last + offs, mask=mask, other=0.0).to(tl.float32)
+    log_decay = tl.load(LOGD + bh * n + n - 1)
     for i in range(n):
         c = n - 1 - i
         row = (bh * n + c) * M
+        more = c > 0
+        h_prev = tl.load(STATES + row - M + offs, mask=mask & more, other=0.0).to(tl.float32)
+        dstate_prev = tl.load(DSTATES + row - M + offs, mask=mask & more, other=0.0).to(tl.float32)
+        log_decay_prev = tl.load(LOGD + bh * n + c - 1, mask=more, other=0.0)
         tl.store(DU + row + offs, dh.to(DU.dtype.element_ty), mask=mask)
-        decay = tl.exp(tl.load(LOGD + bh * n + c))
-        h = tl.load(STATES + row + offs, mask=mask, other=0.0).to(tl.float32)
+        decay = tl.exp(log_decay)
         tl.store(DLOGD + (bh * n + c) * NBLOCKS + blk, decay * tl.sum(dh * h, axis=0))
-        dh = decay * dh + tl.load(DSTATES + row + offs, mask=mask, other=0.0).to(tl.float32)
+        dh = decay * dh + dstate
+        h, dstate, log_decay = h_prev, dstate_prev, log_decay_prev
     tl.store(DH0 + bh * M + offs, dh, mask=mask)
 
 
