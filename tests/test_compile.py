@@ -65,6 +65,11 @@ def ops_to_record():
     o, state = power_attention(q, k, v, None, algorithm="chunk", chunk_size=16, output_final_state=True,
                                backend="triton")
     (o.sum() + state.sum()).backward()
+    # the model's call: [B, N, H, d] views of one projection, read with their strides
+    qkv = rand(B, 48, 3 * H * 64, dtype=torch.float16).requires_grad_()
+    g = (-rand(B, 48, H).abs()).requires_grad_()
+    views = [t.view(B, 48, H, 64) for t in qkv.chunk(3, dim=-1)]
+    power_attention(*views, g, algorithm="chunk", chunk_size=16, backend="triton", layout="bnhd").sum().backward()
     with torch.no_grad():
         for dtype in (torch.float32, torch.float16):
             x = rand(3, 48, dtype=dtype)

@@ -239,6 +239,40 @@ def test_chunk_triton_interpreter(power, normalize, has_state):
 
 
 @interpreter
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("N,has_state", [(24, False), (21, True)])
+def test_chunk_triton_bnhd_views(normalize, N, has_state):
+    """The model's call: q, k, v [B, N, H, d] views of one [B, N, 3 H d] projection and g [B, N, H] through the
+    chunked form's kernels in that layout (strided blocks, no transposed copies; padded when N is not a multiple
+    of the chunk) == the float64 recurrence on [B, H, N, d]: o, the final state and every gradient (of the
+    projection, g and the initial state); o comes back contiguous in [B, N, H, dv] without padding."""
+    B, H, d = 2, 3, 8
+    q, k, v, g = make_inputs(21, B, H, N, d, d, decay=2.0)
+    s0 = [random_state(22, B, H, d, d, "2")] if has_state else []
+    qkv = torch.cat([t.transpose(1, 2).reshape(B, N, H * d) for t in (q, k, v)], dim=-1)
+    g_n = g.transpose(1, 2).contiguous()
+
+    def views(qkv):
+        return [t.view(B, N, H, d) for t in qkv.chunk(3, dim=-1)]
+
+    def fused(qkv, g_n, *s):
+        return power_attention(*views(qkv), g_n, normalize=normalize, initial_state=s[0] if s else None,
+                               output_final_state=has_state, algorithm="chunk", chunk_size=8, backend="triton",
+                               layout="bnhd")
+
+    def reference(qkv, g_n, *s):
+        out = power_attention_naive(*(t.transpose(1, 2) for t in views(qkv)), g_n.transpose(1, 2), power="2",
+                                    normalize=normalize, initial_state=s[0] if s else None,
+                                    output_final_state=has_state)
+        return (out[0].transpose(1, 2), out[1]) if has_state else out.transpose(1, 2)
+
+    outs, gs = grads(fused, [t.float() for t in [qkv, g_n] + s0])
+    routs, rgs = grads(reference, [qkv, g_n] + s0)
+    assert_rel_close(outs + gs, routs + rgs, 2e-5)
+    assert outs[0].shape == (B, N, H, d) and (N % 8 or outs[0].is_contiguous())
+
+
+@interpreter
 def test_chunk_in_pieces(monkeypatch):
     """More chunks than the in-chunk kernel's grid takes (MAX_GRID_HEADS, made small here): the sequences (batch
     x heads) run in slices, with the outputs, final states and every gradient of one call; a single sequence of
@@ -489,6 +523,28 @@ def test_gpu_chunk_output_only_bf16(power, normalize):
         return grads(lambda *t: fn(*t, power=power, normalize=normalize, **kw), tensors)
 
     outs, gs = run(power_attention, torch.bfloat16, algorithm="chunk")
+    routs, rgs = run(power_attention_naive, torch.float64)
+    assert_rel_close(outs + gs, routs + rgs, 1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gpu_chunk_bnhd_views_bf16(recompute):
+    """The model's training call at real shapes in bf16: q, k, v [B, N, H, d] views of one projection, g
+    [B, N, H], the chunked kernels reading and writing that layout: o and every gradient within 1e-2 of float64."""
+    B, H, N, d = 2, 4, 1000, 64
+    q, k, v, g = make_inputs(25, B, H, N, d, d, decay=0.2)
+    qkv = torch.cat([t.transpose(1, 2).reshape(B, N, H * d) for t in (q, k, v)], dim=-1).cuda()
+
+    def run(fn, dtype, **kw):
+        def call(qkv, g_n):
+            views = [t.view(B, N, H, d) for t in qkv.chunk(3, dim=-1)]
+            if fn is power_attention_naive:
+                return fn(*(t.transpose(1, 2) for t in views), g_n.transpose(1, 2), power="2").transpose(1, 2)
+            return fn(*views, g_n, power="2", layout="bnhd", **kw)
+        return grads(call, [qkv.to(dtype), g.transpose(1, 2).contiguous().cuda()])
+
+    outs, gs = run(power_attention, torch.bfloat16, algorithm="chunk", recompute_states=recompute)
     routs, rgs = run(power_attention_naive, torch.float64)
     assert_rel_close(outs + gs, routs + rgs, 1e-2)
 

@@ -77,7 +77,8 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
     for the backward pass (~8x the values' size for power "2") but forms them again there, and "auto" takes the
     crossover measured with that recompute; no effect on the other algorithms, which keep none.
     layout "bnhd": q, k, v [B, N, H, d], g [B, N, H], o [B, N, H, dv] (the state is [B, H, D, dv + 1] in both);
-    the quadratic kernel reads that layout with its strides, the chunk and recurrent algorithms transpose it.
+    the quadratic kernel and the chunked form's GPU kernels (power 2) read and write that layout with its strides;
+    the other paths transpose it.
     """
     views = bhnd_views(layout, q, k, v, g)
     scale = check_attention_args(*views, power, scale)
@@ -110,7 +111,7 @@ def power_attention(q, k, v, g=None, *, power="2", normalize=True, scale=None, i
         o, final = chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
                                          initial_state=initial_state, output_final_state=output_final_state,
                                          chunk_size=N if algorithm == "quadratic" else chunk_size,
-                                         recompute_states=recompute_states, backend=backend)
+                                         recompute_states=recompute_states, backend=backend, layout=layout)
         result = (o, final) if output_final_state else o
     if inplace and result[1] is not initial_state:
         initial_state.copy_(result[1])

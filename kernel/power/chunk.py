@@ -31,8 +31,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..attention import attention, resolve_backend
+from ..reference import bhnd_views
 from ..triton_attention import MAX_GRID_HEADS, attention_backward, attention_forward
-from .features import apply, feature_apply, feature_dot, feature_outer, feature_weighted_sum, grad, gram, outer, quad
+from .features import (_block_start, _strides, apply, feature_apply, feature_dot, feature_outer, feature_weighted_sum,
+                       grad, gram, outer, quad)
 from .naive import normalized, state_size
 
 # The scans' launch constants: state entries per program and warps (bench/kernel_sweep.py --kernels scan)
@@ -42,13 +44,15 @@ SEGMENT_TOKENS = 1 << 23  # token-heads per piece of a long input without gradie
 
 
 @triton.jit
-def _decay_fwd_kernel(G, W, L, QD, C, sq_scale, BLOCK_C: tl.constexpr):
-    """One chunk's decays from its log decays g: b = cumsum g (float64), L = b_last, the keys' e^{L - b} and the
-    queries' sq_scale e^b (float32)."""
+def _decay_fwd_kernel(G, SG1, SG2, SG, H2, W, L, QD, C, sq_scale, BLOCK_C: tl.constexpr):
+    """One chunk's decays from its log decays g (block t_ of the blocks [U, C, H2] with strides SG1, SG2 and token
+    stride SG; features.py): b = cumsum g (float64), L = b_last, the keys' e^{L - b} and the queries' sq_scale e^b
+    (float32, [T, C] in block order)."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < C
-    b = tl.cumsum(tl.load(G + t_ * C + c, mask=mask, other=0.0).to(tl.float64), 0)
+    G = _block_start(G, t_, H2, SG1, SG2)
+    b = tl.cumsum(tl.load(G + c * SG, mask=mask, other=0.0).to(tl.float64), 0)
     last = tl.sum(tl.where(c == C - 1, b, 0.0), 0)  # b_last exactly
     tl.store(W + t_ * C + c, tl.exp(last - b).to(tl.float32), mask=mask)
     tl.store(QD + t_ * C + c, (tl.exp(b) * sq_scale).to(tl.float32), mask=mask)
@@ -56,15 +60,17 @@ def _decay_fwd_kernel(G, W, L, QD, C, sq_scale, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _decay_bwd_kernel(G, DW, DL, DQD, DA_Q, DA_K, DG, C, sq_scale, HAS_DQD: tl.constexpr, HAS_DA: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+def _decay_bwd_kernel(G, SG1, SG2, SG, H2, DW, DL, DQD, DA_Q, DA_K, DG, SD1, SD2, SD, C, sq_scale,
+                      HAS_DQD: tl.constexpr, HAS_DA: tl.constexpr, BLOCK_C: tl.constexpr):
     """d g of one chunk from the gradients of _decay_fwd_kernel's outputs (d qd with HAS_DQD) and, HAS_DA, of the
     in-chunk kernel's cumulative decay, which is b (its two terms): d b = d a - e^{L - b} d w + sq_scale e^b d qd,
-    plus d L + sum_j e^{L - b_j} d w_j at the last token; d g is the reverse cumulative sum of d b (float64)."""
+    plus d L + sum_j e^{L - b_j} d w_j at the last token; d g is the reverse cumulative sum of d b (float64),
+    into blocks of DG's strides SD1, SD2, SD."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < C
-    b = tl.cumsum(tl.load(G + t_ * C + c, mask=mask, other=0.0).to(tl.float64), 0)
+    G, DG = _block_start(G, t_, H2, SG1, SG2), _block_start(DG, t_, H2, SD1, SD2)
+    b = tl.cumsum(tl.load(G + c * SG, mask=mask, other=0.0).to(tl.float64), 0)
     last = tl.sum(tl.where(c == C - 1, b, 0.0), 0)
     dw = tl.exp(last - b) * tl.load(DW + t_ * C + c, mask=mask, other=0.0).to(tl.float64)
     db = -dw
@@ -74,17 +80,18 @@ def _decay_bwd_kernel(G, DW, DL, DQD, DA_Q, DA_K, DG, C, sq_scale, HAS_DQD: tl.c
         db += tl.load(DA_Q + t_ * C + c, mask=mask, other=0.0).to(tl.float64) + \
             tl.load(DA_K + t_ * C + c, mask=mask, other=0.0).to(tl.float64)
     db += tl.where(c == C - 1, tl.load(DL + t_).to(tl.float64) + tl.sum(dw, 0), 0.0)
-    tl.store(DG + t_ * C + c, tl.cumsum(db, 0, reverse=True).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DG + c * SD, tl.cumsum(db, 0, reverse=True).to(DG.dtype.element_ty), mask=mask)
 
 
 def _decays(g, sq_scale):
-    """(keys' decays w [T, C], chunk decays L [T], queries' decays qd [T, C]), float32, of the chunks' log decays
-    g [T, C] (contiguous, any float dtype), by _decay_fwd_kernel."""
-    T, C = g.shape
+    """(keys' decays w [T, C], chunk decays L [T], queries' decays qd [T, C]), float32 in block order, of the
+    chunks' log decays g, blocks [U, C, H2] (any strides, any float dtype), by _decay_fwd_kernel."""
+    U, C, heads = g.shape
+    T = U * heads
     w, qd = torch.empty(T, C, dtype=torch.float32, device=g.device), torch.empty(T, C, dtype=torch.float32,
                                                                                 device=g.device)
     L = torch.empty(T, dtype=torch.float32, device=g.device)
-    _decay_fwd_kernel[(T,)](g, w, L, qd, C, sq_scale, BLOCK_C=triton.next_power_of_2(C))
+    _decay_fwd_kernel[(T,)](g, *_strides(g), heads, w, L, qd, C, sq_scale, BLOCK_C=triton.next_power_of_2(C))
     return w, L, qd
 
 
@@ -96,29 +103,38 @@ def _load_or_zeros(PTR, offs, mask, PRESENT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_kernel(U, LOGD, H0, STATES, FINAL, n, M, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+def _first_chunk(bh, n, H2):
+    """Block index of sequence bh's first chunk: blocks are in the order (batch, chunk, head of H2), so its chunks
+    are H2 apart (H2 = 1: a sequence's chunks are consecutive)."""
+    return (bh // H2) * n * H2 + bh % H2
+
+
+@triton.jit
+def _scan_fwd_kernel(U, LOGD, H0, STATES, FINAL, n, M, H2, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
     """STATES[c] = state entering chunk c; FINAL = state after the last chunk. One program per (head, block).
-    Each step loads the next chunk's sums and decay before it updates the state, so the update never waits on a
-    load issued in the same step."""
+    U, LOGD, STATES in block order (_first_chunk). Each step loads the next chunk's sums and decay before it
+    updates the state, so the update never waits on a load issued in the same step."""
     bh = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
+    t0 = _first_chunk(bh, n, H2)
     h = _load_or_zeros(H0 + bh * M, offs, mask, HAS_H0, BLOCK)
-    u = tl.load(U + bh * n * M + offs, mask=mask, other=0.0).to(tl.float32)
-    log_decay = tl.load(LOGD + bh * n)
+    u = tl.load(U + t0 * M + offs, mask=mask, other=0.0).to(tl.float32)
+    log_decay = tl.load(LOGD + t0)
     for c in range(n):
-        row = (bh * n + c) * M
+        t_ = t0 + c * H2
+        row = t_ * M
         tl.store(STATES + row + offs, h.to(STATES.dtype.element_ty), mask=mask)
         more = c + 1 < n
-        u_next = tl.load(U + row + M + offs, mask=mask & more, other=0.0).to(tl.float32)
-        log_decay_next = tl.load(LOGD + bh * n + c + 1, mask=more, other=0.0)
+        u_next = tl.load(U + row + H2 * M + offs, mask=mask & more, other=0.0).to(tl.float32)
+        log_decay_next = tl.load(LOGD + t_ + H2, mask=more, other=0.0)
         h = tl.exp(log_decay) * h + u
         u, log_decay = u_next, log_decay_next
     tl.store(FINAL + bh * M + offs, h, mask=mask)
 
 
 @triton.jit
-def _scan_bwd_kernel(STATES, LOGD, DSTATES, DFINAL, DU, DLOGD, DH0, n, M, NBLOCKS,
+def _scan_bwd_kernel(STATES, LOGD, DSTATES, DFINAL, DU, DLOGD, DH0, n, M, H2, NBLOCKS,
                      HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
     """Reverse pass: dU_c = dM_{c+1}; dL_c = e^{L_c} <dM_{c+1}, M_c> (one partial sum per block). Each step loads
     the previous chunk's rows before it uses the current ones (as the forward)."""
@@ -127,66 +143,70 @@ def _scan_bwd_kernel(STATES, LOGD, DSTATES, DFINAL, DU, DLOGD, DH0, n, M, NBLOCK
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     dh = _load_or_zeros(DFINAL + bh * M, offs, mask, HAS_DFINAL, BLOCK)
-    last = (bh * n + n - 1) * M
-    h = tl.load(STATES + last + offs, mask=mask, other=0.0).to(tl.float32)
-    dstate = tl.load(DSTATES + last + offs, mask=mask, other=0.0).to(tl.float32)
-    log_decay = tl.load(LOGD + bh * n + n - 1)
+    t_last = _first_chunk(bh, n, H2) + (n - 1) * H2
+    h = tl.load(STATES + t_last * M + offs, mask=mask, other=0.0).to(tl.float32)
+    dstate = tl.load(DSTATES + t_last * M + offs, mask=mask, other=0.0).to(tl.float32)
+    log_decay = tl.load(LOGD + t_last)
     for i in range(n):
-        c = n - 1 - i
-        row = (bh * n + c) * M
-        more = c > 0
-        h_prev = tl.load(STATES + row - M + offs, mask=mask & more, other=0.0).to(tl.float32)
-        dstate_prev = tl.load(DSTATES + row - M + offs, mask=mask & more, other=0.0).to(tl.float32)
-        log_decay_prev = tl.load(LOGD + bh * n + c - 1, mask=more, other=0.0)
+        t_ = t_last - i * H2
+        row = t_ * M
+        more = i + 1 < n
+        h_prev = tl.load(STATES + row - H2 * M + offs, mask=mask & more, other=0.0).to(tl.float32)
+        dstate_prev = tl.load(DSTATES + row - H2 * M + offs, mask=mask & more, other=0.0).to(tl.float32)
+        log_decay_prev = tl.load(LOGD + t_ - H2, mask=more, other=0.0)
         tl.store(DU + row + offs, dh.to(DU.dtype.element_ty), mask=mask)
         decay = tl.exp(log_decay)
-        tl.store(DLOGD + (bh * n + c) * NBLOCKS + blk, decay * tl.sum(dh * h, axis=0))
+        tl.store(DLOGD + t_ * NBLOCKS + blk, decay * tl.sum(dh * h, axis=0))
         dh = decay * dh + dstate
         h, dstate, log_decay = h_prev, dstate_prev, log_decay_prev
     tl.store(DH0 + bh * M + offs, dh, mask=mask)
 
 
-def _scan_forward(u, log_decay, h0, states_dtype):
-    """The Triton scan: (states [BH, n, M] in states_dtype, final [BH, M] float32) from contiguous u [BH, n, M],
-    float32 log_decay [BH, n] and h0 [BH, M] float32 or None."""
-    BH, n, M = u.shape
-    states = torch.empty(BH, n, M, dtype=states_dtype, device=u.device)
-    final = torch.empty(BH, M, dtype=torch.float32, device=u.device)
-    _scan_fwd_kernel[(BH, triton.cdiv(M, SCAN["BLOCK"]))](u, log_decay, u if h0 is None else h0, states, final, n,
-                                                          M, HAS_H0=h0 is not None, BLOCK=SCAN["BLOCK"],
-                                                          num_warps=SCAN["NUM_WARPS"])
+def _scan_forward(u, log_decay, h0, states_dtype, n, heads=1):
+    """The Triton scan: (states [T, M] in states_dtype, final [BH, M] float32) from contiguous u [T, M] and float32
+    log_decay [T] in block order (the chunks of T / n sequences, _first_chunk; heads = 1: [BH, n] order), h0
+    [BH, M] float32 or None."""
+    T, M = u.shape
+    states = torch.empty(T, M, dtype=states_dtype, device=u.device)
+    final = torch.empty(T // n, M, dtype=torch.float32, device=u.device)
+    _scan_fwd_kernel[(T // n, triton.cdiv(M, SCAN["BLOCK"]))](u, log_decay, u if h0 is None else h0, states, final,
+                                                              n, M, heads, HAS_H0=h0 is not None,
+                                                              BLOCK=SCAN["BLOCK"], num_warps=SCAN["NUM_WARPS"])
     return states, final
 
 
-def _scan_backward(states, log_decay, dstates, dfinal, u_dtype):
+def _scan_backward(states, log_decay, dstates, dfinal, u_dtype, n, heads=1):
     """(d u in u_dtype, d log_decay, d h0 float32) of _scan_forward; dstates and dfinal may be None (zero)."""
-    BH, n, M = states.shape
+    T, M = states.shape
     nblocks = triton.cdiv(M, SCAN["BLOCK"])
     dstates = torch.zeros_like(states) if dstates is None else dstates.contiguous()
-    du = torch.empty(BH, n, M, dtype=u_dtype, device=states.device)
-    dlog_parts = torch.empty(BH, n, nblocks, dtype=torch.float32, device=states.device)
-    dh0 = torch.empty(BH, M, dtype=torch.float32, device=states.device)
-    _scan_bwd_kernel[(BH, nblocks)](states, log_decay, dstates,
-                                    dfinal.float().contiguous() if dfinal is not None else states, du, dlog_parts,
-                                    dh0, n, M, nblocks, HAS_DFINAL=dfinal is not None, BLOCK=SCAN["BLOCK"],
-                                    num_warps=SCAN["NUM_WARPS"])
+    du = torch.empty(T, M, dtype=u_dtype, device=states.device)
+    dlog_parts = torch.empty(T, nblocks, dtype=torch.float32, device=states.device)
+    dh0 = torch.empty(T // n, M, dtype=torch.float32, device=states.device)
+    _scan_bwd_kernel[(T // n, nblocks)](states, log_decay, dstates,
+                                        dfinal.float().contiguous() if dfinal is not None else states, du,
+                                        dlog_parts, dh0, n, M, heads, nblocks, HAS_DFINAL=dfinal is not None,
+                                        BLOCK=SCAN["BLOCK"], num_warps=SCAN["NUM_WARPS"])
     return du, dlog_parts.sum(-1), dh0
 
 
 class _TritonStateScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, log_decay, h0, states_dtype):
-        states, final = _scan_forward(u, log_decay, h0, states_dtype)
+        BH, n, M = u.shape
+        states, final = _scan_forward(u.view(BH * n, M), log_decay.view(-1), h0, states_dtype, n)
         ctx.save_for_backward(states, log_decay)
         ctx.has_h0 = h0 is not None
         ctx.u_dtype = u.dtype
-        return states, final
+        return states.view(BH, n, M), final
 
     @staticmethod
     def backward(ctx, dstates, dfinal):
         states, log_decay = ctx.saved_tensors
-        du, dlog, dh0 = _scan_backward(states, log_decay, dstates, dfinal, ctx.u_dtype)
-        return du, dlog, dh0 if ctx.has_h0 else None, None
+        BH, n = log_decay.shape
+        du, dlog, dh0 = _scan_backward(states, log_decay.view(-1), None if dstates is None else dstates.reshape(
+            BH * n, -1), dfinal, ctx.u_dtype, n)
+        return du.view(BH, n, -1), dlog.view(BH, n), dh0 if ctx.has_h0 else None, None
 
 
 def state_scan(u, log_decay, h0=None, *, states_dtype=None, backend="auto"):
@@ -210,46 +230,56 @@ def state_scan(u, log_decay, h0=None, *, states_dtype=None, backend="auto"):
 
 
 @triton.jit
-def _combine_fwd_kernel(INTRA, INTRA_DEN, INTER, INTER_Z, QD, O, DEN, R, dv, NORMALIZE: tl.constexpr,
+def _natural_rows(rows, C, H2):
+    """Rows in block order (block t = u H2 + h of C tokens, then the token) -> the same rows of a [U, C, H2, .]
+    tensor (a [B, N, H, .] layout): the in-chunk kernel's output, o and d o. H2 = 1: the same rows."""
+    t_, token = rows // C, rows % C
+    return ((t_ // H2) * C + token) * H2 + t_ % H2
+
+
+@triton.jit
+def _combine_fwd_kernel(INTRA, INTRA_DEN, INTER, INTER_Z, QD, O, DEN, R, dv, C, H2, NORMALIZE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """o = num / den (0 where den = 0) or num, with num = intra + inter * qd and den = intra_den + inter_z * qd,
-    for BLOCK_R rows."""
+    for BLOCK_R rows in block order; intra and o in the natural order (_natural_rows)."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    natural = _natural_rows(rows, C, H2)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < R
     mask = rmask[:, None] & (cols[None, :] < dv)
     qd = tl.load(QD + rows, mask=rmask, other=0.0)
-    num = tl.load(INTRA + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
+    num = tl.load(INTRA + natural[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32) + \
         tl.load(INTER + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0) * qd[:, None]
     if NORMALIZE:
         den = tl.load(INTRA_DEN + rows, mask=rmask, other=0.0) + tl.load(INTER_Z + rows, mask=rmask, other=0.0) * qd
         num = tl.where(den[:, None] == 0.0, 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None])
         tl.store(DEN + rows, den, mask=rmask)
-    tl.store(O + rows[:, None] * dv + cols[None, :], num.to(O.dtype.element_ty), mask=mask)
+    tl.store(O + natural[:, None] * dv + cols[None, :], num.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _combine_bwd_kernel(DO, O, DEN, INTER, INTER_Z, QD, DINTRA, DINTRA_DEN, DINTER, DINTER_Z, DQD, R, dv,
+def _combine_bwd_kernel(DO, O, DEN, INTER, INTER_Z, QD, DINTRA, DINTRA_DEN, DINTER, DINTER_Z, DQD, R, dv, C, H2,
                         NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """d num and d den from d o, then d intra = d num, d inter = d num * qd (and the same for the dens),
-    d qd = <d num, inter> + d den * inter_z."""
+    d qd = <d num, inter> + d den * inter_z. d o, o and d intra in the natural order, as the forward's."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    natural = _natural_rows(rows, C, H2)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < R
     mask = rmask[:, None] & (cols[None, :] < dv)
-    do = tl.load(DO + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + natural[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     qd = tl.load(QD + rows, mask=rmask, other=0.0)
     inter = tl.load(INTER + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0)
     dnum = do
     if NORMALIZE:  # o = num / den: d num = d o / den, d den = -<d o, o> / den (both 0 where den = 0)
         den = tl.load(DEN + rows, mask=rmask, other=0.0)
-        o = tl.load(O + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(O + natural[:, None] * dv + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
         dnum = do * inv[:, None]
         dden = -tl.sum(do * o, axis=1) * inv
         tl.store(DINTRA_DEN + rows, dden, mask=rmask)
         tl.store(DINTER_Z + rows, dden * qd, mask=rmask)
-    tl.store(DINTRA + rows[:, None] * dv + cols[None, :], dnum.to(DINTRA.dtype.element_ty), mask=mask)
+    tl.store(DINTRA + natural[:, None] * dv + cols[None, :], dnum.to(DINTRA.dtype.element_ty), mask=mask)
     tl.store(DINTER + rows[:, None] * dv + cols[None, :], (dnum * qd[:, None]).to(DINTER.dtype.element_ty), mask=mask)
     dqd = tl.sum(dnum * inter, axis=1)
     if NORMALIZE:
@@ -257,22 +287,23 @@ def _combine_bwd_kernel(DO, O, DEN, INTER, INTER_Z, QD, DINTRA, DINTRA_DEN, DINT
     tl.store(DQD + rows, dqd, mask=rmask)
 
 
-def _combine_forward(intra, intra_den, inter, inter_z, qd, normalize, out_dtype):
+def _combine_forward(intra, intra_den, inter, inter_z, qd, normalize, out_dtype, C=1, heads=1):
     """The fused combine's kernel on contiguous [R, dv] / [R] tensors: (o in out_dtype, den float32, empty without
-    normalisation)."""
+    normalisation). heads > 1: intra and o hold their rows in the natural order of blocks of C tokens and heads
+    (_natural_rows), the others in block order."""
     R, dv = intra.shape
     o = torch.empty(R, dv, dtype=out_dtype, device=intra.device)
     den = torch.empty(R if normalize else 0, dtype=torch.float32, device=intra.device)
     _combine_fwd_kernel[(triton.cdiv(R, COMBINE_ROWS),)](intra, intra_den if normalize else qd, inter,
-                                                        inter_z if normalize else qd, qd, o, den, R, dv,
+                                                        inter_z if normalize else qd, qd, o, den, R, dv, C, heads,
                                                         NORMALIZE=normalize, BLOCK_R=COMBINE_ROWS,
                                                         BLOCK_E=triton.next_power_of_2(dv))
     return o, den
 
 
-def _combine_backward(do, o, den, inter, inter_z, qd, normalize, dintra_dtype, dinter_dtype):
+def _combine_backward(do, o, den, inter, inter_z, qd, normalize, dintra_dtype, dinter_dtype, C=1, heads=1):
     """(d intra, d intra_den, d inter, d inter_z, d qd) of _combine_forward, d intra and d inter rounded to the given
-    dtypes (the dens None without normalisation)."""
+    dtypes (the dens None without normalisation); d o and d intra in o's row order."""
     R, dv = o.shape
     dintra = torch.empty(R, dv, dtype=dintra_dtype, device=o.device)
     dinter = torch.empty(R, dv, dtype=dinter_dtype, device=o.device)
@@ -281,8 +312,8 @@ def _combine_backward(do, o, den, inter, inter_z, qd, normalize, dintra_dtype, d
     _combine_bwd_kernel[(triton.cdiv(R, COMBINE_ROWS),)](do.contiguous(), o, den, inter,
                                                         inter_z if normalize else qd, qd, dintra,
                                                         dqd if dintra_den is None else dintra_den, dinter,
-                                                        dqd if dinter_z is None else dinter_z, dqd, R, dv,
-                                                        NORMALIZE=normalize, BLOCK_R=COMBINE_ROWS,
+                                                        dqd if dinter_z is None else dinter_z, dqd, R, dv, C,
+                                                        heads, NORMALIZE=normalize, BLOCK_R=COMBINE_ROWS,
                                                         BLOCK_E=triton.next_power_of_2(dv))
     return dintra, dintra_den, dinter, dinter_z, dqd
 
@@ -319,13 +350,14 @@ def combine(intra, intra_den, inter, inter_z, query_decay, *, normalize, fused, 
     return normalized(torch.cat([num, den], dim=1), True).to(out_dtype)
 
 
-def _form_states(k, v, w, L, h0, *, power, fused, states_dtype, backend):
-    """The states S entering each chunk [BH, n, D dv] (states_dtype) and the final one [BH, D dv] (float32):
-    chunk sums U = phi(k)^T (w v), then the scan. fused: the kernels, no autograd (w, L, h0 float32); otherwise
-    differentiable (PyTorch products, and the scan of `backend`)."""
-    BH, n = L.shape
+def _form_states(k, v, w, L, h0, *, power, fused, states_dtype, backend, n=None, heads=1):
+    """The states S entering each chunk and the final one [BH, D dv] (float32): chunk sums U = phi(k)^T (w v), then
+    the scan. fused: the kernels, no autograd (w, L [T] float32 in block order, h0 float32; k, v blocks as
+    features.py takes them, n chunks of `heads` heads per sequence), states [T, D dv] in block order; otherwise
+    differentiable (PyTorch products, and the scan of `backend`; L [BH, n]), states [BH, n, D dv]."""
     if fused:
-        return _scan_forward(outer(k, v, w).view(BH, n, -1), L, h0, states_dtype)
+        return _scan_forward(outer(k, v, w).view(w.shape[0], -1), L, h0, states_dtype, n, heads)
+    BH, n = L.shape
     u = feature_outer(k, v, w, power=power)
     return state_scan(u.reshape(BH, n, -1), L, h0, states_dtype=states_dtype, backend=backend)
 
@@ -349,50 +381,53 @@ def _state_part(q, k, v, w, L, h0, h0_z, *, power, need_z, read_z, states_dtype,
     return inter, inter_z, final, final_z
 
 
-def _fused_state_forward(q, k, v, w, L, h0, h0_z, need_z, read_z):
+def _fused_state_forward(q, k, v, w, L, h0, h0_z, need_z, read_z, n, heads):
     """_state_part's forward for power 2 on the fused feature kernels (features.py), no autograd: (inter, inter_z,
-    final S, final z, per-chunk states S in q's dtype, per-chunk z float32); w, L, h0, h0_z float32."""
-    T = q.shape[0]
+    final S, final z, per-chunk states S in q's dtype, per-chunk z float32). q, k, v blocks [U, C, heads, .]
+    (n chunks per sequence); w, L, h0, h0_z float32; inter [T, C, dv], inter_z [T, C] and the states in block
+    order."""
+    T = w.shape[0]
     dv = v.shape[-1]
-    BH, n = L.shape
-    states, final = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton")
+    states, final = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton", n=n,
+                                 heads=heads)
     inter = apply(q, states.view(T, -1, dv), torch.float32)
     inter_z = final_z = states_z = None
     if need_z:
-        states_z, final_z = _scan_forward(gram(k, w).view(BH, n, -1), L, h0_z, torch.float32)
+        states_z, final_z = _scan_forward(gram(k, w), L, h0_z, torch.float32, n, heads)
         if read_z:
-            inter_z = quad(q, states_z.view(T, -1))
+            inter_z = quad(q, states_z)
     return inter, inter_z, final, final_z, states, states_z
 
 
-def _fused_state_backward(q, k, v, w, L, h0, states, states_z, dinter, dinter_z, dfinal, dfinal_z, more_dq=None,
-                          more_dk=None, more_dv=None):
-    """(d q, d k, d v, d w, d L, d h0, d h0_z) of _fused_state_forward from d inter (in q's dtype: the products read
-    it rounded, as the forward's operands), d inter_z, d final, d final_z (each None when it does not reach the loss;
-    d inter None: q gets none). states None: formed again here. Each of d q, d k, d v is the float32 sum of its
-    kernels' terms and of more_dq, more_dk, more_dv (the in-chunk term's, when given) rounded once."""
-    T = q.shape[0]
+def _fused_state_backward(q, k, v, w, L, h0, states, states_z, dinter, dinter_z, dfinal, dfinal_z, n, heads,
+                          grads, more_dq=None, more_dk=None, more_dv=None):
+    """(d w, d L, d h0, d h0_z) of _fused_state_forward from d inter (in q's dtype: the products read it rounded,
+    as the forward's operands), d inter_z, d final, d final_z (each None when it does not reach the loss; d inter
+    None: q gets none); d q, d k, d v are written into grads (blocks as q, k, v; d q's None when d inter is).
+    states None: formed again here. Each of d q, d k, d v is the float32 sum of its kernels' terms and of more_dq,
+    more_dk, more_dv (the in-chunk term's, when given) rounded once."""
+    T = w.shape[0]
     dv = v.shape[-1]
-    BH, n = L.shape
+    out_dq, out_dk, out_dv = grads
     if states is None:
-        states, _ = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton")
-    dq = dstates = None
+        states, _ = _form_states(k, v, w, L, h0, power="2", fused=True, states_dtype=q.dtype, backend="triton", n=n,
+                                 heads=heads)
+    dstates = None
     if dinter is not None:
-        dq_z = None if dinter_z is None else quad(q, states_z.view(T, -1), dinter_z)
-        dq = grad(q, states.view(T, -1, dv), dinter, adds=(dq_z, more_dq))
-        dstates = outer(q, dinter).view(BH, n, -1)
-    du, dL, dh0 = _scan_backward(states, L, dstates, dfinal, q.dtype)
+        dq_z = None if dinter_z is None else quad(q, states_z, dinter_z)
+        grad(q, states.view(T, -1, dv), dinter, adds=(dq_z, more_dq), out=out_dq)
+        dstates = outer(q, dinter).view(T, -1)
+    du, dL, dh0 = _scan_backward(states, L, dstates, dfinal, q.dtype, n, heads)
     du = du.view(T, -1, dv)
-    dvalues, dw = apply(k, du, v.dtype, w, v, add=more_dv)
+    _, dw = apply(k, du, v.dtype, w, v, add=more_dv, out=out_dv)
     dk_z = dh0_z = None
     if states_z is not None:
-        dstates_z = None if dinter_z is None else gram(q, dinter_z).view(BH, n, -1)
-        du_z, dL_z, dh0_z = _scan_backward(states_z, L, dstates_z, dfinal_z, torch.float32)
-        du_z = du_z.view(T, -1)
+        dstates_z = None if dinter_z is None else gram(q, dinter_z)
+        du_z, dL_z, dh0_z = _scan_backward(states_z, L, dstates_z, dfinal_z, torch.float32, n, heads)
         dk_z = quad(k, du_z, w)
         dw, dL = dw + quad(k, du_z), dL + dL_z
-    dk = grad(k, du, v, w, adds=(dk_z, more_dk))
-    return dq, dk, dvalues, dw, dL, dh0, dh0_z
+    grad(k, du, v, w, adds=(dk_z, more_dk), out=out_dk)
+    return dw, dL, dh0, dh0_z
 
 
 class _FusedChunkCore(torch.autograd.Function):
@@ -404,60 +439,69 @@ class _FusedChunkCore(torch.autograd.Function):
     gathers every decay's gradient into d g. Separate autograd functions cast float32 gradients, added bf16 ones
     and ran some thirty small float64 ops on the decays in extra passes. recompute: keep no per-chunk states S
     (~8x the values' size in bf16) for the backward but form them again there (outer product and scan), what
-    activation checkpointing needs. Blocks q, k [T, C, d], v [T, C, dv]; g [T, C] the chunks' log decays
-    (contiguous) or None; n chunks per sequence; h0, h0_z float32."""
+    activation checkpointing needs.
+    q, k [U, C, heads, d], v [U, C, heads, dv], g [U, C, heads] or None: blocks (features.py) of n chunks per
+    sequence, block t = u heads + h, any strides but the columns' (views of a [B, N, H, .] layout with
+    heads = H, U = B n, or of [B, H, N, .] with heads = 1, U = B H n); o and d q, d k, d v are contiguous
+    [U, C, heads, .] (the same layout, no transposes); h0, h0_z float32."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, h0_z, n, scale, normalize, need_z, recompute):
-        T, C, d = q.shape
-        dv = v.shape[-1]
+        U, C, heads, d = q.shape
+        T, dv = U * heads, v.shape[-1]
         sq_scale = scale * scale
-        w, L, qd = _decays(torch.zeros(T, C, dtype=torch.float32, device=q.device) if g is None else g, sq_scale)
-        L = L.view(T // n, n)
-        blocks = q.view(T, 1, C, d), k.view(T, 1, C, d), v.view(T, 1, C, dv)
+        w, L, qd = _decays(torch.zeros(U, C, heads, dtype=torch.float32, device=q.device) if g is None else g,
+                           sq_scale)
+        # the in-chunk kernel on [U, heads, C, .] views: each chunk a sequence, its outputs [U, C, heads, .]
         intra, intra_den, att_saved, ctx.att_info = attention_forward(
-            *blocks, None if g is None else g.view(T, 1, C), "2", False, scale, False,
-            torch.float32 if normalize else q.dtype)
+            *(t.transpose(1, 2) for t in (q, k, v)), None if g is None else g.transpose(1, 2), "2", False, scale,
+            True, torch.float32 if normalize else q.dtype)
         inter, inter_z, final, final_z, states, states_z = _fused_state_forward(q, k, v, w, L, h0, h0_z, need_z,
-                                                                                 normalize)
-        o, den = _combine_forward(intra.view(-1, dv), intra_den.view(-1), inter.view(-1, dv), inter_z, qd.view(-1),
-                                  normalize, q.dtype)
-        ctx.save_for_backward(*att_saved, g, w, L, h0, None if recompute else states, states_z, o, den, inter,
-                              inter_z, qd)
-        ctx.normalize, ctx.sq_scale = normalize, sq_scale
+                                                                                 normalize, n, heads)
+        o, den = _combine_forward(intra.transpose(1, 2).reshape(-1, dv), intra_den.view(-1), inter.view(-1, dv),
+                                  inter_z, qd.view(-1), normalize, q.dtype, C, heads)
+        ctx.save_for_backward(*att_saved, q, k, v, g, w, L, h0, None if recompute else states, states_z, o, den,
+                              inter, inter_z, qd)
+        ctx.normalize, ctx.sq_scale, ctx.n = normalize, sq_scale, n
         ctx.has_h0, ctx.has_h0_z = h0 is not None, h0_z is not None
         ctx.set_materialize_grads(False)
-        return o, final, final_z
+        return o.view(U, C, heads, dv), final, final_z
 
     @staticmethod
     def backward(ctx, do, dfinal, dfinal_z):
         saved = ctx.saved_tensors
-        att_saved, (g, w, L, h0, states, states_z, o, den, inter, inter_z, qd) = saved[:8], saved[8:]
-        q, k, v = (t.view(t.shape[0], t.shape[2], t.shape[3]) for t in att_saved[:3])
-        T, C, dv = v.shape
-        dinter = dinter_z = dqd = da = more = None
+        att_saved, (q, k, v, g, w, L, h0, states, states_z, o, den, inter, inter_z, qd) = saved[:8], saved[8:]
+        U, C, heads, dv = v.shape
+        n = ctx.n
+        dinter = dinter_z = dqd = da = None
+        more = ()
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         if do is not None:  # None when only the final state reaches the loss: then q gets no gradient
-            dintra, dintra_den, dinter, dinter_z, dqd = _combine_backward(do, o, den, inter, inter_z, qd.view(-1),
-                                                                          ctx.normalize, q.dtype, q.dtype)
-            *more, da = attention_backward(att_saved, ctx.att_info, dintra.view(T, 1, C, dv),
-                                           None if dintra_den is None else dintra_den.view(T, 1, C))
-            more = [x.view(T, C, -1) for x in more]
-            dinter = dinter.view(T, C, dv)
-            dinter_z = None if dinter_z is None else dinter_z.view(T, C)
-        dq, dk, dvalues, dw, dL, dh0, dh0_z = _fused_state_backward(
-            q, k, v, w, L, h0, states, states_z, dinter, dinter_z, dfinal, dfinal_z, *(more or ()))
+            dintra, dintra_den, dinter, dinter_z, dqd = _combine_backward(
+                do.contiguous().view(-1, dv), o, den, inter, inter_z, qd.view(-1), ctx.normalize, q.dtype, q.dtype,
+                C, heads)
+            *more, da = attention_backward(att_saved, ctx.att_info, dintra.view(U, C, heads, dv).transpose(1, 2),
+                                           None if dintra_den is None else dintra_den.view(U, heads, C))
+            more = [x.transpose(1, 2) for x in more]  # [U, C, heads, .], as q, k, v
+            dinter = dinter.view(-1, C, dv)
+            dinter_z = None if dinter_z is None else dinter_z.view(-1, C)
+        else:
+            grads[0] = None
+        dw, dL, dh0, dh0_z = _fused_state_backward(q, k, v, w, L, h0, states, states_z, dinter, dinter_z, dfinal,
+                                                   dfinal_z, n, heads, grads, *more)
         dg = None
         if g is not None:
-            dg = torch.empty_like(g)
-            _decay_bwd_kernel[(T,)](g, dw, dL, qd if dqd is None else dqd, *(da or (dw, dw)), dg, C, ctx.sq_scale,
-                                    HAS_DQD=dqd is not None, HAS_DA=da is not None,
-                                    BLOCK_C=triton.next_power_of_2(C))
-        return (dq, dk, dvalues, dg, dh0 if ctx.has_h0 else None, dh0_z if ctx.has_h0_z else None, None, None, None,
-                None, None)
+            dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+            _decay_bwd_kernel[(U * heads,)](g, *_strides(g), heads, dw, dL, qd if dqd is None else dqd,
+                                            *(da or (dw, dw)), dg, *_strides(dg), C, ctx.sq_scale,
+                                            HAS_DQD=dqd is not None,
+                                            HAS_DA=da is not None, BLOCK_C=triton.next_power_of_2(C))
+        return (*grads, dg, dh0 if ctx.has_h0 else None, dh0_z if ctx.has_h0_z else None, None, None, None, None,
+                None)
 
 
 def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, output_final_state, chunk_size,
-                          recompute_states=False, backend="auto"):
+                          recompute_states=False, backend="auto", layout="bhnd"):
     """o ([B, H, N, dv], q's dtype) and the final state ([B, H, D, dv + 1], float32 or float64; None unless
     output_final_state).
 
@@ -467,6 +511,9 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
     within SEGMENT_TOKENS token-heads (32 prompts of 128K tokens would otherwise need 140 GB of them and their
     chunk sums, for d = dv = 64 in bf16). recompute_states: keep no per-chunk states for the backward pass but
     form them again there (_FusedChunkCore; torch.utils.checkpoint of the state part elsewhere).
+    layout "bnhd": q, k, v, g are the [B, H, N, .] views of [B, N, H, .] tensors (kernel.reference.bhnd_views),
+    and o is returned so: the fused kernels (power 2 on the GPU) read and write that layout with its strides, no
+    transposed copies (elsewhere the PyTorch path copies).
     """
     B, H, N = q.shape[:3]
     C = max(1, min(chunk_size, N))
@@ -475,19 +522,20 @@ def chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state,
     if needs_grad or N <= segment:
         return _chunk_power_attention(q, k, v, g, power=power, scale=scale, normalize=normalize,
                                       initial_state=initial_state, output_final_state=output_final_state,
-                                      chunk_size=C, recompute_states=recompute_states, backend=backend)
+                                      chunk_size=C, recompute_states=recompute_states, backend=backend,
+                                      layout=layout)
     outs, state = [], initial_state
     for s in range(0, N, segment):
         piece = [None if t is None else t[:, :, s:s + segment] for t in (q, k, v, g)]
         o, state = _chunk_power_attention(*piece, power=power, scale=scale, normalize=normalize, initial_state=state,
                                           output_final_state=True, chunk_size=C, recompute_states=False,
-                                          backend=backend)
+                                          backend=backend, layout=layout)
         outs.append(o)
     return torch.cat(outs, dim=2), state if output_final_state else None
 
 
 def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state, output_final_state, chunk_size,
-                           recompute_states, backend):
+                           recompute_states, backend, layout):
     B, H, N, d = q.shape
     dv = v.shape[-1]
     C = max(1, min(chunk_size, N))
@@ -499,24 +547,26 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     if fused and power == "2" and T > MAX_GRID_HEADS:  # the in-chunk kernel's grid: every chunk is a sequence
         return _in_pieces(q, k, v, g, initial_state, n, power=power, scale=scale, normalize=normalize,
                           output_final_state=output_final_state, chunk_size=C, recompute_states=recompute_states,
-                          backend=backend)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once: views of the [B, N, H, d] layout would be
-    # copied by each reshape below
-    # padded keys are 0 (no weight, no state), padded decays 0 (no decay); padded queries are cut off
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+                          backend=backend, layout="bhnd")
     D = state_size(d, power)
     h0 = None if initial_state is None else initial_state[..., :dv].reshape(B * H, D * dv)
     h0_z = None if initial_state is None else initial_state[..., dv].reshape(B * H, D)
-    blocks = q.reshape(T, C, d), k.reshape(T, C, d), v.reshape(T, C, dv)
     # z only where it is read: by the queries when normalising, in the final state when that is returned
     need_z = normalize or output_final_state
+    # padded keys are 0 (no weight, no state), padded decays 0 (no decay); padded queries are cut off
     if fused and power == "2":
+        heads = H if layout == "bnhd" else 1
+        blocks = _fused_blocks(q, k, v, g, C, pad, layout)
         o, final, final_z = _FusedChunkCore.apply(
-            *blocks, None if g is None else F.pad(g, (0, pad)).reshape(T, C).contiguous(),
-            *(None if t is None else t.float().contiguous() for t in (h0, h0_z)), n, scale, normalize, need_z,
-            recompute_states)
+            *blocks, *(None if t is None else t.float().contiguous() for t in (h0, h0_z)), n, scale, normalize,
+            need_z, recompute_states)
+        o = o.view(B, N + pad, H, dv).transpose(1, 2) if heads > 1 else o.view(B, H, N + pad, dv)
         return _finish(o, final, final_z, B, H, N, D, dv, output_final_state)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once: views of the [B, N, H, d] layout would be
+    # copied by each reshape below
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    blocks = q.reshape(T, C, d), k.reshape(T, C, d), v.reshape(T, C, dv)
     gl = torch.zeros(B, H, n, C, dtype=torch.float64, device=q.device) if g is None else \
         F.pad(g, (0, pad)).to(torch.float64).reshape(B, H, n, C)
 
@@ -541,14 +591,30 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     o = combine(intra.reshape(-1, dv), None if intra_den is None else intra_den.reshape(-1),
                 inter.reshape(-1, dv).to(compute), None if inter_z is None else inter_z.reshape(-1), query_decay,
                 normalize=normalize, fused=fused, out_dtype=q.dtype)
-    return _finish(o, final, final_z, B, H, N, D, dv, output_final_state)
+    return _finish(o.reshape(B, H, -1, dv), final, final_z, B, H, N, D, dv, output_final_state)
+
+
+def _fused_blocks(q, k, v, g, C, pad, layout):
+    """q, k, v, g ([B, H, N, .] views; of [B, N, H, .] tensors for layout "bnhd") as _FusedChunkCore's blocks
+    [U, C, heads, .], padded with pad zero tokens: views where the strides allow (a [B, N, H, .] view of a wider
+    projection, as the model's q, k, v, included), padded copies otherwise."""
+    if layout == "bnhd":
+        q, k, v, g = bhnd_views("bnhd", q, k, v, g)  # [B, N, H, .]
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+            g = None if g is None else F.pad(g, (0, 0, 0, pad))
+        return tuple(None if t is None else t.reshape(-1, C, *t.shape[2:]) for t in (q, k, v, g))
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g = None if g is None else F.pad(g, (0, pad))
+    return tuple(None if t is None else t.reshape(-1, C, 1, *t.shape[3:]) for t in (q, k, v, g))
 
 
 def _finish(o, final, final_z, B, H, N, D, dv, output_final_state):
-    """o [B, H, N, dv] from the padded chunks' [T C, dv], and the final state [B, H, D, dv + 1] or None."""
+    """o [B, H, N, dv] from the padded [B, H, N + pad, dv], and the final state [B, H, D, dv + 1] or None."""
     if output_final_state:
         final = torch.cat([final.reshape(B, H, D, dv), final_z.reshape(B, H, D, 1)], dim=-1)
-    return o.reshape(B, H, -1, dv)[:, :, :N], final if output_final_state else None
+    return o[:, :, :N], final if output_final_state else None
 
 
 def _in_pieces(q, k, v, g, initial_state, n, **kwargs):

@@ -62,10 +62,15 @@ def _dot(x, y, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(PTR, t_, c, cmask, C, cols, W, W1):
-    """Rows c, columns cols (< W1) of block t_ of a [T, C, W] tensor."""
-    return tl.load(PTR + t_ * C * W + c[:, None] * W + cols[None, :], mask=cmask[:, None] & (cols[None, :] < W1),
-                   other=0.0)
+def _block_start(PTR, t_, H2, S1, S2):
+    """Block t_ = u H2 + h of a blocks tensor [U, C, H2, .] with strides S1 (u) and S2 (h): its first token."""
+    return PTR + (t_ // H2) * S1 + (t_ % H2) * S2
+
+
+@triton.jit
+def _load_rows(BASE, c, cmask, ST, cols, W1):
+    """Rows c (token stride ST), columns cols (< W1) of the block starting at BASE."""
+    return tl.load(BASE + c[:, None] * ST + cols[None, :], mask=cmask[:, None] & (cols[None, :] < W1), other=0.0)
 
 
 @triton.jit
@@ -76,7 +81,7 @@ def _store_rows(OUT, out, t_, rows, ok, cols, E, E1, NF):
 
 
 @triton.jit
-def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
+def _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
                 ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
     j = J0 + tl.arange(0, BLOCK_J)
@@ -92,10 +97,10 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
     # a pass with a spill, now 308 and 220 without, bench/kernel_resources.py), a_i w per step for a longer
     # chunk (b is loaded per step there).
     if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once), b (weighted) loaded once
-        a_t = tl.trans(_load_rows(A, t_, c, c < C, C, j, D, D))
-        b = _load_rows(B, t_, c, c < C, C, em, E, E_MAIN)
+        a_t = tl.trans(_load_rows(A, c, c < C, SA, j, D))
+        b = _load_rows(B, c, c < C, SB, em, E_MAIN)
         if BLOCK_TAIL > 0:
-            b_tail = _load_rows(B, t_, c, c < C, C, et, E, E)
+            b_tail = _load_rows(B, c, c < C, SB, et, E)
         if HAS_W:
             w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)[:, None]
             b = (b.to(tl.float32) * w).to(B.dtype.element_ty)
@@ -105,7 +110,7 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
         i = i0 + ii
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
         if ONE_BLOCK:
-            ai = tl.load(A + t_ * C * D + c * D + i, mask=(c < C) & (i < D), other=0.0)
+            ai = tl.load(A + c * SA + i, mask=(c < C) & (i < D), other=0.0)
             p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
@@ -116,14 +121,14 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
                 out_tail = tl.zeros([BLOCK_J, BLOCK_TAIL], tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cb = c0 + c
-                ai = tl.load(A + t_ * C * D + cb * D + i, mask=(cb < C) & (i < D), other=0.0)
+                ai = tl.load(A + cb * SA + i, mask=(cb < C) & (i < D), other=0.0)
                 if HAS_W:
                     ai = (ai.to(tl.float32) * tl.load(W + t_ * C + cb, mask=cb < C, other=0.0)).to(ai.dtype)
-                a_t = tl.trans(_load_rows(A, t_, cb, cb < C, C, j, D, D))
+                a_t = tl.trans(_load_rows(A, cb, cb < C, SA, j, D))
                 p_t = (a_t * ai[None, :]).to(B.dtype.element_ty)
-                out += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, em, E, E_MAIN), IEEE)
+                out += _dot(p_t, _load_rows(B, cb, cb < C, SB, em, E_MAIN), IEEE)
                 if BLOCK_TAIL > 0:
-                    out_tail += _dot(p_t, _load_rows(B, t_, cb, cb < C, C, et, E, E), IEEE)
+                    out_tail += _dot(p_t, _load_rows(B, cb, cb < C, SB, et, E), IEEE)
         rows = _segment(i, D) + j
         ok = (j >= i) & (j < D) & (i < D)
         _store_rows(OUT, out * coef, t_, rows, ok, em, E, E_MAIN, NF)
@@ -132,25 +137,28 @@ def _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _outer_kernel(A, B, W, OUT, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
-                  ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
+def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D: tl.constexpr, NF,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr,
+                  BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr,
+                  IEEE: tl.constexpr):
     """phi(a)^T b, or phi(a)^T (w b) with token weights (HAS_W), for BLOCK_I values of i, the state's columns in
     two tiles, [0, E_MAIN) and [E_MAIN, E). For i in the upper half of the head dimension every needed j (j >= i)
     lies in the upper half too: those steps use half-width tiles (SPLIT = BLOCK_D / 2), a quarter of the
     products saved."""
     t_ = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_I
+    A = _block_start(A, t_, H2, SA1, SA2)
+    B = _block_start(B, t_, H2, SB1, SB2)
     if SPLIT < BLOCK_D:  # constexpr first: the Triton frontend does not mix it with a runtime test in one `and`
         if i0 >= SPLIT:
-            _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_MAIN,
+            _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_MAIN,
                         BLOCK_TAIL, BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
         else:
-            _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
+            _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
                         BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
     else:
-        _outer_part(A, B, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL, BLOCK_I,
-                    ONE_BLOCK, HAS_W, IEEE)
+        _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
+                    BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
 
 
 @triton.jit
@@ -160,9 +168,10 @@ def _sym_rows(j, m, D: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(A, M, OUT, W, B, DW, ADD, TILE0, C, E, E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
-                  BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, LOW: tl.constexpr, BLOCK_E: tl.constexpr,
-                  HAS_W: tl.constexpr, HAS_ADD: tl.constexpr, IEEE: tl.constexpr):
+def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW, ADD, SD1, SD2, SD, TILE0, H2, C, E,
+                  E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+                  LOW: tl.constexpr, BLOCK_E: tl.constexpr, HAS_W: tl.constexpr, HAS_ADD: tl.constexpr,
+                  IEEE: tl.constexpr):
     """Columns [E0, E1) of phi(a) M for a block of tokens, as sum_m a_m (w a) M[(m, j) or (j, m)] plus
     (1 - 1 / sqrt 2) (a * a) M[(j, j)] for the diagonal. A pair j != m inside one half of the head dimension
     ([0, SPLIT) or [SPLIT, d)) is met twice, at m and at j, each with w = 1 / sqrt 2; the steps m >= SPLIT run
@@ -172,39 +181,41 @@ def _apply_kernel(A, M, OUT, W, B, DW, ADD, TILE0, C, E, E0, E1, D: tl.constexpr
     d W) in DW[TILE0 + its column program]. HAS_ADD: plus ADD [T, C, E] (another term of the same gradient)
     before the one rounding."""
     t_ = tl.program_id(0).to(tl.int64)
+    A = _block_start(A, t_, H2, SA1, SA2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     cmask = c < C
     emask = e[None, :] < E1
     j = tl.arange(0, BLOCK_D)
-    a = _load_rows(A, t_, c, cmask, C, j, D, D).to(tl.float32)
+    a = _load_rows(A, c, cmask, SA, j, D).to(tl.float32)
     a_low = (a * tl.where(j < SPLIT, INV_SQRT2, SQRT2)[None, :]).to(M.dtype.element_ty)  # fixed operands
     acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
     for m in range(LOW):  # min(SPLIT, d)
         rows = tl.load(M + t_ * NF * E + _sym_rows(j, m, D)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
                        other=0.0)
-        am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
+        am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
         acc += am[:, None] * _dot(a_low, rows, IEEE)
     if SPLIT < BLOCK_D:
         jh = SPLIT + tl.arange(0, BLOCK_D - SPLIT)
-        a_high = (_load_rows(A, t_, c, cmask, C, jh, D, D).to(tl.float32) * INV_SQRT2).to(M.dtype.element_ty)
+        a_high = (_load_rows(A, c, cmask, SA, jh, D).to(tl.float32) * INV_SQRT2).to(M.dtype.element_ty)
         for m in range(SPLIT, D):
             rows = tl.load(M + t_ * NF * E + _sym_rows(jh, m, D)[:, None] * E + e[None, :],
                            mask=(jh < D)[:, None] & emask, other=0.0)
-            am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
+            am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
             acc += am[:, None] * _dot(a_high, rows, IEEE)
     diag = tl.load(M + t_ * NF * E + (_segment(j, D) + j)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
                    other=0.0)
     acc += _dot((a * a * (1.0 - INV_SQRT2)).to(diag.dtype), diag, IEEE)
     if HAS_W:
-        b = tl.load(B + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & emask, other=0.0)
+        b = tl.load(_block_start(B, t_, H2, SB1, SB2) + c[:, None] * SB + e[None, :], mask=cmask[:, None] & emask,
+                    other=0.0)
         tile = TILE0 + tl.program_id(2)
         tl.store(DW + (tile * tl.num_programs(0) + t_) * C + c, tl.sum(acc * b.to(tl.float32), axis=1), mask=cmask)
         acc *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
     if HAS_ADD:
-        acc += tl.load(ADD + t_ * C * E + c[:, None] * E + e[None, :], mask=cmask[:, None] & emask,
-                       other=0.0).to(tl.float32)
-    tl.store(OUT + t_ * C * E + c[:, None] * E + e[None, :], acc.to(OUT.dtype.element_ty),
+        add = _block_start(ADD, t_, H2, SD1, SD2)
+        acc += tl.load(add + c[:, None] * SD + e[None, :], mask=cmask[:, None] & emask, other=0.0).to(tl.float32)
+    tl.store(_block_start(OUT, t_, H2, SO1, SO2) + c[:, None] * SO + e[None, :], acc.to(OUT.dtype.element_ty),
              mask=cmask[:, None] & emask)
 
 
@@ -217,48 +228,52 @@ def _grad_rows(M, dy, t_, rows, rmask, E, NF, E0, E1, BLOCK_E: tl.constexpr, IEE
 
 
 @triton.jit
-def _grad_kernel(A, M, DY, W, ADD, ADD2, DA, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr,
-                 N_ADD: tl.constexpr, IEEE: tl.constexpr):
+def _grad_kernel(A, SA1, SA2, SA, M, DY, SY1, SY2, SY, W, ADD, SD1, SD2, SD, ADD2, SE1, SE2, SE, DA, SG1, SG2, SG,
+                 H2, C, E, E_MAIN, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, HAS_W: tl.constexpr, N_ADD: tl.constexpr,
+                 IEEE: tl.constexpr):
     """d a for a block of tokens, plus ADD and ADD2 (other terms of the same gradient: the first N_ADD of them),
     rounded once to a's dtype; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). HAS_W: the product
     had token weights W, so each token's d y, hence its row of d a, is W times."""
     t_ = tl.program_id(0).to(tl.int64)
+    A = _block_start(A, t_, H2, SA1, SA2)
+    DY = _block_start(DY, t_, H2, SY1, SY2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     j = tl.arange(0, BLOCK_D)
     jmask = j < D
-    dy = _load_rows(DY, t_, c, cmask, C, tl.arange(0, BLOCK_MAIN), E, E_MAIN)  # the same for every m
+    dy = _load_rows(DY, c, cmask, SY, tl.arange(0, BLOCK_MAIN), E_MAIN)  # the same for every m
     if BLOCK_TAIL > 0:
-        dy_tail = _load_rows(DY, t_, c, cmask, C, E_MAIN + tl.arange(0, BLOCK_TAIL), E, E)
+        dy_tail = _load_rows(DY, c, cmask, SY, E_MAIN + tl.arange(0, BLOCK_TAIL), E)
     da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for m in range(D):
         rows = _sym_rows(j, m, D)
         g = _grad_rows(M, dy, t_, rows, jmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
         if BLOCK_TAIL > 0:
             g += _grad_rows(M, dy_tail, t_, rows, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
-        am = tl.load(A + t_ * C * D + c * D + m, mask=cmask, other=0.0).to(tl.float32)
+        am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
         da += g * (am[:, None] * tl.where(j == m, 2.0, SQRT2)[None, :])
     if HAS_W:
         da *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
     if N_ADD > 0:
-        da += _load_rows(ADD, t_, c, cmask, C, j, D, D).to(tl.float32)
+        da += _load_rows(_block_start(ADD, t_, H2, SD1, SD2), c, cmask, SD, j, D).to(tl.float32)
     if N_ADD > 1:
-        da += _load_rows(ADD2, t_, c, cmask, C, j, D, D).to(tl.float32)
-    tl.store(DA + t_ * C * D + c[:, None] * D + j[None, :], da.to(DA.dtype.element_ty),
+        da += _load_rows(_block_start(ADD2, t_, H2, SE1, SE2), c, cmask, SE, j, D).to(tl.float32)
+    tl.store(_block_start(DA, t_, H2, SG1, SG2) + c[:, None] * SG + j[None, :], da.to(DA.dtype.element_ty),
              mask=cmask[:, None] & jmask[None, :])
 
 
 @triton.jit
-def _gram_kernel(A, W, OUT, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 IEEE: tl.constexpr):
+def _gram_kernel(A, SA1, SA2, SA, W, OUT, H2, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
+                 BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     """OUT[t] = phi(a)^T w, packed: c_ij (a^T diag(w) a)_ij for i <= j, one d x d product per block of tokens."""
     t_ = tl.program_id(0).to(tl.int64)
+    A = _block_start(A, t_, H2, SA1, SA2)
     j = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        a = _load_rows(A, t_, c, c < C, C, j, D, D)
+        a = _load_rows(A, c, c < C, SA, j, D)
         w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)
         acc += _dot(tl.trans(a), (a.to(tl.float32) * w[:, None]).to(a.dtype), IEEE)
     i2, j2 = j[:, None], j[None, :]
@@ -266,8 +281,8 @@ def _gram_kernel(A, W, OUT, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _quad_kernel(A, Z, S, OUT, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                 GRAD: tl.constexpr, IEEE: tl.constexpr):
+def _quad_kernel(A, SA1, SA2, SA, Z, S, OUT, H2, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
+                 BLOCK_D: tl.constexpr, GRAD: tl.constexpr, IEEE: tl.constexpr):
     """With Z the symmetric d x d matrix of a packed z (phi(a) . z = a^T Z a: Z_jj = z_jj, Z_jm = z_jm / sqrt 2),
     for a block of tokens: OUT[t, c] = a_c^T Z a_c, or with GRAD its gradient times s_c, OUT[t, c] = 2 s_c Z a_c."""
     t_ = tl.program_id(0).to(tl.int64)
@@ -276,7 +291,7 @@ def _quad_kernel(A, Z, S, OUT, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BL
     j = tl.arange(0, BLOCK_D)
     i2, j2 = j[:, None], j[None, :]
     z = tl.load(Z + t_ * NF + _sym_rows(i2, j2, D), mask=(i2 < D) & (j2 < D), other=0.0)
-    a = _load_rows(A, t_, c, cmask, C, j, D, D)
+    a = _load_rows(_block_start(A, t_, H2, SA1, SA2), c, cmask, SA, j, D)
     y = _dot(a, (z * tl.where(i2 == j2, 1.0, INV_SQRT2)).to(a.dtype), IEEE)
     if GRAD:
         s = tl.load(S + t_ * C + c, mask=cmask, other=0.0)
@@ -320,32 +335,65 @@ GRAD = dict(BLOCK_C=128, NUM_WARPS=8, NUM_STAGES=4)
 NORMALISER_WARPS = 4
 
 
+def _blocks(x, heads):
+    """x as a blocks tensor [U, C, heads, E] (block t = u heads + h): a 4-d one as it is (any strides but the
+    columns'), a [T, C, E] one as T contiguous blocks in that order."""
+    if x.dim() == 4:
+        if x.shape[2] != heads or x.stride(3) != 1:
+            raise ValueError(f"blocks of {heads} heads with contiguous columns expected, got shape {tuple(x.shape)} "
+                             f"strides {x.stride()}")
+        return x
+    T, C, E = x.shape
+    return x.view(T // heads, heads, C, E).transpose(1, 2)
+
+
+def _strides(x):
+    """(u, h, token) strides of a blocks tensor: what the kernels' _block_start and _load_rows take."""
+    return x.stride(0), x.stride(2), x.stride(1)
+
+
+def _shape(a):
+    """(T, C, d, heads) of the blocks a: [T, C, d] or [U, C, heads, d]."""
+    if a.dim() == 4:
+        U, C, heads, d = a.shape
+        return U * heads, C, d, heads
+    T, C, d = a.shape
+    return T, C, d, 1
+
+
 def outer(a, b, w=None):
     """phi(a)^T b, or phi(a)^T (w b) with token weights w [T, C] (float32): a [T, C, d], b [T, C, E] in a's
-    dtype."""
-    T, C, d = a.shape
+    dtype, either also as blocks [U, C, heads, .] (views of a [B, N, H, .] layout; block t = u heads + h, the
+    order of w and of the result)."""
+    T, C, d, heads = _shape(a)
+    a, b = _blocks(a, heads), _blocks(b, heads)
     E = b.shape[-1]
     nf = d * (d + 1) // 2
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
     block_i = min(OUTER["BLOCK_I"], block_d)
-    _outer_kernel[(T, triton.cdiv(d, block_i))](a, b, a if w is None else w, out, C, E, e_main, D=d, NF=nf,
-                                                BLOCK_C=block_c, BLOCK_D=block_d, SPLIT=_split(block_d),
-                                                BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail, BLOCK_I=block_i,
-                                                ONE_BLOCK=C <= block_c, HAS_W=w is not None,
+    _outer_kernel[(T, triton.cdiv(d, block_i))](a, *_strides(a), b, *_strides(b), a if w is None else w, out, heads,
+                                                C, E, e_main, D=d, NF=nf, BLOCK_C=block_c, BLOCK_D=block_d,
+                                                SPLIT=_split(block_d), BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
+                                                BLOCK_I=block_i, ONE_BLOCK=C <= block_c, HAS_W=w is not None,
                                                 IEEE=a.dtype == torch.float32, num_warps=OUTER["NUM_WARPS"],
                                                 num_stages=OUTER["NUM_STAGES"])
     return out
 
 
-def apply(a, m, out_dtype, w=None, b=None, add=None):
+def apply(a, m, out_dtype, w=None, b=None, add=None, out=None):
     """phi(a) m in out_dtype (a [T, C, d], m [T, D, E] in a's dtype); with token weights w and b (the backward of
     the weighted outer product: m its d out) the pair (w phi(a) m, <phi(a) m, b> per token in float32); plus add
-    ([T, C, E], another term of the same gradient) before the one rounding when given."""
-    T, C, d = a.shape
+    ([T, C, E], another term of the same gradient) before the one rounding when given. a, b, add may be blocks
+    [U, C, heads, .] (outer); out: where to write the result (blocks or [T, C, E], out_dtype), a new [T, C, E]
+    by default."""
+    T, C, d, heads = _shape(a)
     E = m.shape[-1]
-    out = torch.empty(T, C, E, dtype=out_dtype, device=a.device)
+    result = torch.empty(T, C, E, dtype=out_dtype, device=a.device) if out is None else out
+    a, dst = _blocks(a, heads), _blocks(result, heads)
+    b = a if b is None else _blocks(b, heads)
+    add_ = a if add is None else _blocks(add, heads)
     block_c, block_d = _block(C, APPLY["BLOCK_C"]), _block(d, 1 << 30)
     split = _split(block_d)
     windows = [(e0, e1, _block(e1 - e0)) for e0, e1 in _column_tiles(E)]
@@ -353,57 +401,63 @@ def apply(a, m, out_dtype, w=None, b=None, add=None):
     dw = torch.empty(sum(counts) if w is not None else 0, T, C, dtype=torch.float32, device=a.device)  # per tile
     for (e0, e1, block_e), tile0 in zip(windows, [sum(counts[:i]) for i in range(len(counts))]):
         grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
-        _apply_kernel[grid](a, m, out, a if w is None else w, a if b is None else b, dw, a if add is None else add,
-                            tile0, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=block_d, SPLIT=split,
-                            LOW=min(split, d), BLOCK_E=block_e, HAS_W=w is not None, HAS_ADD=add is not None,
-                            IEEE=a.dtype == torch.float32,
+        _apply_kernel[grid](a, *_strides(a), m, dst, *_strides(dst), a if w is None else w, b, *_strides(b), dw, add_,
+                            *_strides(add_), tile0, heads, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c,
+                            BLOCK_D=block_d, SPLIT=split, LOW=min(split, d), BLOCK_E=block_e, HAS_W=w is not None,
+                            HAS_ADD=add is not None, IEEE=a.dtype == torch.float32,
                             num_warps=APPLY["NUM_WARPS"], num_stages=APPLY["NUM_STAGES"])
     if w is None:
-        return out
-    return out, dw[0] if dw.shape[0] == 1 else dw.sum(0)
+        return result
+    return result, dw[0] if dw.shape[0] == 1 else dw.sum(0)
 
 
-def grad(a, m, dy, w=None, adds=()):
+def grad(a, m, dy, w=None, adds=(), out=None):
     """d a of <phi(a) m, dy> (times w per token with token weights w), plus adds (at most two [T, C, d] tensors,
     other terms of the same gradient; None entries skipped), rounded once to a's dtype: a [T, C, d]; m [T, D, E]
-    and dy [T, C, E] in a's dtype."""
-    T, C, d = a.shape
+    and dy [T, C, E] in a's dtype. a, dy, adds may be blocks [U, C, heads, .] (outer); out: where to write d a
+    (blocks or [T, C, d]), a new [T, C, d] by default."""
+    T, C, d, heads = _shape(a)
     E = m.shape[-1]
-    adds = [x for x in adds if x is not None]
+    adds = [_blocks(x, heads) for x in adds if x is not None]
     if len(adds) > 2:
         raise ValueError(f"grad adds at most two terms, got {len(adds)}")
-    da = torch.empty(T, C, d, dtype=a.dtype, device=a.device)
+    da = torch.empty(T, C, d, dtype=a.dtype, device=a.device) if out is None else out
+    a, dy, dst = _blocks(a, heads), _blocks(dy, heads), _blocks(da, heads)
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c = _block(C, GRAD["BLOCK_C"])
     add, add2 = (adds + [a, a])[:2]
-    _grad_kernel[(T, triton.cdiv(C, block_c))](a, m, dy, a if w is None else w, add, add2, da, C, E, e_main, D=d,
-                                               NF=m.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
-                                               BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail, HAS_W=w is not None,
-                                               N_ADD=len(adds),
+    _grad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), m, dy, *_strides(dy), a if w is None else w, add,
+                                               *_strides(add), add2, *_strides(add2), dst, *_strides(dst), heads, C,
+                                               E, e_main, D=d, NF=m.shape[1], BLOCK_C=block_c,
+                                               BLOCK_D=_block(d, 1 << 30), BLOCK_MAIN=block_main,
+                                               BLOCK_TAIL=block_tail, HAS_W=w is not None, N_ADD=len(adds),
                                                IEEE=a.dtype == torch.float32, num_warps=GRAD["NUM_WARPS"],
                                                num_stages=GRAD["NUM_STAGES"])
     return da
 
 
 def gram(a, w):
-    """phi(a)^T w per block (float32): a [T, C, d], w [T, C] float32."""
-    T, C, d = a.shape
+    """phi(a)^T w per block (float32): a [T, C, d] (or blocks, as outer's), w [T, C] float32."""
+    T, C, d, heads = _shape(a)
+    a = _blocks(a, heads)
     out = torch.empty(T, d * (d + 1) // 2, dtype=torch.float32, device=a.device)
-    _gram_kernel[(T,)](a, w, out, C, D=d, NF=out.shape[1], BLOCK_C=_block(C), BLOCK_D=_block(d, 1 << 30),
-                       IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
+    _gram_kernel[(T,)](a, *_strides(a), w, out, heads, C, D=d, NF=out.shape[1], BLOCK_C=_block(C),
+                       BLOCK_D=_block(d, 1 << 30), IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
     return out
 
 
 def quad(a, z, s=None):
-    """phi(a) . z per token (float32), or with s [T, C] its gradient times s, 2 s Z a (in a's dtype, rounded once):
-    a [T, C, d], z [T, D] float32."""
-    T, C, d = a.shape
+    """phi(a) . z per token (float32, [T, C]), or with s [T, C] its gradient times s, 2 s Z a (in a's dtype, rounded
+    once, [T, C, d]): a [T, C, d] (or blocks, as outer's), z [T, D] float32."""
+    T, C, d, heads = _shape(a)
+    a = _blocks(a, heads)
     out = torch.empty((T, C, d) if s is not None else (T, C), dtype=a.dtype if s is not None else torch.float32,
                       device=a.device)
     block_c = _block(C, 128)
-    _quad_kernel[(T, triton.cdiv(C, block_c))](a, z, z if s is None else s, out, C, D=d, NF=z.shape[1],
-                                               BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30), GRAD=s is not None,
-                                               IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
+    _quad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), z, z if s is None else s, out, heads, C, D=d,
+                                               NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
+                                               GRAD=s is not None, IEEE=a.dtype == torch.float32,
+                                               num_warps=NORMALISER_WARPS)
     return out
 
 
