@@ -17,7 +17,9 @@ inter, divides and casts. For power 2 on the kernels the three (in-chunk kernel,
 the queries' reads of S and z; combine) are one autograd function with its backward written out
 (_FusedChunkCore), which can form the states again instead of keeping them (recompute_states), and two small
 kernels compute the chunks' decays from g and gather d g; elsewhere autograd strings the three and a few
-elementwise ops on the decays together.
+elementwise ops on the decays together. Those kernels take the chunks as strided blocks (features.py), so the
+model's q, k, v, views of its [B, N, H, d] projection, are read and o and the gradients written in that layout
+(layout "bnhd"), without transposed copies.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ For blocks of tokens a [T, C, d] (T blocks of C tokens) and phi = kron (D = d (d
     outer(a, b, w) = phi(a)^T (w b)  [T, D, E]  (chunk states from keys, w the keys' decays; d state from
                                                 queries, w = 1)
     apply(a, M)    = phi(a) M        [T, C, E]  (queries read a state, d values from d state)
+Blocks of tokens may also be given as [U, C, H, .] with any strides but the columns' (block t = u H + h): views
+of a [B, N, H, .] layout (U = B N / C), which the kernels read and write in place; states, weights and the
+outputs they allocate are in block order.
 The two are adjoint, so their gradients are each other plus one kernel for d a (grad, _grad_kernel), the
 kron backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
 outer product's backward. chunk.py's _fused_state_forward and _backward string them together.
