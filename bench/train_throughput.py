@@ -6,6 +6,10 @@ then the timed steps between CUDA events. Prints a table and writes JSON under b
 
     python bench/train_throughput.py [--seq_lens 2048 8192] [--types softmax 2mamba 2mamba-e mamba]
 
+--chunk_from N trains powers 1 and 2 with the chunked, linear-time form from N tokens on instead of at
+kernel.power's measured crossovers (RECOMPUTED_CHUNK_CROSSOVER under activation checkpointing, CHUNK_CROSSOVER
+without), e.g. --chunk_from 8192 to time it against the quadratic kernel at 8K.
+
 --profile N adds, per case, the N largest CUDA-time entries of one more step under torch.profiler (the JSON
 row's "profile": name, calls, ms) and the step's total kernel time, printed after the case.
 """
@@ -19,6 +23,7 @@ import time
 
 import torch
 
+import kernel.power as power
 from GPT_Trainer.modeling import get_model
 from GPT_Trainer.trainer import token_loss
 
@@ -104,10 +109,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N largest ops of a step")
+    parser.add_argument("--chunk_from", type=int, default=None, metavar="N",
+                        help="the chunked form from N tokens on (default: the measured crossovers)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     if args.profile < 0:
         parser.error(f"--profile takes a number of ops >= 0 (0: no profile), got {args.profile}")
+    if args.chunk_from is not None:
+        if args.chunk_from < 1:
+            parser.error(f"--chunk_from takes a number of tokens >= 1, got {args.chunk_from}")
+        for crossover in (power.CHUNK_CROSSOVER, power.RECOMPUTED_CHUNK_CROSSOVER):
+            crossover.update({p: args.chunk_from for p in crossover})
     if not torch.cuda.is_available():
         raise SystemExit("bench/train_throughput.py needs a CUDA GPU")
 

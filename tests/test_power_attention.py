@@ -272,6 +272,19 @@ def test_chunk_triton_bnhd_views(normalize, N, has_state):
     assert outs[0].shape == (B, N, H, d) and (N % 8 or outs[0].is_contiguous())
 
 
+def test_feature_blocks_bad_layout():
+    """Blocks given to the feature products must share the heads of a and have contiguous columns: a one-line
+    error, not a silently wrong read."""
+    from kernel.power.features import _blocks
+
+    x = torch.zeros(2, 8, 3, 4)
+    with pytest.raises(ValueError, match="blocks of 2 heads with contiguous columns expected"):
+        _blocks(x, 2)
+    with pytest.raises(ValueError, match="contiguous columns"):
+        _blocks(torch.zeros(2, 8, 4, 3).transpose(2, 3), 3)
+    assert _blocks(x, 3) is x and _blocks(torch.zeros(6, 8, 4), 3).shape == (2, 8, 3, 4)
+
+
 @interpreter
 def test_chunk_in_pieces(monkeypatch):
     """More chunks than the in-chunk kernel's grid takes (MAX_GRID_HEADS, made small here): the sequences (batch
