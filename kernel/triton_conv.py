@@ -141,7 +141,11 @@ class _TritonCausalConv(torch.autograd.Function):
 
 def triton_causal_conv1d(x, weight, bias=None):
     """causal_conv1d (kernel/conv.py) through the Triton kernels: x [B, N, C] with any strides, weight
-    [C, 1, k], bias [C] or None; y [B, N, C] contiguous in x's dtype. Differentiable in all three."""
+    [C, 1, k] (k <= MAX_WIDTH), bias [C] or None; y [B, N, C] contiguous in x's dtype. Differentiable in all
+    three."""
+    if weight.shape[-1] > MAX_WIDTH:
+        raise ValueError(f"the Triton conv takes windows of up to {MAX_WIDTH} taps, got {weight.shape[-1]}; "
+                         "kernel.conv.causal_conv1d runs wider ones through conv1d")
     return _TritonCausalConv.apply(x, weight, bias)
 
 

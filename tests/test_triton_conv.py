@@ -41,6 +41,10 @@ def test_wide_window_takes_conv1d():
     dy = torch.randn(2, 37, 40)
     for got, ref in zip(_run(x, w, b, dy, "triton"), _run(x, w, b, dy, "torch")):
         assert torch.equal(got, ref)
+    from kernel.triton_conv import triton_causal_conv1d
+
+    with pytest.raises(ValueError, match="up to 4 taps, got 5"):
+        triton_causal_conv1d(x, w, b)
 
 
 @pytest.mark.parametrize("view", ["slice", "transposed"])
