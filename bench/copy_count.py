@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, TWO_MAMBA_E, GenericAttention, attention_config  # noqa: E402
 from GPT_Trainer.modeling import get_model, make_config  # noqa: E402
-from train_throughput import training_step  # noqa: E402  (bench/ is on sys.path: the script runs from it)
+from train_throughput import chunked_from, training_step  # noqa: E402  (bench/ is on sys.path: the script runs from it)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TYPES = {"2mamba": TWO_MAMBA, "2mamba-e": TWO_MAMBA_E, "softmax": "softmax"}
@@ -148,10 +148,7 @@ def main(argv=None):
     parser.add_argument("--chunked", action="store_true", help="the chunked form at any length")
     args = parser.parse_args(argv)
     if args.chunked:
-        import kernel.power as kp
-
-        for table in (kp.CHUNK_CROSSOVER, kp.RECOMPUTED_CHUNK_CROSSOVER):
-            table.update({power: 1 for power in table})
+        chunked_from(1)
     # the Triton kernels run on CUDA, or on a CPU through the interpreter
     os.environ.setdefault("TWOMAMBA_ATTENTION_BACKEND", "triton")
     attention_type = TYPES[args.type]

@@ -49,6 +49,18 @@ def stateful_grads(fn, tensors, power, **kw):
     return grads(call, tensors)
 
 
+def projection(q, k, v):
+    """[B, N, 3 H d]: q, k, v [B, H, N, d] side by side as one projection's output, as the model's block has them;
+    projection_views gives its [B, N, H, d] views back."""
+    B, H, N, d = q.shape
+    return torch.cat([t.transpose(1, 2).reshape(B, N, H * d) for t in (q, k, v)], dim=-1)
+
+
+def projection_views(qkv, H):
+    B, N = qkv.shape[:2]
+    return [t.view(B, N, H, -1) for t in qkv.chunk(3, dim=-1)]
+
+
 def assert_rel_close(got, ref, tol):
     """Every tensor of `got` within `tol` of its float64 counterpart in `ref` (relative norm)."""
     for i, (a, b) in enumerate(zip(got, ref)):
@@ -249,20 +261,17 @@ def test_chunk_triton_bnhd_views(normalize, N, has_state):
     B, H, d = 2, 3, 8
     q, k, v, g = make_inputs(21, B, H, N, d, d, decay=2.0)
     s0 = [random_state(22, B, H, d, d, "2")] if has_state else []
-    qkv = torch.cat([t.transpose(1, 2).reshape(B, N, H * d) for t in (q, k, v)], dim=-1)
+    qkv = projection(q, k, v)
     g_n = g.transpose(1, 2).contiguous()
 
-    def views(qkv):
-        return [t.view(B, N, H, d) for t in qkv.chunk(3, dim=-1)]
-
     def fused(qkv, g_n, *s):
-        return power_attention(*views(qkv), g_n, normalize=normalize, initial_state=s[0] if s else None,
+        return power_attention(*projection_views(qkv, H), g_n, normalize=normalize, initial_state=s[0] if s else None,
                                output_final_state=has_state, algorithm="chunk", chunk_size=8, backend="triton",
                                layout="bnhd")
 
     def reference(qkv, g_n, *s):
-        out = power_attention_naive(*(t.transpose(1, 2) for t in views(qkv)), g_n.transpose(1, 2), power="2",
-                                    normalize=normalize, initial_state=s[0] if s else None,
+        out = power_attention_naive(*(t.transpose(1, 2) for t in projection_views(qkv, H)), g_n.transpose(1, 2),
+                                    power="2", normalize=normalize, initial_state=s[0] if s else None,
                                     output_final_state=has_state)
         return (out[0].transpose(1, 2), out[1]) if has_state else out.transpose(1, 2)
 
@@ -547,11 +556,11 @@ def test_gpu_chunk_bnhd_views_bf16(recompute):
     [B, N, H], the chunked kernels reading and writing that layout: o and every gradient within 1e-2 of float64."""
     B, H, N, d = 2, 4, 1000, 64
     q, k, v, g = make_inputs(25, B, H, N, d, d, decay=0.2)
-    qkv = torch.cat([t.transpose(1, 2).reshape(B, N, H * d) for t in (q, k, v)], dim=-1).cuda()
+    qkv = projection(q, k, v).cuda()
 
     def run(fn, dtype, **kw):
         def call(qkv, g_n):
-            views = [t.view(B, N, H, d) for t in qkv.chunk(3, dim=-1)]
+            views = projection_views(qkv, H)
             if fn is power_attention_naive:
                 return fn(*(t.transpose(1, 2) for t in views), g_n.transpose(1, 2), power="2").transpose(1, 2)
             return fn(*views, g_n, power="2", layout="bnhd", **kw)

@@ -32,9 +32,9 @@ CHUNK_CROSSOVER = {"1": 8192, "2": 8192}
 # vs 7.43, session 26), but training the small model at 8K (bench/train_throughput.py, the same call) gave
 # 104.0k tokens/s with the quadratic kernel against 103.7k with the chunked form reading the block's layout
 # (session 27; 90.5k-101.5k with transposed copies, session 26), which also peaks 1.7 GiB higher; at 16K it takes
-# half the quadratic kernel's time (6.81 vs 13.98 ms). Power 1
-# recomputes only d x dv states (small products); at 8K its quadratic kernel took 6.60 ms against 3.97 + 1.74
-# for the chunked form with a whole second forward (session 24), so 8K stands.
+# half the quadratic kernel's time (6.81 vs 13.98 ms). Power 1 recomputes only d x dv states (small products); at
+# 8K its quadratic kernel took 6.60 ms against 3.97 + 1.74 for the chunked form with a whole second forward
+# (session 24), so 8K stands.
 RECOMPUTED_CHUNK_CROSSOVER = {"1": 8192, "2": 16384}
 CHUNK_SIZE = 256  # the faster of 128 and 256 (bench/NOTES.md): half the state traffic of 128 for a longer quadratic part
 

@@ -46,6 +46,14 @@ SEGMENT_TOKENS = 1 << 23  # token-heads per piece of a long input without gradie
 
 
 @triton.jit
+def _chunk_decay(G, t_, H2, SG1, SG2, SG, c, mask, C):
+    """b = cumsum g over block t_'s chunk in float64 (g blocks [U, C, H2] of strides SG1, SG2, token stride SG) and
+    b_last exactly."""
+    b = tl.cumsum(tl.load(_block_start(G, t_, H2, SG1, SG2) + c * SG, mask=mask, other=0.0).to(tl.float64), 0)
+    return b, tl.sum(tl.where(c == C - 1, b, 0.0), 0)
+
+
+@triton.jit
 def _decay_fwd_kernel(G, SG1, SG2, SG, H2, W, L, QD, C, sq_scale, BLOCK_C: tl.constexpr):
     """One chunk's decays from its log decays g (block t_ of the blocks [U, C, H2] with strides SG1, SG2 and token
     stride SG; features.py): b = cumsum g (float64), L = b_last, the keys' e^{L - b} and the queries' sq_scale e^b
@@ -53,9 +61,7 @@ def _decay_fwd_kernel(G, SG1, SG2, SG, H2, W, L, QD, C, sq_scale, BLOCK_C: tl.co
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < C
-    G = _block_start(G, t_, H2, SG1, SG2)
-    b = tl.cumsum(tl.load(G + c * SG, mask=mask, other=0.0).to(tl.float64), 0)
-    last = tl.sum(tl.where(c == C - 1, b, 0.0), 0)  # b_last exactly
+    b, last = _chunk_decay(G, t_, H2, SG1, SG2, SG, c, mask, C)
     tl.store(W + t_ * C + c, tl.exp(last - b).to(tl.float32), mask=mask)
     tl.store(QD + t_ * C + c, (tl.exp(b) * sq_scale).to(tl.float32), mask=mask)
     tl.store(L + t_, last.to(tl.float32))
@@ -71,9 +77,8 @@ def _decay_bwd_kernel(G, SG1, SG2, SG, H2, DW, DL, DQD, DA_Q, DA_K, DG, SD1, SD2
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < C
-    G, DG = _block_start(G, t_, H2, SG1, SG2), _block_start(DG, t_, H2, SD1, SD2)
-    b = tl.cumsum(tl.load(G + c * SG, mask=mask, other=0.0).to(tl.float64), 0)
-    last = tl.sum(tl.where(c == C - 1, b, 0.0), 0)
+    b, last = _chunk_decay(G, t_, H2, SG1, SG2, SG, c, mask, C)
+    DG = _block_start(DG, t_, H2, SD1, SD2)
     dw = tl.exp(last - b) * tl.load(DW + t_ * C + c, mask=mask, other=0.0).to(tl.float64)
     db = -dw
     if HAS_DQD:
@@ -449,8 +454,8 @@ class _FusedChunkCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, h0_z, n, scale, normalize, need_z, recompute):
-        U, C, heads, d = q.shape
-        T, dv = U * heads, v.shape[-1]
+        U, C, heads, _ = q.shape
+        dv = v.shape[-1]
         sq_scale = scale * scale
         w, L, qd = _decays(torch.zeros(U, C, heads, dtype=torch.float32, device=q.device) if g is None else g,
                            sq_scale)
@@ -462,8 +467,8 @@ class _FusedChunkCore(torch.autograd.Function):
                                                                                  normalize, n, heads)
         o, den = _combine_forward(intra.transpose(1, 2).reshape(-1, dv), intra_den.view(-1), inter.view(-1, dv),
                                   inter_z, qd.view(-1), normalize, q.dtype, C, heads)
-        ctx.save_for_backward(*att_saved, q, k, v, g, w, L, h0, None if recompute else states, states_z, o, den,
-                              inter, inter_z, qd)
+        ctx.save_for_backward(*att_saved, g, w, L, h0, None if recompute else states, states_z, o, den, inter,
+                              inter_z, qd)
         ctx.normalize, ctx.sq_scale, ctx.n = normalize, sq_scale, n
         ctx.has_h0, ctx.has_h0_z = h0 is not None, h0_z is not None
         ctx.set_materialize_grads(False)
@@ -472,7 +477,8 @@ class _FusedChunkCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal, dfinal_z):
         saved = ctx.saved_tensors
-        att_saved, (q, k, v, g, w, L, h0, states, states_z, o, den, inter, inter_z, qd) = saved[:8], saved[8:]
+        att_saved, (g, w, L, h0, states, states_z, o, den, inter, inter_z, qd) = saved[:8], saved[8:]
+        q, k, v = (t.transpose(1, 2) for t in att_saved[:3])  # the blocks the forward took
         U, C, heads, dv = v.shape
         n = ctx.n
         dinter = dinter_z = dqd = da = None
