@@ -663,7 +663,7 @@ def test_fused_feature_products(T, C, d, E):
 @pytest.mark.parametrize("T,C,d", [(2, 10, 7), (1, 150, 12), (1, 33, 16)])
 def test_fused_normaliser_products(T, C, d):
     """The normaliser's kernels, float32, against their float64 formulas: phi(a)^T w (_gram_kernel),
-    phi(a) . z and s times its gradient in a (_quad_kernel); head widths below and at a 16-wide tile, C = 150
+    phi(a) . z and s times its gradient in a (_quad_kernel), alone and both from one launch; head widths below and at a 16-wide tile, C = 150
     over three blocks of tokens of the gram and two programs of the quadratic form."""
     from kernel.power import features
     from kernel.power.naive import feature_map
@@ -677,6 +677,8 @@ def test_fused_normaliser_products(T, C, d):
     checks = {"gram": (features.gram(a, w), (phi.transpose(1, 2) @ w.double()[..., None]).squeeze(-1)),
               "quad": (features.quad(a, z), dot),
               "quad grad": (features.quad(a, z, s), torch.autograd.grad((dot * s.double()).sum(), a64)[0])}
+    checks["quad grad, with value"], checks["quad value, with grad"] = zip(features.quad(a, z, s, value=True),
+                                                                           (checks["quad grad"][1], dot))
     for name, (x, ref) in checks.items():
         assert rel_err(x, ref) < 1e-5, f"{name}: relative error {rel_err(x, ref):.2e}"
 

@@ -431,8 +431,8 @@ def _fused_state_backward(q, k, v, w, L, h0, states, states_z, dinter, dinter_z,
     if states_z is not None:
         dstates_z = None if dinter_z is None else gram(q, dinter_z)
         du_z, dL_z, dh0_z = _scan_backward(states_z, L, dstates_z, dfinal_z, torch.float32, n, heads)
-        dk_z = quad(k, du_z, w)
-        dw, dL = dw + quad(k, du_z), dL + dL_z
+        dk_z, dw_z = quad(k, du_z, w, value=True)
+        dw, dL = dw + dw_z, dL + dL_z
     grad(k, du, v, w, adds=(dk_z, more_dk), out=out_dk)
     return dw, dL, dh0, dh0_z
 

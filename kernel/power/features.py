@@ -31,7 +31,8 @@ ran 1.3x (apply) and 3.4x (grad) faster on an H200 (bench/NOTES.md).
 For one column of weights (the normaliser z of the state) a column of D is a d x d symmetric matrix:
     gram(a, w) = phi(a)^T w = packed c_ij (a^T diag(w) a)_ij      [T, D]
     quad(a, z) = phi(a) z   = a_c^T Z a_c, Z the unpacked z        [T, C]
-one d x d product each (_gram_kernel, _quad_kernel), again adjoint to each other.
+one d x d product each (_gram_kernel, _quad_kernel), again adjoint to each other (quad also gives the gradient
+in a, 2 Z a_c, from the same product, alone or with the value).
 CPU tensors and the "torch" backend take the differentiable PyTorch products at the end of this file
 instead (feature_outer, feature_apply: phi materialised with kron_reference; feature_weighted_sum,
 feature_dot: the same d x d form as the kernels).
@@ -284,10 +285,11 @@ def _gram_kernel(A, SA1, SA2, SA, W, OUT, H2, C, D: tl.constexpr, NF, BLOCK_C: t
 
 
 @triton.jit
-def _quad_kernel(A, SA1, SA2, SA, Z, S, OUT, H2, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
-                 BLOCK_D: tl.constexpr, GRAD: tl.constexpr, IEEE: tl.constexpr):
+def _quad_kernel(A, SA1, SA2, SA, Z, S, OUT, VALUE, H2, C, D: tl.constexpr, NF, BLOCK_C: tl.constexpr,
+                 BLOCK_D: tl.constexpr, GRAD: tl.constexpr, HAS_VALUE: tl.constexpr, IEEE: tl.constexpr):
     """With Z the symmetric d x d matrix of a packed z (phi(a) . z = a^T Z a: Z_jj = z_jj, Z_jm = z_jm / sqrt 2),
-    for a block of tokens: OUT[t, c] = a_c^T Z a_c, or with GRAD its gradient times s_c, OUT[t, c] = 2 s_c Z a_c."""
+    for a block of tokens: VALUE[t, c] = a_c^T Z a_c (HAS_VALUE), and with GRAD its gradient times s_c,
+    OUT[t, c] = 2 s_c Z a_c: one product Z a_c for both."""
     t_ = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -300,8 +302,8 @@ def _quad_kernel(A, SA1, SA2, SA, Z, S, OUT, H2, C, D: tl.constexpr, NF, BLOCK_C
         s = tl.load(S + t_ * C + c, mask=cmask, other=0.0)
         tl.store(OUT + t_ * C * D + c[:, None] * D + j[None, :], (2.0 * s[:, None] * y).to(OUT.dtype.element_ty),
                  mask=cmask[:, None] & (j[None, :] < D))
-    else:
-        tl.store(OUT + t_ * C + c, tl.sum(y * a.to(tl.float32), axis=1), mask=cmask)
+    if HAS_VALUE:
+        tl.store(VALUE + t_ * C + c, tl.sum(y * a.to(tl.float32), axis=1), mask=cmask)
 
 
 def _column_tiles(E):
@@ -449,19 +451,23 @@ def gram(a, w):
     return out
 
 
-def quad(a, z, s=None):
+def quad(a, z, s=None, value=False):
     """phi(a) . z per token (float32, [T, C]), or with s [T, C] its gradient times s, 2 s Z a (in a's dtype, rounded
-    once, [T, C, d]): a [T, C, d] (or blocks, as outer's), z [T, D] float32."""
+    once, [T, C, d]), or with s and value=True the pair (gradient times s, phi(a) . z) from one launch: a [T, C, d]
+    (or blocks, as outer's), z [T, D] float32."""
     T, C, d, heads = _shape(a)
     a = _blocks(a, heads)
-    out = torch.empty((T, C, d) if s is not None else (T, C), dtype=a.dtype if s is not None else torch.float32,
-                      device=a.device)
+    grad_out = torch.empty(T, C, d, dtype=a.dtype, device=a.device) if s is not None else None
+    dot = torch.empty(T, C, dtype=torch.float32, device=a.device) if s is None or value else None
     block_c = _block(C, 128)
-    _quad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), z, z if s is None else s, out, heads, C, D=d,
+    _quad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), z, z if s is None else s,
+                                               dot if grad_out is None else grad_out, dot, heads, C, D=d,
                                                NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
-                                               GRAD=s is not None, IEEE=a.dtype == torch.float32,
-                                               num_warps=NORMALISER_WARPS)
-    return out
+                                               GRAD=s is not None, HAS_VALUE=dot is not None,
+                                               IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
+    if s is None:
+        return dot
+    return (grad_out, dot) if value else grad_out
 
 
 @functools.lru_cache(maxsize=None)
