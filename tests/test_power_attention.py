@@ -663,8 +663,9 @@ def test_fused_feature_products(T, C, d, E):
 @pytest.mark.parametrize("T,C,d", [(2, 10, 7), (1, 150, 12), (1, 33, 16)])
 def test_fused_normaliser_products(T, C, d):
     """The normaliser's kernels, float32, against their float64 formulas: phi(a)^T w (_gram_kernel),
-    phi(a) . z and s times its gradient in a (_quad_kernel), alone and both from one launch; head widths below and at a 16-wide tile, C = 150
-    over three blocks of tokens of the gram and two programs of the quadratic form."""
+    phi(a) . z and s times its gradient in a (_quad_kernel), alone and both from one launch; head widths below
+    and at a 16-wide tile, C = 150 over three blocks of tokens of the gram and two programs of the quadratic
+    form."""
     from kernel.power import features
     from kernel.power.naive import feature_map
 
