@@ -21,7 +21,8 @@ product per step:
     apply  phi(a) M = sum_m a_m (w a) M[(m, j)] + (1 - 1 / sqrt 2) (a * a) M[(j, j)], w = 1 / sqrt 2 (a pair
            met twice) except across the halves of the head dimension: the steps m >= d / 2 take only
            j >= d / 2 (half-width), so those pairs are met once, with w = sqrt 2;
-    grad   d a = sum_m (dy M[(m, j)]^T) * c'_mj a[:, m], c' = 2 on the diagonal, sqrt 2 off it.
+    grad   d a = sum_m (dy M[(m, j)]^T) * c'_mj a[:, m], c' = 2 on the diagonal, sqrt 2 off it (sqrt 2 in the
+           loop, the diagonal's remainder from one product after it).
 Scaling each step's operand by a_m instead, so that all steps accumulate in the tensor cores' accumulator, ran
 apply and grad 10-20 % faster on an H200 but raced in Triton 3.6's software pipeline (the strided per-step
 load of a_m): NaN or wrong rows in some programs, at some warps and stages (bench/NOTES.md);
@@ -249,14 +250,22 @@ def _grad_kernel(A, SA1, SA2, SA, M, DY, SY1, SY2, SY, W, ADD, SD1, SD2, SD, ADD
     dy = _load_rows(DY, c, cmask, SY, tl.arange(0, BLOCK_MAIN), E_MAIN)  # the same for every m
     if BLOCK_TAIL > 0:
         dy_tail = _load_rows(DY, c, cmask, SY, E_MAIN + tl.arange(0, BLOCK_TAIL), E)
-    da = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    # c' = sqrt 2 for every m in the loop, and the diagonal's remainder (2 - sqrt 2) a_j dy M[(j, j)] from one
+    # product before it: a per-step weight of column m (a compare, a select and a multiply per element) made this
+    # kernel bound by its integer and logic instructions on an H200 (ncu, bench/NOTES.md)
+    diag = _segment(j, D) + j
+    g = _grad_rows(M, dy, t_, diag, jmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
+    if BLOCK_TAIL > 0:
+        g += _grad_rows(M, dy_tail, t_, diag, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
+    da = (SQRT2 - 1.0) * _load_rows(A, c, cmask, SA, j, D).to(tl.float32) * g  # (2 - sqrt 2) / sqrt 2
     for m in range(D):
         rows = _sym_rows(j, m, D)
         g = _grad_rows(M, dy, t_, rows, jmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
         if BLOCK_TAIL > 0:
             g += _grad_rows(M, dy_tail, t_, rows, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
         am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
-        da += g * (am[:, None] * tl.where(j == m, 2.0, SQRT2)[None, :])
+        da += am[:, None] * g
+    da *= SQRT2
     if HAS_W:
         da *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
     if N_ADD > 0:
