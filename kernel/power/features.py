@@ -470,9 +470,9 @@ def quad(a, z, s=None, value=False):
     dot = torch.empty(T, C, dtype=torch.float32, device=a.device) if s is None or value else None
     block_c = _block(C, 128)
     _quad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), z, z if s is None else s,
-                                               dot if grad_out is None else grad_out, dot, heads, C, D=d,
-                                               NF=z.shape[1], BLOCK_C=block_c, BLOCK_D=_block(d, 1 << 30),
-                                               GRAD=s is not None, HAS_VALUE=dot is not None,
+                                               dot if grad_out is None else grad_out, z if dot is None else dot,
+                                               heads, C, D=d, NF=z.shape[1], BLOCK_C=block_c,
+                                               BLOCK_D=_block(d, 1 << 30), GRAD=s is not None, HAS_VALUE=dot is not None,
                                                IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
     if s is None:
         return dot
