@@ -472,8 +472,9 @@ def quad(a, z, s=None, value=False):
     _quad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), z, z if s is None else s,
                                                dot if grad_out is None else grad_out, z if dot is None else dot,
                                                heads, C, D=d, NF=z.shape[1], BLOCK_C=block_c,
-                                               BLOCK_D=_block(d, 1 << 30), GRAD=s is not None, HAS_VALUE=dot is not None,
-                                               IEEE=a.dtype == torch.float32, num_warps=NORMALISER_WARPS)
+                                               BLOCK_D=_block(d, 1 << 30), GRAD=s is not None,
+                                               HAS_VALUE=dot is not None, IEEE=a.dtype == torch.float32,
+                                               num_warps=NORMALISER_WARPS)
     if s is None:
         return dot
     return (grad_out, dot) if value else grad_out
