@@ -22,11 +22,12 @@ product per step:
            met twice) except across the halves of the head dimension: the steps m >= d / 2 take only
            j >= d / 2 (half-width), so those pairs are met once, with w = sqrt 2;
     grad   d a = sum_m (dy M[(m, j)]^T) * c'_mj a[:, m], c' = 2 on the diagonal, sqrt 2 off it (sqrt 2 in the
-           loop, the diagonal's remainder from one product after it).
+           loop, the diagonal's remainder from one product before it).
 Scaling each step's operand by a_m instead, so that all steps accumulate in the tensor cores' accumulator, ran
-apply and grad 10-20 % faster on an H200 but raced in Triton 3.6's software pipeline (the strided per-step
-load of a_m): NaN or wrong rows in some programs, at some warps and stages (bench/NOTES.md);
-tests/test_power_attention.py compares the pipelined kernels with one-stage runs bit for bit.
+apply and grad 10-20 % faster on an H200 but raced in Triton 3.6's software pipeline: NaN or wrong rows in some
+programs, at some warps and stages; with a_m read from a contiguous transposed copy apply no longer raced but ran
+1.7x slower, and grad still raced (bench/NOTES.md). tests/test_power_attention.py compares the pipelined kernels
+with one-stage runs bit for bit.
 Full-width products per m are more tensor-core work than the triangle, but with no per-step row sums they
 ran 1.3x (apply) and 3.4x (grad) faster on an H200 (bench/NOTES.md).
 For one column of weights (the normaliser z of the state) a column of D is a d x d symmetric matrix:
