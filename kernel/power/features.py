@@ -470,8 +470,8 @@ def quad(a, z, s=None, value=False):
     grad_out = torch.empty(T, C, d, dtype=a.dtype, device=a.device) if s is not None else None
     dot = torch.empty(T, C, dtype=torch.float32, device=a.device) if s is None or value else None
     block_c = _block(C, 128)
-    _quad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), z, z if s is None else s,
-                                               dot if grad_out is None else grad_out, z if dot is None else dot,
+    # z stands in for the pointers a launch does not use (s, the gradient, the value)
+    _quad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), z, *(z if x is None else x for x in (s, grad_out, dot)),
                                                heads, C, D=d, NF=z.shape[1], BLOCK_C=block_c,
                                                BLOCK_D=_block(d, 1 << 30), GRAD=s is not None,
                                                HAS_VALUE=dot is not None, IEEE=a.dtype == torch.float32,
