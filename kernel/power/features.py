@@ -68,6 +68,14 @@ def _dot(x, y, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_add(x, y, acc, IEEE: tl.constexpr):
+    """acc + x y, accumulated in the product."""
+    if IEEE:
+        return tl.dot(x, y, acc, input_precision="ieee")
+    return tl.dot(x, y, acc)
+
+
+@triton.jit
 def _block_start(PTR, t_, H2, S1, S2):
     """Block t_ = u H2 + h of a blocks tensor [U, C, H2, .] with strides S1 (u) and S2 (h): its first token."""
     return PTR + (t_ // H2) * S1 + (t_ % H2) * S2
@@ -174,6 +182,13 @@ def _sym_rows(j, m, D: tl.constexpr):
 
 
 @triton.jit
+def _sym_block(M, t_, NF, E, j, m, D: tl.constexpr, e, emask):
+    """Rows (m, j) of block t_'s state M [T, NF, E] for the given j, columns e (where emask)."""
+    return tl.load(M + t_ * NF * E + _sym_rows(j, m, D)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
+                   other=0.0)
+
+
+@triton.jit
 def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW, ADD, SD1, SD2, SD, TILE0, H2, C, E,
                   E0, E1, D: tl.constexpr, NF, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
                   LOW: tl.constexpr, BLOCK_E: tl.constexpr, HAS_W: tl.constexpr, HAS_ADD: tl.constexpr,
@@ -193,24 +208,29 @@ def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW,
     cmask = c < C
     emask = e[None, :] < E1
     j = tl.arange(0, BLOCK_D)
-    a = _load_rows(A, c, cmask, SA, j, D).to(tl.float32)
-    a_low = (a * tl.where(j < SPLIT, INV_SQRT2, SQRT2)[None, :]).to(M.dtype.element_ty)  # fixed operands
+    # Fixed operands, each scaled by one constant so that Triton keeps them in registers (a per-column scale
+    # left the operand in shared memory, read again at every step): the lower half's columns, and the upper
+    # half's twice, with the weights of the steps below and above SPLIT
+    jl = tl.arange(0, SPLIT)
+    a_lo = (_load_rows(A, c, cmask, SA, jl, D).to(tl.float32) * INV_SQRT2).to(M.dtype.element_ty)
     acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
-    for m in range(LOW):  # min(SPLIT, d)
-        rows = tl.load(M + t_ * NF * E + _sym_rows(j, m, D)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
-                       other=0.0)
-        am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
-        acc += am[:, None] * _dot(a_low, rows, IEEE)
     if SPLIT < BLOCK_D:
         jh = SPLIT + tl.arange(0, BLOCK_D - SPLIT)
+        a_across = (_load_rows(A, c, cmask, SA, jh, D).to(tl.float32) * SQRT2).to(M.dtype.element_ty)
         a_high = (_load_rows(A, c, cmask, SA, jh, D).to(tl.float32) * INV_SQRT2).to(M.dtype.element_ty)
+    for m in range(LOW):  # min(SPLIT, d)
+        y = _dot(a_lo, _sym_block(M, t_, NF, E, jl, m, D, e, emask), IEEE)
+        if SPLIT < BLOCK_D:
+            y = _dot_add(a_across, _sym_block(M, t_, NF, E, jh, m, D, e, emask), y, IEEE)
+        am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
+        acc += am[:, None] * y
+    if SPLIT < BLOCK_D:
         for m in range(SPLIT, D):
-            rows = tl.load(M + t_ * NF * E + _sym_rows(jh, m, D)[:, None] * E + e[None, :],
-                           mask=(jh < D)[:, None] & emask, other=0.0)
             am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
-            acc += am[:, None] * _dot(a_high, rows, IEEE)
+            acc += am[:, None] * _dot(a_high, _sym_block(M, t_, NF, E, jh, m, D, e, emask), IEEE)
     diag = tl.load(M + t_ * NF * E + (_segment(j, D) + j)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
                    other=0.0)
+    a = _load_rows(A, c, cmask, SA, j, D).to(tl.float32)  # loaded again: not held in registers through the loops
     acc += _dot((a * a * (1.0 - INV_SQRT2)).to(diag.dtype), diag, IEEE)
     if HAS_W:
         b = tl.load(_block_start(B, t_, H2, SB1, SB2) + c[:, None] * SB + e[None, :], mask=cmask[:, None] & emask,
@@ -248,12 +268,16 @@ def _grad_kernel(A, SA1, SA2, SA, M, DY, SY1, SY2, SY, W, ADD, SD1, SD2, SD, ADD
     cmask = c < C
     j = tl.arange(0, BLOCK_D)
     jmask = j < D
-    dy = _load_rows(DY, c, cmask, SY, tl.arange(0, BLOCK_MAIN), E_MAIN)  # the same for every m
+    # 2 dy, the same for every m: scaled (exactly) so that Triton keeps it in registers, where a plain load stays
+    # in shared memory and is read again by every step's product
+    dy = (_load_rows(DY, c, cmask, SY, tl.arange(0, BLOCK_MAIN), E_MAIN).to(tl.float32) * 2.0).to(DY.dtype.element_ty)
     if BLOCK_TAIL > 0:
-        dy_tail = _load_rows(DY, c, cmask, SY, E_MAIN + tl.arange(0, BLOCK_TAIL), E)
+        dy_tail = (_load_rows(DY, c, cmask, SY, E_MAIN + tl.arange(0, BLOCK_TAIL), E).to(tl.float32) *
+                   2.0).to(DY.dtype.element_ty)
     # c' = sqrt 2 for every m in the loop, and the diagonal's remainder (2 - sqrt 2) a_j dy M[(j, j)] from one
     # product before it: a per-step weight of column m (a compare, a select and a multiply per element) made this
-    # kernel bound by its integer and logic instructions on an H200 (ncu, bench/NOTES.md)
+    # kernel bound by its integer and logic instructions on an H200 (ncu, bench/NOTES.md). With 2 dy, the sum is
+    # scaled by sqrt 2 / 2 once after the loop.
     diag = _segment(j, D) + j
     g = _grad_rows(M, dy, t_, diag, jmask, E, NF, 0, E_MAIN, BLOCK_MAIN, IEEE)
     if BLOCK_TAIL > 0:
@@ -266,7 +290,7 @@ def _grad_kernel(A, SA1, SA2, SA, M, DY, SY1, SY2, SY, W, ADD, SD1, SD2, SD, ADD
             g += _grad_rows(M, dy_tail, t_, rows, jmask, E, NF, E_MAIN, E, BLOCK_TAIL, IEEE)
         am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
         da += am[:, None] * g
-    da *= SQRT2
+    da *= INV_SQRT2
     if HAS_W:
         da *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
     if N_ADD > 0:
