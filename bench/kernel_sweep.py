@@ -73,7 +73,7 @@ def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, head
     }
     per_program = [dict(BLOCK_C=c, NUM_WARPS=w, NUM_STAGES=s)
                    for c, w, s in itertools.product((64, 128, 256), (4, 8), (3, 4))]
-    grids = {"outer": [dict(BLOCK_I=i, NUM_WARPS=w, NUM_STAGES=3) for i, w in itertools.product((16, 32), (4, 8))],
+    grids = {"outer": [dict(BLOCK_I=i, NUM_WARPS=w, NUM_STAGES=3) for i, w in itertools.product((16, 32, 64), (4, 8))],
              "apply": per_program, "grad": per_program}
     rows = []
     for name, fn in kernels.items():

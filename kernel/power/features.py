@@ -14,8 +14,8 @@ The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the 
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
     outer  step i: rows e(i) + j of the result = (c_ij a_j a_i w)^T b, the transposed factor formed in
-           registers from a transposed once per program, for both column tiles of b at once (half-width
-           once i passes d / 2);
+           registers from a transposed once per program, for both column tiles of b at once (all j, the
+           rows j < i not stored);
     apply and grad read the state as the unpacked symmetric matrix, row (m, j) = packed row (min, max), so
            that one operand of every step is fixed and the step's scalar a_m multiplies its result:
     apply  phi(a) M = sum_m a_m (w a) M[(m, j)] + (1 - 1 / sqrt 2) (a * a) M[(j, j)], w = 1 / sqrt 2 (a pair
@@ -95,10 +95,19 @@ def _store_rows(OUT, out, t_, rows, ok, cols, E, E1, NF):
 
 
 @triton.jit
-def _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr, BLOCK_J: tl.constexpr, D: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr,
-                ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
-    j = J0 + tl.arange(0, BLOCK_J)
+def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D: tl.constexpr, NF,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+                  BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
+    """phi(a)^T b, or phi(a)^T (w b) with token weights (HAS_W), for BLOCK_I values of i, the state's columns in
+    two tiles, [0, E_MAIN) and [E_MAIN, E). Every step takes all d rows j, the j < i among them computed and not
+    stored: for i past d / 2 only half of them are needed, but a half-width step of 32 rows is too short for
+    Hopper's warp-group product (it took the older mma.sync, its fixed operand loaded into registers at every
+    step), and at d = 64 the full-width steps ran 12 % faster on an H200 (bench/NOTES.md)."""
+    t_ = tl.program_id(0).to(tl.int64)
+    i0 = tl.program_id(1) * BLOCK_I
+    A = _block_start(A, t_, H2, SA1, SA2)
+    B = _block_start(B, t_, H2, SB1, SB2)
+    j = tl.arange(0, BLOCK_D)
     c = tl.arange(0, BLOCK_C)
     em = tl.arange(0, BLOCK_MAIN)
     if BLOCK_TAIL > 0:
@@ -107,9 +116,8 @@ def _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr
     # product rounded to bf16 would give, at half the registers and no conversions; c_ij scales the float32
     # result. The token weights w are rounded into one operand: w b, once, for a chunk in one block (the weighted
     # values as they were before the weights moved in here; b goes to shared memory and w leaves the registers,
-    # which it held through every step when it scaled a_i: at 4 warps the two loops ran 510 and 412 instructions
-    # a pass with a spill, now 308 and 220 without, bench/kernel_resources.py), a_i w per step for a longer
-    # chunk (b is loaded per step there).
+    # which it held through every step when it scaled a_i), a_i w per step for a longer chunk (b is loaded per
+    # step there).
     if ONE_BLOCK:  # the chunk is one block of tokens: a (read coalesced, transposed once), b (weighted) loaded once
         a_t = tl.trans(_load_rows(A, c, c < C, SA, j, D))
         b = _load_rows(B, c, c < C, SB, em, E_MAIN)
@@ -130,9 +138,9 @@ def _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr
             if BLOCK_TAIL > 0:
                 out_tail = _dot(p_t, b_tail, IEEE)
         else:  # a longer chunk (a stateful prefill) in blocks of tokens, so that it fits in shared memory
-            out = tl.zeros([BLOCK_J, BLOCK_MAIN], tl.float32)
+            out = tl.zeros([BLOCK_D, BLOCK_MAIN], tl.float32)
             if BLOCK_TAIL > 0:
-                out_tail = tl.zeros([BLOCK_J, BLOCK_TAIL], tl.float32)
+                out_tail = tl.zeros([BLOCK_D, BLOCK_TAIL], tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cb = c0 + c
                 ai = tl.load(A + cb * SA + i, mask=(cb < C) & (i < D), other=0.0)
@@ -148,31 +156,6 @@ def _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, J0: tl.constexpr
         _store_rows(OUT, out * coef, t_, rows, ok, em, E, E_MAIN, NF)
         if BLOCK_TAIL > 0:
             _store_rows(OUT, out_tail * coef, t_, rows, ok, et, E, E, NF)
-
-
-@triton.jit
-def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D: tl.constexpr, NF,
-                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_MAIN: tl.constexpr,
-                  BLOCK_TAIL: tl.constexpr, BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr,
-                  IEEE: tl.constexpr):
-    """phi(a)^T b, or phi(a)^T (w b) with token weights (HAS_W), for BLOCK_I values of i, the state's columns in
-    two tiles, [0, E_MAIN) and [E_MAIN, E). For i in the upper half of the head dimension every needed j (j >= i)
-    lies in the upper half too: those steps use half-width tiles (SPLIT = BLOCK_D / 2), a quarter of the
-    products saved."""
-    t_ = tl.program_id(0).to(tl.int64)
-    i0 = tl.program_id(1) * BLOCK_I
-    A = _block_start(A, t_, H2, SA1, SA2)
-    B = _block_start(B, t_, H2, SB1, SB2)
-    if SPLIT < BLOCK_D:  # constexpr first: the Triton frontend does not mix it with a runtime test in one `and`
-        if i0 >= SPLIT:
-            _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, SPLIT, BLOCK_D - SPLIT, D, BLOCK_C, BLOCK_MAIN,
-                        BLOCK_TAIL, BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
-        else:
-            _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
-                        BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
-    else:
-        _outer_part(A, SA, B, SB, W, OUT, t_, C, E, E_MAIN, i0, NF, 0, BLOCK_D, D, BLOCK_C, BLOCK_MAIN, BLOCK_TAIL,
-                    BLOCK_I, ONE_BLOCK, HAS_W, IEEE)
 
 
 @triton.jit
@@ -368,7 +351,7 @@ def _split(block_d):
 # program (BLOCK_C, at most C), warps and pipeline stages; the fastest of the sweeps in bench/NOTES.md (H200,
 # C = 256, d = dv = 64, bf16) among those equal bit for bit to their one-stage runs (no pipeline race). The
 # normaliser kernels are small: NORMALISER_WARPS.
-OUTER = dict(BLOCK_I=32, NUM_WARPS=4, NUM_STAGES=3)
+OUTER = dict(BLOCK_I=64, NUM_WARPS=4, NUM_STAGES=3)
 APPLY = dict(BLOCK_C=128, NUM_WARPS=8, NUM_STAGES=4)
 GRAD = dict(BLOCK_C=128, NUM_WARPS=8, NUM_STAGES=4)
 NORMALISER_WARPS = 4
@@ -414,7 +397,7 @@ def outer(a, b, w=None):
     block_i = min(OUTER["BLOCK_I"], block_d)
     _outer_kernel[(T, triton.cdiv(d, block_i))](a, *_strides(a), b, *_strides(b), a if w is None else w, out, heads,
                                                 C, E, e_main, D=d, NF=nf, BLOCK_C=block_c, BLOCK_D=block_d,
-                                                SPLIT=_split(block_d), BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
+                                                BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
                                                 BLOCK_I=block_i, ONE_BLOCK=C <= block_c, HAS_W=w is not None,
                                                 IEEE=a.dtype == torch.float32, num_warps=OUTER["NUM_WARPS"],
                                                 num_stages=OUTER["NUM_STAGES"])
