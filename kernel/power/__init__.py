@@ -28,14 +28,13 @@ ALGORITHMS = ("auto", "quadratic", "chunk", "recurrent")
 CHUNK_CROSSOVER = {"1": 8192, "2": 8192}
 # The same under activation checkpointing, where the chunked form keeps no per-chunk states but forms them again
 # in the backward pass (recompute_states) and the quadratic kernel keeps its few tensors
-# (GPT_Trainer/LlamaDecoderLayerClean.py). For power 2 the op alone favours the chunked form at 8K too (6.76 ms
-# vs 7.43, session 26), but training the small model at 8K (bench/train_throughput.py, the same call) gave
-# 104.0k tokens/s with the quadratic kernel against 103.7k with the chunked form reading the block's layout
-# (session 27; 90.5k-101.5k with transposed copies, session 26), which also peaks 1.7 GiB higher; at 16K it takes
-# half the quadratic kernel's time (6.81 vs 13.98 ms). Power 1 recomputes only d x dv states (small products); at
-# 8K its quadratic kernel took 6.60 ms against 3.97 + 1.74 for the chunked form with a whole second forward
-# (session 24), so 8K stands.
-RECOMPUTED_CHUNK_CROSSOVER = {"1": 8192, "2": 16384}
+# (GPT_Trainer/LlamaDecoderLayerClean.py). Power 2: training the small model at 8K (bench/train_throughput.py,
+# 32768 tokens a step, bench/NOTES.md session 29) ran 109.3k tokens/s with the chunked form (`--chunk_from 8192`)
+# against 103.7k with the quadratic kernel in the same call (the op alone: 6.38-6.85 ms against 7.43), peaking
+# 1.7 GiB higher; at 4K the quadratic kernel's 4.05 ms beats it. Power 1 recomputes only d x dv states (small
+# products); at 8K its quadratic kernel took 6.60 ms against 3.97 + 1.74 for the chunked form with a whole second
+# forward (session 24).
+RECOMPUTED_CHUNK_CROSSOVER = {"1": 8192, "2": 8192}
 CHUNK_SIZE = 256  # the faster of 128 and 256 (bench/NOTES.md): half the state traffic of 128 for a longer quadratic part
 
 __all__ = ["auto_algorithm", "power_attention", "power_attention_naive", "recurrent_step", "state_scan", "state_size",
