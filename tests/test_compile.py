@@ -60,7 +60,7 @@ def ops_to_record():
             s = zero_state(B, H, state.shape[2], d, "cpu").copy_(state)
             power_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], power=power, normalize=normalize,
                             initial_state=s, output_final_state=True, inplace=True, backend="triton")
-    # the real head width: the feature products' half-width steps (i >= d / 2) exist from d = 17 on (32-wide blocks)
+    # the real head width: apply's half-width steps (m >= d / 2) exist from d = 17 on (32-wide blocks)
     q, k, v = (rand(B, H, N, 64, dtype=torch.float16).requires_grad_() for _ in range(3))
     o, state = power_attention(q, k, v, None, algorithm="chunk", chunk_size=16, output_final_state=True,
                                backend="triton")

@@ -343,7 +343,7 @@ def _block(width, cap=64):
 
 
 def _split(block_d):
-    """First i of the half-width steps: half of the head block, when that still makes a 16-wide tile."""
+    """First m of apply's half-width steps: half of the head block, when that still makes a 16-wide tile."""
     return block_d // 2 if block_d >= 32 else block_d
 
 
