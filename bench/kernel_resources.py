@@ -2,9 +2,15 @@
 
 The launchers of kernel/power/features.py are called at the bench shape (one chunk of C = 256 tokens,
 d = dv = 64, bf16), with and without token weights, with their kernel launches captured instead of run; each
-captured launch is compiled for Hopper as the GPU's launcher would specialise it. ptxas -v (shipped with
-Triton's wheel) reports registers and spills, and nvdisasm's listing gives each loop's size and its
-local-memory loads (spill reloads on every pass). A cheap check before timing a kernel change on the device.
+captured launch is compiled for Hopper as the GPU's launcher would specialise it (pointers and integers
+divisible by 16 marked so; integers equal to 1, which the launcher makes constants, are left as they are: the
+one head of these launches stands for the model's 16). ptxas -v (shipped with Triton's wheel) reports
+registers and spills, and nvdisasm's listing gives each loop's size and its local-memory loads (spill reloads on
+every pass). From Triton's own IR (TTGIR) and PTX, what the source does not show: tiles read back from shared
+memory into registers inside a loop (`local_load`: an operand the source holds fixed that Triton keeps in shared
+memory and reloads every pass), tensor-core products inside loops whose first operand comes from shared memory
+rather than registers, and `mma.sync` products (too short for Hopper's 64-row warp-group product). A cheap check
+before timing a kernel change on the device (bench/NOTES.md, session 29).
 
     python bench/kernel_resources.py [--warps 4 8]
 """
@@ -79,6 +85,7 @@ def resources(fn, values, options):
                                  check=True).stdout.splitlines()
     registers = int(re.search(r"Used (\d+) registers", info).group(1))
     spilled = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+    operands = loop_operands(compiled.asm["ttgir"]) + (compiled.asm["ptx"].count("mma.sync"),)
     labels = {m.group(1): i for i, line in enumerate(listing) if (m := re.match(r"\s*\.(L_x_\d+):", line))}
     loops = []
     for i, line in enumerate(listing):  # a branch back to an earlier label closes a loop
@@ -86,7 +93,26 @@ def resources(fn, values, options):
         if m and labels.get(m.group(1), i) < i - 1:
             body = listing[labels[m.group(1)]:i]
             loops.append((len(body), sum("LDL" in b for b in body)))
-    return registers, spilled, compiled.metadata.shared, loops
+    return registers, spilled, compiled.metadata.shared, loops, operands
+
+
+def loop_operands(ttgir):
+    """(shared-memory tiles loaded into registers inside loops, products inside loops whose first operand is
+    read from shared memory) in a kernel's TTGIR, counted by walking its blocks: a line that opens one more
+    brace than it closes starts a block (a loop when it holds `scf.for`), one that closes one more ends it."""
+    blocks, reloads, shared_a = [], 0, 0
+    for line in ttgir.splitlines():
+        depth = line.count("{") - line.count("}")
+        in_loop = "for" in blocks
+        if in_loop and "ttg.local_load" in line:
+            reloads += 1
+        if in_loop and "ttng.warp_group_dot " in line and line.split("} : ", 1)[-1].startswith("!ttg.memdesc"):
+            shared_a += 1
+        if depth > 0:
+            blocks.append("for" if "scf.for" in line else "block")
+        elif depth < 0 and blocks:
+            blocks.pop()
+    return reloads, shared_a
 
 
 def main():
@@ -101,10 +127,11 @@ def main():
     for warps in args.warps:
         for name, (fn, values, options) in table.items():
             options = dict(options, num_warps=warps or options["num_warps"])
-            registers, spilled, shared, loops = resources(fn, values, options)
+            registers, spilled, shared, loops, (reloads, shared_a, mma_sync) = resources(fn, values, options)
             body = ", ".join(f"{n} ({ldl})" for n, ldl in loops)
             print(f"{name:8} warps {options['num_warps']}: {registers} registers, {spilled} bytes spilled, "
-                  f"{shared} bytes shared; loops {body}")
+                  f"{shared} bytes shared; loops {body}; in loops: {reloads} shared-memory reloads, {shared_a} "
+                  f"products reading shared memory; {mma_sync} mma.sync")
 
 
 if __name__ == "__main__":
