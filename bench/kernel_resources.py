@@ -6,11 +6,11 @@ captured launch is compiled for Hopper as the GPU's launcher would specialise it
 divisible by 16 marked so; integers equal to 1, which the launcher makes constants, are left as they are: the
 one head of these launches stands for the model's 16). ptxas -v (shipped with Triton's wheel) reports
 registers and spills, and nvdisasm's listing gives each loop's size and its local-memory loads (spill reloads on
-every pass). From Triton's own IR (TTGIR) and PTX, what the source does not show: tiles read back from shared
-memory into registers inside a loop (`local_load`: an operand the source holds fixed that Triton keeps in shared
-memory and reloads every pass), tensor-core products inside loops whose first operand comes from shared memory
-rather than registers, and `mma.sync` products (too short for Hopper's 64-row warp-group product). A cheap check
-before timing a kernel change on the device (bench/NOTES.md, session 29).
+every pass). From Triton's own IR (TTGIR) and PTX, what the source does not show: tiles read from shared memory
+into registers inside a loop (`local_load`: an operand the source holds fixed that Triton keeps in shared memory
+and reloads every pass, or a pipelined load consumed in registers), tensor-core products inside loops whose first
+operand comes from shared memory rather than registers, and `mma.sync` products (too short for Hopper's 64-row
+warp-group product). A cheap check before timing a kernel change on the device (bench/NOTES.md, session 29).
 
     python bench/kernel_resources.py [--warps 4 8]
 """
