@@ -166,7 +166,8 @@ def _sym_rows(j, m, D: tl.constexpr):
 
 @triton.jit
 def _sym_block(M, t_, NF, E, j, m, D: tl.constexpr, e, emask):
-    """Rows (m, j) of block t_'s state M [T, NF, E] for the given j, columns e (where emask)."""
+    """Rows (m, j) of block t_'s state M [T, NF, E] for the given j (m a step's index, or a vector as j), columns
+    e (where emask)."""
     return tl.load(M + t_ * NF * E + _sym_rows(j, m, D)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
                    other=0.0)
 
@@ -199,8 +200,8 @@ def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW,
     acc = tl.zeros([BLOCK_C, BLOCK_E], tl.float32)
     if SPLIT < BLOCK_D:
         jh = SPLIT + tl.arange(0, BLOCK_D - SPLIT)
-        a_across = (_load_rows(A, c, cmask, SA, jh, D).to(tl.float32) * SQRT2).to(M.dtype.element_ty)
-        a_high = (_load_rows(A, c, cmask, SA, jh, D).to(tl.float32) * INV_SQRT2).to(M.dtype.element_ty)
+        a_h = _load_rows(A, c, cmask, SA, jh, D).to(tl.float32)
+        a_across, a_high = (a_h * SQRT2).to(M.dtype.element_ty), (a_h * INV_SQRT2).to(M.dtype.element_ty)
     for m in range(LOW):  # min(SPLIT, d)
         y = _dot(a_lo, _sym_block(M, t_, NF, E, jl, m, D, e, emask), IEEE)
         if SPLIT < BLOCK_D:
@@ -211,8 +212,7 @@ def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW,
         for m in range(SPLIT, D):
             am = tl.load(A + c * SA + m, mask=cmask, other=0.0).to(tl.float32)
             acc += am[:, None] * _dot(a_high, _sym_block(M, t_, NF, E, jh, m, D, e, emask), IEEE)
-    diag = tl.load(M + t_ * NF * E + (_segment(j, D) + j)[:, None] * E + e[None, :], mask=(j < D)[:, None] & emask,
-                   other=0.0)
+    diag = _sym_block(M, t_, NF, E, j, j, D, e, emask)  # rows (j, j)
     a = _load_rows(A, c, cmask, SA, j, D).to(tl.float32)  # loaded again: not held in registers through the loops
     acc += _dot((a * a * (1.0 - INV_SQRT2)).to(diag.dtype), diag, IEEE)
     if HAS_W:
