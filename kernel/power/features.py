@@ -128,15 +128,19 @@ def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D:
             b = (b.to(tl.float32) * w).to(B.dtype.element_ty)
             if BLOCK_TAIL > 0:
                 b_tail = (b_tail.to(tl.float32) * w).to(B.dtype.element_ty)
+        ai = tl.load(A + c * SA + i0, mask=(c < C) & (i0 < D), other=0.0)
     for ii in range(BLOCK_I):
         i = i0 + ii
         coef = tl.where(j == i, 1.0, SQRT2)[:, None]
         if ONE_BLOCK:
-            ai = tl.load(A + c * SA + i, mask=(c < C) & (i < D), other=0.0)
+            # the next step's column, loaded a step ahead: it feeds the product's register operand, which Triton's
+            # pipeline does not prefetch, so its load stood before every product (bench/NOTES.md, session 30)
+            ai_next = tl.load(A + c * SA + i + 1, mask=(c < C) & (i + 1 < D) & (ii + 1 < BLOCK_I), other=0.0)
             p_t = (a_t * ai[None, :]).to(b.dtype)  # formed once for both column tiles
             out = _dot(p_t, b, IEEE)
             if BLOCK_TAIL > 0:
                 out_tail = _dot(p_t, b_tail, IEEE)
+            ai = ai_next
         else:  # a longer chunk (a stateful prefill) in blocks of tokens, so that it fits in shared memory
             out = tl.zeros([BLOCK_D, BLOCK_MAIN], tl.float32)
             if BLOCK_TAIL > 0:
