@@ -2,7 +2,8 @@
 
 One step = bf16-autocast forward + backward + AdamW update with activation checkpointing, as train.py
 runs it; the same number of tokens per step at every length. A few warm-up steps (Triton compilation),
-then the timed steps between CUDA events. Prints a table and writes JSON under bench/results/.
+then the timed steps, each between CUDA events; tokens/s is that of the median step (the JSON row keeps every
+step's ms). Prints a table and writes JSON under bench/results/.
 
     python bench/train_throughput.py [--seq_lens 2048 8192] [--types softmax 2mamba 2mamba-e mamba]
 
@@ -66,15 +67,16 @@ def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         loss = step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.steps):
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+    events[0].record()
+    for event in events[1:]:
         loss = step()
-    end.record()
+        event.record()
     torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3
+    steps_ms = [start.elapsed_time(end) for start, end in zip(events, events[1:])]
+    step_ms = sorted(steps_ms)[len(steps_ms) // 2]  # the median: one slow step does not move it
     row = {
-        "tokens_per_s": batch * seq_len * args.steps / seconds, "step_ms": 1e3 * seconds / args.steps,
+        "tokens_per_s": batch * seq_len / step_ms * 1e3, "step_ms": step_ms, "steps_ms": steps_ms,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": loss.item(),
     }
     if args.profile:
@@ -156,13 +158,13 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     print(f"\n{args.model_size} model, bf16, {'with' if args.activation_checkpointing else 'without'} activation "
           f"checkpointing, {args.tokens_per_step} tokens/step, {gpu}")
-    print(f"{'type':<10} {'seq':>6} {'batch':>5} {'tokens/s':>12} {'ms/step':>9} {'peak GiB':>9}")
+    print(f"{'type':<10} {'seq':>6} {'batch':>5} {'tokens/s':>12} {'ms/step':>9} {'min':>7} {'max':>7} {'peak GiB':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['type']:<10} {r['seq_len']:>6} {r['batch']:>5}  {r['error'][:60]}")
         else:
             print(f"{r['type']:<10} {r['seq_len']:>6} {r['batch']:>5} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
-                  f"{r['peak_mem_gib']:>9.1f}")
+                  f"{min(r['steps_ms']):>7.1f} {max(r['steps_ms']):>7.1f} {r['peak_mem_gib']:>9.1f}")
     print(f"wrote {path}")
 
 
