@@ -618,14 +618,15 @@ def _kron_grad(a, m, dy):
 
 @interpreter
 @pytest.mark.parametrize("T,C,d,E", [(2, 5, 8, 16), (1, 16, 12, 33), (1, 17, 56, 80), (1, 150, 8, 16),
-                                     (1, 300, 8, 16), (1, 300, 8, 33), (1, 300, 56, 16)])
+                                     (1, 300, 8, 16), (1, 300, 8, 33), (1, 300, 56, 16), (1, 9, 80, 16)])
 def test_fused_feature_products(T, C, d, E):
     """The kernels of the chunked form's state part (features.py), float32, each against its float64 formula
     through the materialised kron features: phi(a)^T b and phi(a)^T (w b) (token weights in (0, 1], as the
     chunk's key decays), phi(a) M and, for the weighted product's backward, (w phi(a) M, <phi(a) M, b>), also plus
     another term, and the d a of <phi(a) M, dy> plain, times w and plus one or two other terms. C = 300 walks
     the chunk in blocks of tokens (the outer product's long-chunk path), E = 33 and 80 take a second column tile,
-    d = 56 the half-width steps past d / 2 with columns to mask (d pads to 64)."""
+    d = 56 the half-width steps past d / 2 with columns to mask (d pads to 64), d = 80 the outer product's
+    steps of i in two programs (64 a program) and columns padded to 128."""
     from kernel.power import features
     from kernel.power.naive import feature_map
 
