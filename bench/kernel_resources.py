@@ -9,8 +9,10 @@ registers and spills, and nvdisasm's listing gives each loop's size and its loca
 every pass). From Triton's own IR (TTGIR) and PTX, what the source does not show: tiles read from shared memory
 into registers inside a loop (`local_load`: an operand the source holds fixed that Triton keeps in shared memory
 and reloads every pass, or a pipelined load consumed in registers), tensor-core products inside loops whose first
-operand comes from shared memory rather than registers, and `mma.sync` products (too short for Hopper's 64-row
-warp-group product). A cheap check before timing a kernel change on the device (bench/NOTES.md, session 29).
+operand comes from shared memory rather than registers, loads inside loops that feed a product's first operand
+in the same pass (not prefetched: each pass waits for its load), and `mma.sync` products (too short for Hopper's
+64-row warp-group product). A cheap check before timing a kernel change on the device (bench/NOTES.md, sessions
+29 and 30).
 
     python bench/kernel_resources.py [--warps 4 8]
 """
@@ -98,9 +100,13 @@ def resources(fn, values, options):
 
 def loop_operands(ttgir):
     """(shared-memory tiles loaded into registers inside loops, products inside loops whose first operand is
-    read from shared memory) in a kernel's TTGIR, counted by walking its blocks: a line that opens one more
-    brace than it closes starts a block (a loop when it holds `scf.for`), one that closes one more ends it."""
-    blocks, reloads, shared_a = [], 0, 0
+    read from shared memory, loads inside loops whose value reaches the first operand of a product in the same
+    pass) in a kernel's TTGIR, counted by walking its blocks: a line that opens one more brace than it closes
+    starts a block (a loop when it holds `scf.for`), one that closes one more ends it. The third follows each
+    load's SSA value through the ops of its loop: Triton's pipeline prefetches only the products' operands
+    that it stages in shared memory, so a load that feeds a register operand waits in every pass."""
+    blocks, reloads, shared_a, exposed = [], 0, 0, 0
+    loaded = set()  # SSA values of the current loop that carry a load of this pass
     for line in ttgir.splitlines():
         depth = line.count("{") - line.count("}")
         in_loop = "for" in blocks
@@ -108,11 +114,20 @@ def loop_operands(ttgir):
             reloads += 1
         if in_loop and "ttng.warp_group_dot " in line and line.split("} : ", 1)[-1].startswith("!ttg.memdesc"):
             shared_a += 1
+        if in_loop and " = " in line:
+            defined, op = line.split(" = ", 1)
+            operands = re.findall(r"%[\w#]+", op.split(" loc(")[0])
+            if op.startswith("tt.load ") or any(x in loaded for x in operands if not op.startswith("scf.")):
+                loaded.update(name.split(":")[0] for name in re.findall(r"%[\w:]+", defined))
+            if op.startswith("ttng.warp_group_dot ") and operands and operands[0] in loaded:
+                exposed += 1
         if depth > 0:
+            if "scf.for" in line and not in_loop:
+                loaded = set()
             blocks.append("for" if "scf.for" in line else "block")
         elif depth < 0 and blocks:
             blocks.pop()
-    return reloads, shared_a
+    return reloads, shared_a, exposed
 
 
 def main():
@@ -127,11 +142,11 @@ def main():
     for warps in args.warps:
         for name, (fn, values, options) in table.items():
             options = dict(options, num_warps=warps or options["num_warps"])
-            registers, spilled, shared, loops, (reloads, shared_a, mma_sync) = resources(fn, values, options)
+            registers, spilled, shared, loops, (reloads, shared_a, exposed, mma_sync) = resources(fn, values, options)
             body = ", ".join(f"{n} ({ldl})" for n, ldl in loops)
             print(f"{name:8} warps {options['num_warps']}: {registers} registers, {spilled} bytes spilled, "
                   f"{shared} bytes shared; loops {body}; in loops: {reloads} shared-memory reloads, {shared_a} "
-                  f"products reading shared memory; {mma_sync} mma.sync")
+                  f"products reading shared memory, {exposed} loads feeding a product; {mma_sync} mma.sync")
 
 
 if __name__ == "__main__":
