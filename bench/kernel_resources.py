@@ -116,7 +116,7 @@ def loop_operands(ttgir):
             shared_a += 1
         if in_loop and " = " in line:
             defined, op = line.split(" = ", 1)
-            operands = re.findall(r"%[\w#]+", op.split(" loc(")[0])
+            operands = [x.split("#")[0] for x in re.findall(r"%[\w#]+", op.split(" loc(")[0])]  # %x#0: result 0 of %x
             if op.startswith("tt.load ") or any(x in loaded for x in operands if not op.startswith("scf.")):
                 loaded.update(name.split(":")[0] for name in re.findall(r"%[\w:]+", defined))
             if op.startswith("ttng.warp_group_dot ") and operands and operands[0] in loaded:
