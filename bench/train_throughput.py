@@ -74,7 +74,7 @@ def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
         event.record()
     torch.cuda.synchronize()
     steps_ms = [start.elapsed_time(end) for start, end in zip(events, events[1:])]
-    step_ms = sorted(steps_ms)[len(steps_ms) // 2]  # the median: one slow step does not move it
+    step_ms = sorted(steps_ms)[len(steps_ms) // 2]  # the (upper) median: one slow step does not move it
     row = {
         "tokens_per_s": batch * seq_len / step_ms * 1e3, "step_ms": step_ms, "steps_ms": steps_ms,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": loss.item(),
