@@ -97,9 +97,9 @@ def _store_rows(OUT, out, t_, rows, ok, cols, E, E1, NF):
 @triton.jit
 def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D: tl.constexpr, NF,
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-                  BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_W: tl.constexpr, IEEE: tl.constexpr):
-    """phi(a)^T b, or phi(a)^T (w b) with token weights (HAS_W), for BLOCK_I values of i, the state's columns in
-    two tiles, [0, E_MAIN) and [E_MAIN, E). Every step takes all d rows j, the j < i among them computed and not
+                  BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """phi(a)^T (w b) with token weights w, for BLOCK_I values of i, the state's columns in two tiles, [0, E_MAIN)
+    and [E_MAIN, E). Every step takes all d rows j, the j < i among them computed and not
     stored: for i past d / 2 only half of them are needed, but a half-width step of 32 rows is too short for
     Hopper's warp-group product (it took the older mma.sync, its fixed operand loaded into registers at every
     step), and at d = 64 the full-width steps ran 12 % faster on an H200 (1 % with token weights; bench/NOTES.md)."""
@@ -123,11 +123,10 @@ def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D:
         b = _load_rows(B, c, c < C, SB, em, E_MAIN)
         if BLOCK_TAIL > 0:
             b_tail = _load_rows(B, c, c < C, SB, et, E)
-        if HAS_W:
-            w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)[:, None]
-            b = (b.to(tl.float32) * w).to(B.dtype.element_ty)
-            if BLOCK_TAIL > 0:
-                b_tail = (b_tail.to(tl.float32) * w).to(B.dtype.element_ty)
+        w = tl.load(W + t_ * C + c, mask=c < C, other=0.0)[:, None]
+        b = (b.to(tl.float32) * w).to(B.dtype.element_ty)
+        if BLOCK_TAIL > 0:
+            b_tail = (b_tail.to(tl.float32) * w).to(B.dtype.element_ty)
         ai = tl.load(A + c * SA + i0, mask=(c < C) & (i0 < D), other=0.0)
     for ii in range(BLOCK_I):
         i = i0 + ii
@@ -148,8 +147,7 @@ def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D:
             for c0 in range(0, C, BLOCK_C):
                 cb = c0 + c
                 ai = tl.load(A + cb * SA + i, mask=(cb < C) & (i < D), other=0.0)
-                if HAS_W:
-                    ai = (ai.to(tl.float32) * tl.load(W + t_ * C + cb, mask=cb < C, other=0.0)).to(ai.dtype)
+                ai = (ai.to(tl.float32) * tl.load(W + t_ * C + cb, mask=cb < C, other=0.0)).to(ai.dtype)
                 a_t = tl.trans(_load_rows(A, cb, cb < C, SA, j, D))
                 p_t = (a_t * ai[None, :]).to(B.dtype.element_ty)
                 out += _dot(p_t, _load_rows(B, cb, cb < C, SB, em, E_MAIN), IEEE)
@@ -399,10 +397,12 @@ def outer(a, b, w=None):
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
     block_i = min(OUTER["BLOCK_I"], block_d)
-    _outer_kernel[(T, triton.cdiv(d, block_i))](a, *_strides(a), b, *_strides(b), a if w is None else w, out, heads,
+    if w is None:  # unit weights, exact: Triton lays the weighted kernel's loop out faster (bench/NOTES.md)
+        w = torch.ones(T, C, dtype=torch.float32, device=a.device)
+    _outer_kernel[(T, triton.cdiv(d, block_i))](a, *_strides(a), b, *_strides(b), w, out, heads,
                                                 C, E, e_main, D=d, NF=nf, BLOCK_C=block_c, BLOCK_D=block_d,
                                                 BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
-                                                BLOCK_I=block_i, ONE_BLOCK=C <= block_c, HAS_W=w is not None,
+                                                BLOCK_I=block_i, ONE_BLOCK=C <= block_c,
                                                 IEEE=a.dtype == torch.float32, num_warps=OUTER["NUM_WARPS"],
                                                 num_stages=OUTER["NUM_STAGES"])
     return out
