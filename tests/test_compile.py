@@ -13,6 +13,7 @@ that bf16 takes on a GPU.
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import os
 import pickle
@@ -116,8 +117,6 @@ def _aligned(value):
 def record(path):
     """Run ops_to_record() under the interpreter; pickle {(module, kernel, signature, constants, options,
     aligned)}, aligned the positions of the arguments divisible by 16."""
-    import inspect
-
     from triton.runtime.interpreter import InterpretedFunction
 
     launches = set()
@@ -185,6 +184,34 @@ def test_every_launched_kernel_compiles_for_sm90(tmp_path):
     assert len(kernels) >= 15, sorted(kernels)  # the attention, chunk, feature, recurrent, norm, conv, kron kernels
     compiled = _run("compile", launches, interpret=False)
     assert compiled.returncode == 0, compiled.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
+                         / "ptxas").exists(), reason="this Triton wheel ships no ptxas")
+@pytest.mark.parametrize("block_c", [64, 256])
+def test_hopper_outer_compiles_for_sm90(tmp_path, block_c):
+    """kernel/power/hopper.py's outer product (Gluon, which the interpreter cannot run) compiles for sm_90 at its
+    shortest and longest block of tokens, in a block's shared memory, without spilling registers (ptxas -v)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernel.power import hopper
+
+    pointers = {"A": "*bf16", "B": "*bf16", "W": "*fp32", "OUT": "*bf16"}
+    params = list(inspect.signature(hopper._outer_kernel.fn).parameters)
+    constants = {"D": hopper.HEAD, "E": hopper.HEAD, "BLOCK_C": block_c}
+    signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
+    source = GluonASTSource(fn=hopper._outer_kernel, signature=signature, constexprs=constants,
+                            attrs={(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": hopper.NUM_WARPS})
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT
+    ptx = tmp_path / "outer.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    info = subprocess.run([str(bin_dir / "ptxas"), "-v", "--gpu-name=sm_90a", str(ptx), "-o", os.devnull],
+                          capture_output=True, text=True, check=True).stderr
+    assert "0 bytes spill stores" in info, info
 
 
 @pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"

@@ -521,6 +521,7 @@ def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
              "grad w": lambda: features.grad(a, m, dy, w),
              "grad adds": lambda: features.grad(a, m, dy, w, adds=(a, a * 2)),  # other terms before the one rounding
              "apply add": lambda: features.apply(a, m, b.dtype, w, b, add=dy)}
+    monkeypatch.setattr(features, "hopper", None)  # the Triton outer product everywhere (Hopper's: below)
     got = {name: [fn() for _ in range(3)] for name, fn in calls.items()}
     for launch in (features.OUTER, features.APPLY, features.GRAD):  # each product's launch constants
         monkeypatch.setitem(launch, "NUM_STAGES", 1)
@@ -530,6 +531,37 @@ def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
             for out, r in zip(*((x,) if torch.is_tensor(x) else x for x in (outs, ref))):
                 assert not r.isnan().any(), name
                 assert torch.equal(out, r), f"{name}: pipelined != one stage ({(out != r).float().mean():.1e} differ)"
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Gluon outer product is for sm_90")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [256, 200, 40])
+def test_gpu_hopper_outer_equals_triton_kernel(monkeypatch, dtype, C):
+    """kernel/power/hopper.py's outer product == features._outer_kernel bit for bit (the same roundings and
+    tensor-core sums) and near float64, on the model's [B, N, H, .] views of one projection, with and without
+    token weights, over 192 blocks, for chunks of 256 tokens and shorter ones the blocks pad."""
+    from kernel.power import features, hopper
+
+    U, H, d = 12, 16, 64
+    gen = torch.Generator(device="cuda").manual_seed(37)
+    qkv = torch.randn(U, C, H, 3 * d, device="cuda", generator=gen).to(dtype)
+    k, v = qkv[..., d:2 * d], qkv[..., 2 * d:]  # strided views, as the model's
+    w = torch.rand(U * H, C, device="cuda", generator=gen) ** 4  # decays in (0, 1]
+    assert hopper.hopper_outer_applies(k, v, C)
+    for weights in (w, None):
+        got = features.outer(k, v, weights)
+        with monkeypatch.context() as m:
+            m.setattr(features, "hopper", None)
+            ref = features.outer(k, v, weights)
+        assert torch.equal(got, ref), f"{(got != ref).float().mean():.1e} differ"
+        a = k.transpose(1, 2).reshape(U * H, C, d)
+        b = v.transpose(1, 2).reshape(U * H, C, d)
+        if weights is not None:  # w b rounded once to the inputs' dtype, as both kernels do
+            b = (b.float() * weights[..., None]).to(dtype)
+        exact = features.feature_outer(a.double(), b.double(), power="2")
+        assert rel_err(got.double(), exact) < 1e-2
 
 
 @gpu

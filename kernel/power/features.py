@@ -10,6 +10,8 @@ outputs they allocate are in block order.
 The two are adjoint, so their gradients are each other plus one kernel for d a (grad, _grad_kernel), the
 kron backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
 outer product's backward. chunk.py's _fused_state_forward and _backward string them together.
+On Hopper (sm_90) at d = dv = 64 the outer product runs hopper.py's kernel, written in Gluon, instead: the
+same sums bit for bit, with its steps' stores and the triangle's upper half done as Triton does not.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
@@ -49,6 +51,11 @@ import triton.language as tl
 
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..kron import kron_indices, kron_reference
+
+try:  # the outer product for Hopper GPUs, in Gluon (Triton's lower-level language): absent from older Tritons
+    from . import hopper
+except ImportError:
+    hopper = None
 
 SQRT2 = tl.constexpr(1.4142135623730951)
 INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -394,11 +401,14 @@ def outer(a, b, w=None):
     E = b.shape[-1]
     nf = d * (d + 1) // 2
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
+    if w is None:  # unit weights, exact: Triton lays the weighted kernel's loop out faster (bench/NOTES.md)
+        w = torch.ones(T, C, dtype=torch.float32, device=a.device)
+    if hopper is not None and hopper.hopper_outer_applies(a, b, C):
+        hopper.launch_outer(a, _strides(a), b, _strides(b), w, out, heads, C)
+        return out
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c, block_d = _block(C, 256), _block(d, 1 << 30)
     block_i = min(OUTER["BLOCK_I"], block_d)
-    if w is None:  # unit weights, exact: Triton lays the weighted kernel's loop out faster (bench/NOTES.md)
-        w = torch.ones(T, C, dtype=torch.float32, device=a.device)
     _outer_kernel[(T, triton.cdiv(d, block_i))](a, *_strides(a), b, *_strides(b), w, out, heads,
                                                 C, E, e_main, D=d, NF=nf, BLOCK_C=block_c, BLOCK_D=block_d,
                                                 BLOCK_MAIN=block_main, BLOCK_TAIL=block_tail,
