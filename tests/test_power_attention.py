@@ -542,8 +542,9 @@ def test_gpu_hopper_outer_equals_triton_kernel(monkeypatch, dtype, C):
     """kernel/power/hopper.py's outer product == features._outer_kernel bit for bit (the same roundings and
     tensor-core sums) and near float64, on the model's [B, N, H, .] views of one projection, with and without
     token weights, over 192 blocks, for chunks of 256 tokens and shorter ones the blocks pad."""
-    from kernel.power import features, hopper
+    from kernel.power import features
 
+    hopper = pytest.importorskip("kernel.power.hopper")  # written for Triton 3.6's Gluon
     U, H, d = 12, 16, 64
     gen = torch.Generator(device="cuda").manual_seed(37)
     qkv = torch.randn(U, C, H, 3 * d, device="cuda", generator=gen).to(dtype)

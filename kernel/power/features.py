@@ -52,7 +52,7 @@ import triton.language as tl
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..kron import kron_indices, kron_reference
 
-try:  # the outer product for Hopper GPUs, in Gluon (Triton's lower-level language): absent from older Tritons
+try:  # the outer product for Hopper GPUs in Gluon (Triton's lower-level language), for Triton 3.6's Gluon only
     from . import hopper
 except ImportError:
     hopper = None

@@ -17,9 +17,15 @@ upper half of a^T twice, scaled by a_i in its first 32 rows and by a_{i+1} in th
 from __future__ import annotations
 
 import torch
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+import triton
+
+if not triton.__version__.startswith("3.6."):  # Gluon is experimental; features.py then keeps its Triton kernel
+    raise ImportError(f"kernel/power/hopper.py is written for Gluon as Triton 3.6 ships it, not {triton.__version__}")
+
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,  # noqa: E402
+                                                            warpgroup_mma_wait)
 
 SQRT2 = gl.constexpr(1.4142135623730951)
 HEAD = 64  # d and dv this kernel is written for
