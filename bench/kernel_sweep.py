@@ -6,7 +6,9 @@ The fused feature products of the chunked form (kernel/power/features.py: outer,
 token weights, apply, grad) at the
 attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = dv = 64, bf16) for each launch
 config (features.OUTER, APPLY, GRAD: BLOCK_I or BLOCK_C, NUM_WARPS, NUM_STAGES), each also compared bit for
-bit with its one-stage run (a race in the software pipeline shows as a difference), and the one-token recurrent
+bit with its one-stage run (a race in the software pipeline shows as a difference), on Hopper the outer
+product's Gluon kernel (kernel/power/hopper.py) beside them, compared with the Triton kernel, and the one-token
+recurrent
 step (kernel/power/recurrent.py) at `--batch` sequences of the small model (16 heads, d = 64, float32 state,
 contiguous "rows" or zero_state's column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the
 state's bytes read and written per second, beside the same bytes multiplied in place by PyTorch (a streaming
@@ -80,13 +82,22 @@ def sweep_features(C: int, names=FEATURE_KERNELS, d: int = 64, E: int = 64, head
         product = name.split()[0]
         if product not in names:
             continue
+        # the Triton kernels' constants; on Hopper the outer product runs kernel/power/hopper.py unless told not to
         for config in grids[product]:
-            with _constants(features, (product.upper(),), (config,)):
+            with _constants(features, (product.upper(), "hopper"), (config, None)):
                 ms = do_bench(fn, warmup=5, rep=30)
                 out = fn()
-            with _constants(features, (product.upper(),), ({**config, "NUM_STAGES": 1},)):
+            with _constants(features, (product.upper(), "hopper"), ({**config, "NUM_STAGES": 1}, None)):
                 one_stage = fn()  # the same sums in the same order: any difference is a race in the pipeline
             row = {"kernel": name, "C": C, **config, "ms": ms, "equals_one_stage": bool(torch.equal(out, one_stage))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        if product == "outer" and features.hopper is not None and features.hopper.hopper_outer_applies(a, b, C):
+            out = fn()
+            with _constants(features, ("hopper",), (None,)):
+                triton_out = fn()  # with the production constants
+            row = {"kernel": f"{name} (Gluon, hopper.py)", "C": C, "ms": do_bench(fn, warmup=5, rep=30),
+                   "equals_triton_kernel": bool(torch.equal(out, triton_out))}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
