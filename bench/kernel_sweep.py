@@ -8,9 +8,8 @@ attention benchmark's shape (32768 tokens x 16 heads in chunks of C, d = dv = 64
 config (features.OUTER, APPLY, GRAD: BLOCK_I or BLOCK_C, NUM_WARPS, NUM_STAGES), each also compared bit for
 bit with its one-stage run (a race in the software pipeline shows as a difference), on Hopper the outer
 product's Gluon kernel (kernel/power/hopper.py) beside them, compared with the Triton kernel, and the one-token
-recurrent
-step (kernel/power/recurrent.py) at `--batch` sequences of the small model (16 heads, d = 64, float32 state,
-contiguous "rows" or zero_state's column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the
+recurrent step (kernel/power/recurrent.py) at `--batch` sequences of the small model (16 heads, d = 64, float32
+state, contiguous "rows" or zero_state's column-major "columns") for each BLOCK_R, BLOCK_V and NUM_WARPS, with the
 state's bytes read and written per second, beside the same bytes multiplied in place by PyTorch (a streaming
 roofline); and the decoding step's linear layers (kernel/dense.py) at `--linear-batches` rows beside the
 formula they replace, 20 layers' weights replayed from one CUDA graph (no launch overhead; weights cold, as in
