@@ -106,10 +106,10 @@ def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, E, E_MAIN, D:
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_MAIN: tl.constexpr, BLOCK_TAIL: tl.constexpr,
                   BLOCK_I: tl.constexpr, ONE_BLOCK: tl.constexpr, IEEE: tl.constexpr):
     """phi(a)^T (w b) with token weights w, for BLOCK_I values of i, the state's columns in two tiles, [0, E_MAIN)
-    and [E_MAIN, E). Every step takes all d rows j, the j < i among them computed and not
-    stored: for i past d / 2 only half of them are needed, but a half-width step of 32 rows is too short for
-    Hopper's warp-group product (it took the older mma.sync, its fixed operand loaded into registers at every
-    step), and at d = 64 the full-width steps ran 12 % faster on an H200 (1 % with token weights; bench/NOTES.md)."""
+    and [E_MAIN, E). Every step takes all d rows j, the j < i among them computed and not stored: for i past d / 2
+    only half of them are needed, but a half-width step of 32 rows is too short for Hopper's warp-group product
+    (it took the older mma.sync, its fixed operand loaded into registers at every step), and at d = 64 the
+    full-width steps ran 12 % faster on an H200 (1 % with token weights; bench/NOTES.md)."""
     t_ = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_I
     A = _block_start(A, t_, H2, SA1, SA2)

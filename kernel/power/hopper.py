@@ -58,8 +58,7 @@ def _store_step(OUT, res, i, J0: gl.constexpr, JM: gl.constexpr, t_, D: gl.const
     r = gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, ROWS))
     e = gl.arange(0, E, layout=gl.SliceLayout(0, ROWS))
     ir, jr = i + r // JM, J0 + r % JM
-    gl.store(OUT + t_ * NF * E + (_segment(ir, D) + jr)[:, None] * E + e[None, :], val,
-             mask=((jr >= ir) & (jr < D))[:, None] & (e[None, :] < E))
+    gl.store(OUT + t_ * NF * E + (_segment(ir, D) + jr)[:, None] * E + e[None, :], val, mask=(jr >= ir)[:, None])
 
 
 @gluon.jit
@@ -72,18 +71,19 @@ def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, NF, D: gl.con
     ROWS: gl.constexpr = gl.BlockedLayout([4, 8], [4, 8], [4, 1], [1, 0])  # a warp's 16 rows of the product
     PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     HALF: gl.constexpr = D // 2
+    gl.static_assert(D == E)  # a and b share their column layout and its 64 columns
     t_ = gl.program_id(0).to(gl.int64)
     A = A + (t_ // H2) * SA1 + (t_ % H2) * SA2
     B = B + (t_ // H2) * SB1 + (t_ % H2) * SB2
     c = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(1, TILE))
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, TILE))
-    a = gl.load(A + c[:, None] * SA + cols[None, :], mask=(c[:, None] < C) & (cols[None, :] < D), other=0.0)
+    a = gl.load(A + c[:, None] * SA + cols[None, :], mask=(c < C)[:, None], other=0.0)
     a_t = gl.allocate_shared_memory(a.dtype, [D, BLOCK_C], PLAIN, gl.permute(a, [1, 0]))
     # the same rows one at a time (row i: the column a_i), in the row-major layout PLAIN has: index() takes a
     # buffer of one rank more than its layout, and Gluon 3.6 slices only at constant offsets
     columns = a_t._reinterpret(a.dtype, [D, BLOCK_C], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                                                 order=[0]))
-    b = gl.load(B + c[:, None] * SB + cols[None, :], mask=(c[:, None] < C) & (cols[None, :] < E), other=0.0)
+    b = gl.load(B + c[:, None] * SB + cols[None, :], mask=(c < C)[:, None], other=0.0)
     w = gl.load(W + t_ * C + c, mask=c < C, other=0.0)
     b_s = gl.allocate_shared_memory(b.dtype, [BLOCK_C, E],
                                     gl.NVMMASharedLayout.get_default_for([BLOCK_C, E], b.dtype),
