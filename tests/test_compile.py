@@ -9,6 +9,7 @@ that bf16 takes on a GPU.
 
     python tests/test_compile.py record FILE    # the launches of ops_to_record(), pickled
     python tests/test_compile.py compile FILE   # compile each; prints one line per kernel
+    python tests/test_compile.py gluon JOB      # one Gluon kernel of kernel/power/hopper.py (a JSON job)
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ def record(path):
 
 
 SHARED_MEMORY_LIMIT = 232448  # bytes a block of an H100 / H200 may use (the driver refuses a kernel past it)
+HAS_PTXAS = (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
 def compile_all(path):
@@ -174,8 +176,7 @@ def _run(mode, path, interpret):
                           text=True, timeout=900)
 
 
-@pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
-                         / "ptxas").exists(), reason="this Triton wheel ships no ptxas")
+@pytest.mark.skipif(not HAS_PTXAS, reason="this Triton wheel ships no ptxas")
 def test_every_launched_kernel_compiles_for_sm90(tmp_path):
     launches = tmp_path / "launches.pkl"
     recorded = _run("record", launches, interpret=True)
@@ -186,35 +187,78 @@ def test_every_launched_kernel_compiles_for_sm90(tmp_path):
     assert compiled.returncode == 0, compiled.stderr[-3000:]
 
 
-@pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
-                         / "ptxas").exists(), reason="this Triton wheel ships no ptxas")
-@pytest.mark.parametrize("block_c", [64, 256])
-def test_hopper_outer_compiles_for_sm90(tmp_path, block_c):
-    """kernel/power/hopper.py's outer product (Gluon, which the interpreter cannot run) compiles for sm_90 at its
-    shortest and longest block of tokens, in a block's shared memory, without spilling registers (ptxas -v)."""
+def compile_gluon(path):
+    """Compile the Gluon kernel of kernel/power/hopper.py that the JSON job at path names for sm_90 (no
+    interpreter: it runs Gluon's reductions as Python); write its shared memory and ptxas -v's report beside it."""
+    import json
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    hopper = pytest.importorskip("kernel.power.hopper")  # written for Triton 3.6's Gluon (requirements.txt)
-    pointers = {"A": "*bf16", "B": "*bf16", "W": "*fp32", "OUT": "*bf16"}
-    params = list(inspect.signature(hopper._outer_kernel.fn).parameters)
-    constants = {"D": hopper.HEAD, "E": hopper.HEAD, "BLOCK_C": block_c}
-    signature = {p: "constexpr" if p in constants else pointers.get(p, "i32") for p in params}
-    source = GluonASTSource(fn=hopper._outer_kernel, signature=signature, constexprs=constants,
-                            attrs={(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": hopper.NUM_WARPS})
-    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT
-    ptx = tmp_path / "outer.ptx"
+    from kernel.power import hopper
+
+    job = json.loads(Path(path).read_text())
+    kernel = getattr(hopper, job["kernel"])
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in job["constants"] else job["pointers"].get(p, "i32") for p in params}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in job["pointers"]}
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=job["constants"], attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": job["num_warps"]})
+    ptx = Path(path).with_suffix(".ptx")
     ptx.write_text(compiled.asm["ptx"])
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     info = subprocess.run([str(bin_dir / "ptxas"), "-v", "--gpu-name=sm_90a", str(ptx), "-o", os.devnull],
                           capture_output=True, text=True, check=True).stderr
+    Path(path).with_suffix(".out").write_text(json.dumps({"shared": compiled.metadata.shared, "info": info}))
+
+
+def _compile_gluon(tmp_path, kernel, pointers, constants, num_warps):
+    """compile_gluon in a subprocess: (shared memory in bytes, ptxas -v's report)."""
+    import json
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"kernel": kernel, "pointers": pointers, "constants": constants,
+                               "num_warps": num_warps}))
+    run = _run("gluon", job, interpret=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(job.with_suffix(".out").read_text())
+    return out["shared"], out["info"]
+
+
+@pytest.mark.skipif(not HAS_PTXAS, reason="this Triton wheel ships no ptxas")
+@pytest.mark.parametrize("block_c", [64, 256])
+def test_hopper_outer_compiles_for_sm90(tmp_path, block_c):
+    """kernel/power/hopper.py's outer product (Gluon, which the interpreter cannot run) compiles for sm_90 at its
+    shortest and longest block of tokens, in a block's shared memory, without spilling registers (ptxas -v)."""
+    hopper = pytest.importorskip("kernel.power.hopper")  # written for Triton 3.6's Gluon (requirements.txt)
+    shared, info = _compile_gluon(tmp_path, "_outer_kernel",
+                                  {"A": "*bf16", "B": "*bf16", "W": "*fp32", "OUT": "*bf16"},
+                                  {"D": hopper.HEAD, "E": hopper.HEAD, "BLOCK_C": block_c}, hopper.NUM_WARPS)
+    assert shared <= SHARED_MEMORY_LIMIT
     assert "0 bytes spill stores" in info, info
 
 
-@pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
-                         / "ptxas").exists(), reason="this Triton wheel ships no ptxas")
+@pytest.mark.skipif(not HAS_PTXAS, reason="this Triton wheel ships no ptxas")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hopper_apply_compiles_for_sm90(tmp_path, weighted):
+    """kernel/power/hopper.py's apply compiles for sm_90 with its launch constants, plain (float32 out, the
+    forward's) and with token weights and an added term (bf16 out, the backward's), without spilling, with
+    registers and shared memory for two programs an SM (what its timing in bench/NOTES.md ran)."""
+    hopper = pytest.importorskip("kernel.power.hopper")
+    launch = hopper.APPLY
+    pointers = {"A": "*bf16", "M": "*bf16", "OUT": "*bf16" if weighted else "*fp32", "W": "*fp32", "B": "*bf16",
+                "DW": "*fp32", "ADD": "*bf16"}
+    constants = {"D": hopper.HEAD, "E": hopper.HEAD, "BLOCK_C": launch["BLOCK_C"], "HAS_W": weighted,
+                 "HAS_ADD": weighted, "STAGES": launch["STAGES"], "GROUP": launch["GROUP"]}
+    shared, info = _compile_gluon(tmp_path, "_apply_kernel", pointers, constants, launch["NUM_WARPS"])
+    assert "0 bytes spill stores" in info, info
+    registers = int(re.search(r"Used (\d+) registers", info).group(1))
+    assert 2 * registers * 32 * launch["NUM_WARPS"] <= 65536, info
+    assert 2 * (shared + 1024) <= SHARED_MEMORY_LIMIT, shared  # 1 KB a block is the driver's
+
+
+@pytest.mark.skipif(not HAS_PTXAS, reason="this Triton wheel ships no ptxas")
 def test_kernel_resources_reads_every_feature_kernel():
     """bench/kernel_resources.py, run as a script (no interpreter), captures the six launches of the feature
     products from their launchers and reads registers, spills and loops of each, and what Triton made of their
@@ -237,4 +281,4 @@ def test_kernel_resources_reads_every_feature_kernel():
 
 
 if __name__ == "__main__":
-    {"record": record, "compile": compile_all}[sys.argv[1]](sys.argv[2])
+    {"record": record, "compile": compile_all, "gluon": compile_gluon}[sys.argv[1]](sys.argv[2])

@@ -550,7 +550,7 @@ def test_gpu_hopper_outer_equals_triton_kernel(monkeypatch, dtype, C):
     qkv = torch.randn(U, C, H, 3 * d, device="cuda", generator=gen).to(dtype)
     k, v = qkv[..., d:2 * d], qkv[..., 2 * d:]  # strided views, as the model's
     w = torch.rand(U * H, C, device="cuda", generator=gen) ** 4  # decays in (0, 1]
-    assert hopper.hopper_outer_applies(k, v, C)
+    assert hopper.applies(k, v) and C <= hopper.OUTER_MAX_C
     for weights in (w, None):
         got = features.outer(k, v, weights)
         with monkeypatch.context() as m:
@@ -564,6 +564,47 @@ def test_gpu_hopper_outer_equals_triton_kernel(monkeypatch, dtype, C):
         exact = features.feature_outer(a.double(), b.double(), power="2")
         assert rel_err(got.double(), exact) < 1e-2
 
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Gluon apply is for sm_90")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [256, 200, 40])
+def test_gpu_hopper_apply_near_float64(monkeypatch, dtype, C):
+    """kernel/power/hopper.py's apply phi(a) M, and with token weights and an added term (w phi(a) M + add,
+    <phi(a) M, b>), on the model's [B, N, H, .] views over 192 blocks: within 5e-3 of float64 (as close as
+    features._apply_kernel, whose sums round differently), the same bits on every call (its steps chained in
+    one accumulator while the next steps' rows stream in; a race in that pipeline would change some), and the
+    outputs written in place where given."""
+    from kernel.power import features
+
+    hopper = pytest.importorskip("kernel.power.hopper")  # written for Triton 3.6's Gluon
+    U, H, d = 12, 16, 64
+    T = U * H
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    qkv = torch.randn(U, C, H, 3 * d, device="cuda", generator=gen).to(dtype)
+    a, b, add = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]  # strided views, as the model's
+    m = (torch.randn(T, d * (d + 1) // 2, d, device="cuda", generator=gen) / 30).to(dtype)
+    w = torch.rand(T, C, device="cuda", generator=gen) ** 4
+    assert hopper.applies(a, m)
+    blocks = [x.transpose(1, 2).reshape(T, C, d).double() for x in (a, b, add)]
+    y = features.feature_apply(blocks[0], m.double(), power="2")
+    exact = {"plain": (y,), "w add": (w.double()[..., None] * y + blocks[2], (y * blocks[1]).sum(-1))}
+    calls = {"plain": lambda: (features.apply(a, m, torch.float32),),
+             "w add": lambda: features.apply(a, m, dtype, w, b, add=add)}
+    for name, fn in calls.items():
+        got = fn()
+        with monkeypatch.context() as mp:
+            mp.setattr(features, "hopper", None)
+            ref = fn()
+        for x, r, e in zip(got, ref, exact[name]):
+            err = rel_err(x.double(), e)
+            assert err < 5e-3, f"{name}: {err:.1e} from float64 (the Triton kernel: {rel_err(r.double(), e):.1e})"
+        for _ in range(3):
+            assert all(torch.equal(x, y) for x, y in zip(fn(), got)), name
+    out = torch.empty(U, C, H, d, device="cuda", dtype=dtype)  # the backward's d v, written into its blocks
+    dst, _ = features.apply(a, m, dtype, w, b, add=add, out=out)
+    assert dst is out and rel_err(out.transpose(1, 2).reshape(T, C, d).double(), exact["w add"][0]) < 5e-3
 
 @gpu
 @pytest.mark.parametrize("power,normalize", [("1", False), ("2", False), ("2", True)])
@@ -651,13 +692,15 @@ def _kron_grad(a, m, dy):
 
 @interpreter
 @pytest.mark.parametrize("T,C,d,E", [(2, 5, 8, 16), (1, 16, 12, 33), (1, 17, 56, 80), (1, 150, 8, 16),
-                                     (1, 300, 8, 16), (1, 300, 8, 33), (1, 300, 56, 16), (1, 9, 80, 16)])
+                                     (3, 150, 8, 33), (1, 300, 8, 16), (1, 300, 8, 33), (1, 300, 56, 16),
+                                     (1, 9, 80, 16)])
 def test_fused_feature_products(T, C, d, E):
     """The kernels of the chunked form's state part (features.py), float32, each against its float64 formula
     through the materialised kron features: phi(a)^T b and phi(a)^T (w b) (token weights in (0, 1], as the
     chunk's key decays), phi(a) M and, for the weighted product's backward, (w phi(a) M, <phi(a) M, b>), also plus
     another term, and the d a of <phi(a) M, dy> plain, times w and plus one or two other terms. C = 300 walks
-    the chunk in blocks of tokens (the outer product's long-chunk path), E = 33 and 80 take a second column tile,
+    the chunk in blocks of tokens (the outer product's long-chunk path), C = 150 with T = 3 runs each block in
+    two programs of apply and grad (a block's programs side by side), E = 33 and 80 take a second column tile,
     d = 56 the half-width steps past d / 2 with columns to mask (d pads to 64), d = 80 the outer product's
     steps of i in two programs (64 a program) and columns padded to 128."""
     from kernel.power import features

@@ -10,8 +10,9 @@ outputs they allocate are in block order.
 The two are adjoint, so their gradients are each other plus one kernel for d a (grad, _grad_kernel), the
 kron backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
 outer product's backward. chunk.py's _fused_state_forward and _backward string them together.
-On Hopper (sm_90) at d = dv = 64 the outer product runs hopper.py's kernel, written in Gluon, instead: the
-same sums bit for bit, faster (its results stored in 16-byte rows, the steps past d / 2 two to a product).
+On Hopper (sm_90) at d = dv = 64 the outer product and apply run hopper.py's kernels, written in Gluon,
+instead: the outer product's the same sums bit for bit, apply's the triangle's steps chained in one accumulator
+(its rows of the state contiguous, not gathered); both faster on an H200.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:
@@ -194,10 +195,11 @@ def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW,
     W): each token's row times its weight, and the row's partial sum <phi(a) M, b> over these columns (its
     d W) in DW[TILE0 + its column program]. HAS_ADD: plus ADD [T, C, E] (another term of the same gradient)
     before the one rounding."""
-    t_ = tl.program_id(0).to(tl.int64)
+    tiles = tl.cdiv(C, BLOCK_C)  # a block's token tiles run side by side, so that its state is read once from HBM
+    t_ = (tl.program_id(0) // tiles).to(tl.int64)
     A = _block_start(A, t_, H2, SA1, SA2)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    e = E0 + tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    c = (tl.program_id(0) % tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    e = E0 + tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     cmask = c < C
     emask = e[None, :] < E1
     j = tl.arange(0, BLOCK_D)
@@ -227,8 +229,9 @@ def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW,
     if HAS_W:
         b = tl.load(_block_start(B, t_, H2, SB1, SB2) + c[:, None] * SB + e[None, :], mask=cmask[:, None] & emask,
                     other=0.0)
-        tile = TILE0 + tl.program_id(2)
-        tl.store(DW + (tile * tl.num_programs(0) + t_) * C + c, tl.sum(acc * b.to(tl.float32), axis=1), mask=cmask)
+        tile = TILE0 + tl.program_id(1)
+        tl.store(DW + (tile * (tl.num_programs(0) // tiles) + t_) * C + c, tl.sum(acc * b.to(tl.float32), axis=1),
+                 mask=cmask)
         acc *= tl.load(W + t_ * C + c, mask=cmask, other=0.0)[:, None]
     if HAS_ADD:
         add = _block_start(ADD, t_, H2, SD1, SD2)
@@ -253,10 +256,11 @@ def _grad_kernel(A, SA1, SA2, SA, M, DY, SY1, SY2, SY, W, ADD, SD1, SD2, SD, ADD
     """d a for a block of tokens, plus ADD and ADD2 (other terms of the same gradient: the first N_ADD of them),
     rounded once to a's dtype; the state's columns in two tiles, [0, E_MAIN) and [E_MAIN, E). HAS_W: the product
     had token weights W, so each token's d y, hence its row of d a, is W times."""
-    t_ = tl.program_id(0).to(tl.int64)
+    tiles = tl.cdiv(C, BLOCK_C)  # a block's token tiles side by side (as _apply_kernel's)
+    t_ = (tl.program_id(0) // tiles).to(tl.int64)
     A = _block_start(A, t_, H2, SA1, SA2)
     DY = _block_start(DY, t_, H2, SY1, SY2)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = (tl.program_id(0) % tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     j = tl.arange(0, BLOCK_D)
     jmask = j < D
@@ -403,7 +407,7 @@ def outer(a, b, w=None):
     out = torch.empty(T, nf, E, dtype=b.dtype, device=a.device)
     if w is None:  # unit weights, exact: Triton lays the weighted kernel's loop out faster (bench/NOTES.md)
         w = torch.ones(T, C, dtype=torch.float32, device=a.device)
-    if hopper is not None and hopper.hopper_outer_applies(a, b, C):
+    if hopper is not None and C <= hopper.OUTER_MAX_C and hopper.applies(a, b):
         hopper.launch_outer(a, _strides(a), b, _strides(b), w, out, heads, C)
         return out
     e_main, block_main, block_tail = _main_and_tail(E)
@@ -435,8 +439,12 @@ def apply(a, m, out_dtype, w=None, b=None, add=None, out=None):
     windows = [(e0, e1, _block(e1 - e0)) for e0, e1 in _column_tiles(E)]
     counts = [triton.cdiv(e1 - e0, block_e) for e0, e1, block_e in windows]
     dw = torch.empty(sum(counts) if w is not None else 0, T, C, dtype=torch.float32, device=a.device)  # per tile
+    if hopper is not None and hopper.applies(a, m):
+        hopper.launch_apply(a, _strides(a), m, dst, _strides(dst), a if w is None else w, b, _strides(b),
+                            a if w is None else dw[0], add_, _strides(add_), heads, C, w is not None, add is not None)
+        return result if w is None else (result, dw[0])
     for (e0, e1, block_e), tile0 in zip(windows, [sum(counts[:i]) for i in range(len(counts))]):
-        grid = (T, triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
+        grid = (T * triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
         _apply_kernel[grid](a, *_strides(a), m, dst, *_strides(dst), a if w is None else w, b, *_strides(b), dw, add_,
                             *_strides(add_), tile0, heads, C, E, e0, e1, D=d, NF=m.shape[1], BLOCK_C=block_c,
                             BLOCK_D=block_d, SPLIT=split, LOW=min(split, d), BLOCK_E=block_e, HAS_W=w is not None,
@@ -462,7 +470,7 @@ def grad(a, m, dy, w=None, adds=(), out=None):
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c = _block(C, GRAD["BLOCK_C"])
     add, add2 = (adds + [a, a])[:2]
-    _grad_kernel[(T, triton.cdiv(C, block_c))](a, *_strides(a), m, dy, *_strides(dy), a if w is None else w, add,
+    _grad_kernel[(T * triton.cdiv(C, block_c),)](a, *_strides(a), m, dy, *_strides(dy), a if w is None else w, add,
                                                *_strides(add), add2, *_strides(add2), dst, *_strides(dst), heads, C,
                                                E, e_main, D=d, NF=m.shape[1], BLOCK_C=block_c,
                                                BLOCK_D=_block(d, 1 << 30), BLOCK_MAIN=block_main,
