@@ -470,13 +470,13 @@ def grad(a, m, dy, w=None, adds=(), out=None):
     e_main, block_main, block_tail = _main_and_tail(E)
     block_c = _block(C, GRAD["BLOCK_C"])
     add, add2 = (adds + [a, a])[:2]
-    _grad_kernel[(T * triton.cdiv(C, block_c),)](a, *_strides(a), m, dy, *_strides(dy), a if w is None else w, add,
-                                               *_strides(add), add2, *_strides(add2), dst, *_strides(dst), heads, C,
-                                               E, e_main, D=d, NF=m.shape[1], BLOCK_C=block_c,
-                                               BLOCK_D=_block(d, 1 << 30), BLOCK_MAIN=block_main,
-                                               BLOCK_TAIL=block_tail, HAS_W=w is not None, N_ADD=len(adds),
-                                               IEEE=a.dtype == torch.float32, num_warps=GRAD["NUM_WARPS"],
-                                               num_stages=GRAD["NUM_STAGES"])
+    _grad_kernel[(T * triton.cdiv(C, block_c),)](a, *_strides(a), m, dy, *_strides(dy), a if w is None else w,
+                                                  add, *_strides(add), add2, *_strides(add2), dst, *_strides(dst),
+                                                  heads, C, E, e_main, D=d, NF=m.shape[1], BLOCK_C=block_c,
+                                                  BLOCK_D=_block(d, 1 << 30), BLOCK_MAIN=block_main,
+                                                  BLOCK_TAIL=block_tail, HAS_W=w is not None, N_ADD=len(adds),
+                                                  IEEE=a.dtype == torch.float32, num_warps=GRAD["NUM_WARPS"],
+                                                  num_stages=GRAD["NUM_STAGES"])
     return da
 
 

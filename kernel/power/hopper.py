@@ -173,9 +173,10 @@ def _apply_kernel(A, SA1, SA2, SA, M, OUT, SO1, SO2, SO, W, B, SB1, SB2, SB, DW,
     ROW: gl.constexpr = gl.SliceLayout(1, A_OP)
     HALF: gl.constexpr = D // 2
     STEPS: gl.constexpr = HALF + HALF // 2
-    AHEAD: gl.constexpr = STAGES - GROUP - 1  # steps in flight; a slot is refilled two steps after its product
+    AHEAD: gl.constexpr = STAGES - GROUP - 1  # steps in flight (a slot is refilled once its product is done, _arrived)
     gl.static_assert(D == E)
     gl.static_assert(AHEAD >= GROUP)
+    gl.static_assert((HALF // 2) % GROUP == 0)  # both loops take whole groups of steps
     tiles = gl.cdiv(C, BLOCK_C)  # a block's token tiles run side by side: the state is read once from HBM
     t_ = (gl.program_id(0) // tiles).to(gl.int64)
     c0 = (gl.program_id(0) % tiles) * BLOCK_C
