@@ -606,6 +606,7 @@ def test_gpu_hopper_apply_near_float64(monkeypatch, dtype, C):
     dst, _ = features.apply(a, m, dtype, w, b, add=add, out=out)
     assert dst is out and rel_err(out.transpose(1, 2).reshape(T, C, d).double(), exact["w add"][0]) < 5e-3
 
+
 @gpu
 @pytest.mark.parametrize("power,normalize", [("1", False), ("2", False), ("2", True)])
 def test_gpu_chunk_output_only_bf16(power, normalize):
