@@ -53,7 +53,7 @@ import triton.language as tl
 from .. import triton_compat  # noqa: F401  (patches the CPU interpreter when it is on)
 from ..kron import kron_indices, kron_reference
 
-try:  # the outer product for Hopper GPUs in Gluon (Triton's lower-level language), for Triton 3.6's Gluon only
+try:  # the outer product and apply for Hopper GPUs in Gluon (Triton's lower-level language), Triton 3.6's only
     from . import hopper
 except ImportError:
     hopper = None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 
-if not triton.__version__.startswith("3.6."):  # Gluon is experimental; features.py then keeps its Triton kernel
+if not triton.__version__.startswith("3.6."):  # Gluon is experimental; features.py then keeps its Triton kernels
     raise ImportError(f"kernel/power/hopper.py is written for Gluon as Triton 3.6 ships it, not {triton.__version__}")
 
 from triton.experimental import gluon  # noqa: E402
