@@ -482,6 +482,8 @@ def test_recurrent_step_kernel(power, normalize, block_r, block_v, layout, monke
 
 
 gpu = pytest.mark.gpu
+hopper_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="kernel/power/hopper.py's Gluon kernels are for sm_90")
 
 
 @gpu
@@ -534,8 +536,7 @@ def test_gpu_feature_kernels_pipelined_equal_unpipelined(monkeypatch):
 
 
 @gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the Gluon outer product is for sm_90")
+@hopper_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C", [256, 200, 40])
 def test_gpu_hopper_outer_equals_triton_kernel(monkeypatch, dtype, C):
@@ -566,8 +567,7 @@ def test_gpu_hopper_outer_equals_triton_kernel(monkeypatch, dtype, C):
 
 
 @gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the Gluon apply is for sm_90")
+@hopper_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C", [256, 200, 40])
 def test_gpu_hopper_apply_near_float64(monkeypatch, dtype, C):

@@ -434,15 +434,16 @@ def apply(a, m, out_dtype, w=None, b=None, add=None, out=None):
     a, dst = _blocks(a, heads), _blocks(result, heads)
     b = a if b is None else _blocks(b, heads)
     add_ = a if add is None else _blocks(add, heads)
+    if hopper is not None and hopper.applies(a, m):
+        dw = a if w is None else torch.empty(T, C, dtype=torch.float32, device=a.device)
+        hopper.launch_apply(a, _strides(a), m, dst, _strides(dst), a if w is None else w, b, _strides(b), dw, add_,
+                            _strides(add_), heads, C, w is not None, add is not None)
+        return result if w is None else (result, dw)
     block_c, block_d = _block(C, APPLY["BLOCK_C"]), _block(d, 1 << 30)
     split = _split(block_d)
     windows = [(e0, e1, _block(e1 - e0)) for e0, e1 in _column_tiles(E)]
     counts = [triton.cdiv(e1 - e0, block_e) for e0, e1, block_e in windows]
     dw = torch.empty(sum(counts) if w is not None else 0, T, C, dtype=torch.float32, device=a.device)  # per tile
-    if hopper is not None and hopper.applies(a, m):
-        hopper.launch_apply(a, _strides(a), m, dst, _strides(dst), a if w is None else w, b, _strides(b),
-                            a if w is None else dw[0], add_, _strides(add_), heads, C, w is not None, add is not None)
-        return result if w is None else (result, dw[0])
     for (e0, e1, block_e), tile0 in zip(windows, [sum(counts[:i]) for i in range(len(counts))]):
         grid = (T * triton.cdiv(C, block_c), triton.cdiv(e1 - e0, block_e))
         _apply_kernel[grid](a, *_strides(a), m, dst, *_strides(dst), a if w is None else w, b, *_strides(b), dw, add_,
