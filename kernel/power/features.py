@@ -11,8 +11,9 @@ The two are adjoint, so their gradients are each other plus one kernel for d a (
 kron backward of d loss / d phi(a_t) = M dy_t, never materialised either; d w comes out of the apply of the
 outer product's backward. chunk.py's _fused_state_forward and _backward string them together.
 On Hopper (sm_90) at d = dv = 64 the outer product and apply run hopper.py's kernels, written in Gluon,
-instead: the outer product's the same sums bit for bit, apply's the triangle's steps chained in one accumulator
-(its rows of the state contiguous, not gathered); both faster on an H200.
+instead: the outer product's the same sums bit for bit in half the steps (a round robin of row pairs, none
+discarded), apply's the triangle's steps chained in one accumulator (its rows of the state contiguous, not
+gathered); both faster on an H200.
 The entries of phi with first index i are c_ij a_i a_j for j >= i (c = 1 on the diagonal, sqrt 2 off it), a
 contiguous segment of D starting at e(i) = i d - i (i - 1) / 2. The products walk i = 0..d-1, one tensor-core
 product per step:

@@ -8,20 +8,24 @@ apply (`applies`) and the Triton kernels everywhere else. The interpreter cannot
 the Triton kernels, the GPU tests check these against them and float64 (tests/test_power_attention.py), and
 tests/test_compile.py compiles them for sm_90 on any machine.
 
-The outer product computes what features._outer_kernel computes, bit for bit (the same products a_j a_i rounded
-once, the same tensor-core sums). Step i (i < d / 2) multiplies the d x C operand a^T scaled per token by a_i
-(registers) with w b (shared memory) into rows e(i) + j of the state; each step's result is rounded in the
-product's layout, passed through shared memory once and stored in 16-byte rows. The product's A operand must hold
-64 rows, so for i >= d / 2, where only the rows j >= d / 2 are needed, the operand is the upper half of a^T twice,
-scaled by a_i in its first 32 rows and by a_{i+1} in the others (48 products a chunk instead of 64).
+The outer product computes what features._outer_kernel computes, bit for bit (the same products a_i a_j rounded
+once, the same tensor-core sums), in d / 2 + 1 steps of 64 rows, none discarded: step s pairs row r of a^T with row
+(r + s) mod d (a round robin: the pairs at distance s; at s = d / 2 each pair comes twice and the second 32 rows
+are not stored), so its register operand is a^T times a^T turned by s rows, read from a copy of a^T stacked twice in
+shared memory, its rows padded so that reads at any row offset meet no bank conflicts. The product's result rows
+are the state's rows e(min) + max, rounded in the product's layout, passed through shared memory once and stored
+in 16-byte rows. (Triangle steps of 64 - i rows each needed 48 products a chunk with a third of their rows
+discarded, and ran ~7 % slower on an H200, bench/NOTES.md.)
 
-The apply is the outer product's adjoint taken the same way: sqrt 2 sum_{i <= j} a_i a_j M[e(i) + j] +
+The apply is the outer product's adjoint by triangle steps: sqrt 2 sum_{i <= j} a_i a_j M[e(i) + j] +
 (1 - sqrt 2) (a * a) M[(j, j)], step i's register operand a scaled per token by a_i (a_i a_j rounded once, to
 bf16), its rows of M contiguous (e(i) .. e(i) + 63, the rows j < i read as zeros), every step chained in one
-float32 accumulator; the steps past d / 2 again two to a product. Its rows stream into a ring in shared memory
-(cp.async) several steps ahead, GROUP steps to a barrier. features._apply_kernel instead gathers the rows (m, j)
-of the unpacked symmetric state and scales each step's float32 result: the sums differ in their roundings (both
-within 3e-3 of float64 at the bench shape).
+float32 accumulator; the steps past d / 2, which need only the upper half of a, two to a product (a's upper half
+twice, scaled by a_i and a_(i+1)): 48 products. (The round robin here, its operand's window turned along the
+product's inner dimension, odd turns from a second copy, ran 25 % slower: bench/NOTES.md.) Its rows stream into
+a ring in shared memory (cp.async) several steps ahead, GROUP steps to a barrier. features._apply_kernel instead
+gathers the rows (m, j) of the unpacked symmetric state and scales each step's float32 result: the sums differ
+in their roundings (both within 3e-3 of float64 at the bench shape).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ SQRT2 = gl.constexpr(1.4142135623730951)
 HEAD = 64  # d and dv these kernels are written for
 OUTER_MAX_C = 256  # the outer product holds a chunk in one program
 NUM_WARPS = 4  # the outer product: one warp group, the product's 64 rows
+WINDOW_PAD = gl.constexpr(8)  # elements after each row of the outer product's stacked a^T: conflict-free windows
 # the apply: tokens a program, warps, ring slots, steps a barrier; the fastest at C = 256 on an H200 (bench/NOTES.md)
 APPLY = dict(BLOCK_C=128, NUM_WARPS=8, STAGES=8, GROUP=2)
 
@@ -60,18 +65,10 @@ def _segment(i, D: gl.constexpr):
 
 
 @gluon.jit
-def _store_step(OUT, res, i, J0: gl.constexpr, JM: gl.constexpr, t_, D: gl.constexpr, E: gl.constexpr, NF,
-                MMA: gl.constexpr, ROWS: gl.constexpr):
-    """Row r of the product res is the state's feature (i + r // JM, J0 + r % JM) times c_ij: rounded in the
-    product's layout, then to rows of 8 columns a thread (through shared memory) for 16-byte stores; the rows
-    j < i are not stored."""
-    r = gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, MMA))
-    coef = gl.where(J0 + r % JM == i + r // JM, 1.0, SQRT2)
-    val = gl.convert_layout((res * coef[:, None]).to(OUT.dtype.element_ty), ROWS)
-    r = gl.arange(0, res.shape[0], layout=gl.SliceLayout(1, ROWS))
-    e = gl.arange(0, E, layout=gl.SliceLayout(0, ROWS))
-    ir, jr = i + r // JM, J0 + r % JM
-    gl.store(OUT + t_ * NF * E + (_segment(ir, D) + jr)[:, None] * E + e[None, :], val, mask=(jr >= ir)[:, None])
+def _pair_rows(s, r, D: gl.constexpr):
+    """Packed row of the state's feature (min, max) of r and (r + s) mod d: the outer product's step s, row r."""
+    o = (r + s) % D
+    return _segment(gl.minimum(r, o), D) + gl.maximum(r, o)
 
 
 @gluon.jit
@@ -80,48 +77,45 @@ def _outer_kernel(A, SA1, SA2, SA, B, SB1, SB2, SB, W, OUT, H2, C, NF, D: gl.con
     """phi(a)^T (w b) for block t_ = u H2 + h of the blocks [U, C, H2, .] (strides as features._outer_kernel)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, E, 16])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    TILE: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16 x 64, 8 columns a thread
+    TILE: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 8 columns a thread
     ROWS: gl.constexpr = gl.BlockedLayout([4, 8], [4, 8], [4, 1], [1, 0])  # a warp's 16 rows of the product
-    PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     HALF: gl.constexpr = D // 2
+    # a^T twice, WINDOW_PAD elements after each row of tokens; one row of it, and 64 rows from any row on
+    STACKED: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[BLOCK_C, WINDOW_PAD]], [2 * D, BLOCK_C], [1, 0])
+    ROW: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[BLOCK_C, WINDOW_PAD]], [BLOCK_C], [0])
+    WINDOW: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[BLOCK_C, WINDOW_PAD]], [D, BLOCK_C], [1, 0])
     gl.static_assert(D == E)  # a and b share their column layout and its 64 columns
     t_ = gl.program_id(0).to(gl.int64)
     A = A + (t_ // H2) * SA1 + (t_ % H2) * SA2
     B = B + (t_ // H2) * SB1 + (t_ % H2) * SB2
     c = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(1, TILE))
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, TILE))
-    a = gl.load(A + c[:, None] * SA + cols[None, :], mask=(c < C)[:, None], other=0.0)
-    a_t = gl.allocate_shared_memory(a.dtype, [D, BLOCK_C], PLAIN, gl.permute(a, [1, 0]))
-    # the same rows one at a time (row i: the column a_i), in the row-major layout PLAIN has: index() takes a
-    # buffer of one rank more than its layout, and Gluon 3.6 slices only at constant offsets
-    columns = a_t._reinterpret(a.dtype, [D, BLOCK_C], gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
-                                                                                order=[0]))
+    a_t = gl.permute(gl.load(A + c[:, None] * SA + cols[None, :], mask=(c < C)[:, None], other=0.0), [1, 0])
+    stacked = gl.allocate_shared_memory(a_t.dtype, [2 * D, BLOCK_C], STACKED)
+    stacked.slice(0, D, dim=0).store(a_t)
+    stacked.slice(D, D, dim=0).store(a_t)
+    # Gluon 3.6 slices shared memory only at multiples of the slice's length: a window starts at a row of a view
+    # with one row a row of the stack, reinterpreted from there as 64 rows
+    rows = stacked._reinterpret(a_t.dtype, [2 * D, BLOCK_C], ROW)
     b = gl.load(B + c[:, None] * SB + cols[None, :], mask=(c < C)[:, None], other=0.0)
     w = gl.load(W + t_ * C + c, mask=c < C, other=0.0)
     b_s = gl.allocate_shared_memory(b.dtype, [BLOCK_C, E],
                                     gl.NVMMASharedLayout.get_default_for([BLOCK_C, E], b.dtype),
                                     (b.to(gl.float32) * w[:, None]).to(b.dtype))  # w b rounded once, as _outer_kernel
     fence_async_shared()  # b_s is read by the tensor cores' asynchronous proxy
-    COLUMN: gl.constexpr = gl.SliceLayout(0, A_OP)
+    gl.thread_barrier()  # and the stack by every warp
+    operand = stacked.slice(0, D, dim=0).load(A_OP)
     zero = gl.zeros([D, E], gl.float32, MMA)
-    operand = a_t.load(A_OP)
-    for i in range(0, HALF):
-        p = operand * columns.index(i).load(COLUMN)[None, :]
+    r = gl.arange(0, D, layout=gl.SliceLayout(1, ROWS))
+    e = gl.arange(0, E, layout=gl.SliceLayout(0, ROWS))
+    for s in range(HALF + 1):
+        p = operand * rows.index(s)._reinterpret(a_t.dtype, [D, BLOCK_C], WINDOW).load(A_OP)
         res, p = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(p, b_s, zero, use_acc=False,
                                                                            is_async=True), p))
-        _store_step(OUT, res, i, 0, D, t_, D, E, NF, MMA, ROWS)
-    upper = gl.allocate_shared_memory(a.dtype, [D, BLOCK_C], PLAIN)
-    rows = a_t.slice(HALF, HALF, dim=0).load(TILE)
-    upper.slice(0, HALF, dim=0).store(rows)
-    upper.slice(HALF, HALF, dim=0).store(rows)
-    operand = upper.load(A_OP)
-    first = gl.arange(0, D, layout=gl.SliceLayout(1, A_OP))[:, None] < HALF
-    for i in range(HALF, D, 2):
-        p = operand * gl.where(first, columns.index(i).load(COLUMN)[None, :],
-                               columns.index(i + 1).load(COLUMN)[None, :])
-        res, p = warpgroup_mma_wait(num_outstanding=0, deps=(warpgroup_mma(p, b_s, zero, use_acc=False,
-                                                                           is_async=True), p))
-        _store_step(OUT, res, i, HALF, HALF, t_, D, E, NF, MMA, ROWS)
+        coef = gl.where(s == 0, 1.0, SQRT2)  # c_ij: 1 on the diagonal (s = 0), sqrt 2 off it
+        val = gl.convert_layout((res * coef).to(OUT.dtype.element_ty), ROWS)
+        gl.store(OUT + t_ * NF * E + _pair_rows(s, r, D)[:, None] * E + e[None, :], val,
+                 mask=((r < HALF) | (s < HALF))[:, None])
 
 
 @gluon.jit
