@@ -281,6 +281,52 @@ def test_chunk_triton_bnhd_views(normalize, N, has_state):
     assert outs[0].shape == (B, N, H, d) and (N % 8 or outs[0].is_contiguous())
 
 
+@interpreter
+@pytest.mark.parametrize("state_only", [False, True])
+def test_chunk_triton_projection_gradient_in_one_tensor(state_only):
+    """q, k, v the thirds of one [B, N, 3 H d] projection (N a multiple of the chunk, as the model trains): the
+    kernels write the projection's gradient as one tensor, so autograd concatenates nothing (one copy of the
+    projection's size less a layer) == the float64 recurrence; with a loss on the final state alone, the queries'
+    third of the gradient is zero."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCat(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCat.calls += func is torch.ops.aten.cat.default
+            return func(*args, **(kwargs or {}))
+
+    B, H, N, d = 1, 2, 16, 8
+    q, k, v, g = make_inputs(29, B, H, N, d, d, decay=2.0)
+    s0 = random_state(30, B, H, d, d, "2")
+    g_n = g.transpose(1, 2).contiguous()
+
+    def run(fn, qkv, g_n, s, **kw):
+        if fn is power_attention_naive:
+            o, state = fn(*(t.transpose(1, 2) for t in projection_views(qkv, H)), g_n.transpose(1, 2), power="2",
+                          initial_state=s, output_final_state=True)
+            o = o.transpose(1, 2)
+        else:
+            o, state = fn(*projection_views(qkv, H), g_n, power="2", initial_state=s, output_final_state=True,
+                          layout="bnhd", **kw)
+        return state if state_only else (o, state)
+
+    qkv = projection(q, k, v).float().requires_grad_()
+    tensors = [g_n.float().requires_grad_(), s0.float().requires_grad_()]
+    out = run(power_attention, qkv, *tensors, algorithm="chunk", chunk_size=8, backend="triton")
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(123)  # the loss of grads(), which the reference takes
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    with CountCat():
+        loss.backward()
+    assert CountCat.calls == 0
+    routs, rgs = grads(lambda *t: run(power_attention_naive, *t), [projection(q, k, v), g_n, s0])
+    assert_rel_close([o.detach() for o in outs] + [qkv.grad] + [t.grad for t in tensors], list(routs) + rgs, 2e-5)
+    if state_only:
+        assert not qkv.grad[..., :H * d].any()
+
+
 def test_feature_blocks_bad_layout():
     """Blocks given to the feature products must share the heads of a and have contiguous columns: a one-line
     error, not a silently wrong read."""

@@ -450,11 +450,14 @@ class _FusedChunkCore(torch.autograd.Function):
     q, k [U, C, heads, d], v [U, C, heads, dv], g [U, C, heads] or None: blocks (features.py) of n chunks per
     sequence, block t = u heads + h, any strides but the columns' (views of a [B, N, H, .] layout with
     heads = H, U = B n, or of [B, H, N, .] with heads = 1, U = B H n); o and d q, d k, d v are contiguous
-    [U, C, heads, .] (the same layout, no transposes); h0, h0_z float32."""
+    [U, C, heads, .] (the same layout, no transposes); h0, h0_z float32. qkv: None, or the [U, C, 3, heads, d]
+    tensor whose thirds q, k, v are (_joint_projection; then given without autograd history): its gradient is
+    written as one tensor, where three would be concatenated by autograd (a copy of the projection's size)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, h0_z, n, scale, normalize, need_z, recompute):
+    def forward(ctx, q, k, v, qkv, g, h0, h0_z, n, scale, normalize, need_z, recompute):
         U, C, heads, _ = q.shape
+        ctx.joint_shape = None if qkv is None else qkv.shape
         dv = v.shape[-1]
         sq_scale = scale * scale
         w, L, qd = _decays(torch.zeros(U, C, heads, dtype=torch.float32, device=q.device) if g is None else g,
@@ -483,7 +486,11 @@ class _FusedChunkCore(torch.autograd.Function):
         n = ctx.n
         dinter = dinter_z = dqd = da = None
         more = ()
-        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        if ctx.joint_shape is None:
+            grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        else:
+            dqkv = torch.empty(ctx.joint_shape, dtype=q.dtype, device=q.device)
+            grads = list(dqkv.unbind(2))
         if do is not None:  # None when only the final state reaches the loss: then q gets no gradient
             dintra, dintra_den, dinter, dinter_z, dqd = _combine_backward(
                 do.contiguous().view(-1, dv), o, den, inter, inter_z, qd.view(-1), ctx.normalize, q.dtype, q.dtype,
@@ -494,6 +501,8 @@ class _FusedChunkCore(torch.autograd.Function):
             dinter = dinter.view(-1, C, dv)
             dinter_z = None if dinter_z is None else dinter_z.view(-1, C)
         else:
+            if ctx.joint_shape is not None:
+                grads[0].zero_()
             grads[0] = None
         dw, dL, dh0, dh0_z = _fused_state_backward(q, k, v, w, L, h0, states, states_z, dinter, dinter_z, dfinal,
                                                    dfinal_z, n, heads, grads, *more)
@@ -504,6 +513,7 @@ class _FusedChunkCore(torch.autograd.Function):
                                             *(da or (dw, dw)), dg, *_strides(dg), C, ctx.sq_scale,
                                             HAS_DQD=dqd is not None,
                                             HAS_DA=da is not None, BLOCK_C=triton.next_power_of_2(C))
+        grads = (*grads, None) if ctx.joint_shape is None else (None, None, None, dqkv)
         return (*grads, dg, dh0 if ctx.has_h0 else None, dh0_z if ctx.has_h0_z else None, None, None, None, None,
                 None)
 
@@ -565,9 +575,12 @@ def _chunk_power_attention(q, k, v, g, *, power, scale, normalize, initial_state
     if fused and power == "2":
         heads = H if layout == "bnhd" else 1
         blocks = _fused_blocks(q, k, v, g, C, pad, layout)
+        qkv = _joint_projection(q, k, v, C) if layout == "bnhd" and not pad else None
+        if qkv is not None:
+            blocks = (*(t.detach() for t in qkv.unbind(2)), blocks[3])
         o, final, final_z = _FusedChunkCore.apply(
-            *blocks, *(None if t is None else t.float().contiguous() for t in (h0, h0_z)), n, scale, normalize,
-            need_z, recompute_states)
+            *blocks[:3], qkv, blocks[3], *(None if t is None else t.float().contiguous() for t in (h0, h0_z)), n,
+            scale, normalize, need_z, recompute_states)
         o = o.view(B, N + pad, H, dv).transpose(1, 2) if heads > 1 else o.view(B, H, N + pad, dv)
         return _finish(o, final, final_z, B, H, N, D, dv, output_final_state)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once: views of the [B, N, H, d] layout would be
@@ -616,6 +629,22 @@ def _fused_blocks(q, k, v, g, C, pad, layout):
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         g = None if g is None else F.pad(g, (0, pad))
     return tuple(None if t is None else t.reshape(-1, C, 1, *t.shape[3:]) for t in (q, k, v, g))
+
+
+def _joint_projection(q, k, v, C):
+    """The one [B, N, 3 H d] tensor whose thirds q, k, v ([B, H, N, d] views of [B, N, H, d]) are, as blocks
+    [U, C, 3, H, d] (U = B N / C; the model's projection split in three), or None when they are not (other
+    tensors, strides or offsets)."""
+    base = q._base
+    B, H, N, d = q.shape
+    if base is None or k._base is not base or v._base is not base or v.shape != q.shape or \
+            not base.is_contiguous() or tuple(base.shape) != (B, N, 3 * H * d):
+        return None
+    width = H * d
+    for i, t in enumerate((q, k, v)):
+        if t.stride() != (N * 3 * width, d, 3 * width, 1) or t.storage_offset() != base.storage_offset() + i * width:
+            return None
+    return base.view(B * N // C, C, 3, H, d)
 
 
 def _finish(o, final, final_z, B, H, N, D, dv, output_final_state):
