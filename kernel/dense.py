@@ -8,7 +8,8 @@ BLOCK_N output columns over all rows, the weights streamed once:
     swiglu(x, gate, up)           silu(F.linear(x, gate)) * F.linear(x, up)   the MLP's first half
     linear(x, w, residual=r)      r + F.linear(x, w)   an output projection with the residual add
 Each product is rounded to x's dtype before the elementwise ops, as the formula rounds. Anything else
-(autograd, more rows, CPU tensors, autocast, dtypes that differ, non-contiguous weights) runs the formula.
+(autograd, more rows, CPU tensors, autocast, dtypes that differ, non-contiguous weights) runs the formula; under
+autocast linears and swiglu cast x once for all their products (_autocast_once).
 """
 from __future__ import annotations
 
@@ -130,6 +131,16 @@ def _use_kernel(x, weights, backend):
             and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
 
 
+def _autocast_once(x, n_products):
+    """x in autocast's dtype when autocast would cast it for each of n_products > 1 products: autocast casts per
+    product, and the backward pass then adds their float32 gradients (one float32 pass over x and one cast a
+    product more, bench/NOTES.md); one cast makes one bf16 sum of their gradients and one cast back."""
+    device = x.device.type
+    if n_products > 1 and torch.is_autocast_enabled(device) and x.dtype == torch.float32:
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def _block_m(rows):
     return max(16, triton.next_power_of_2(rows))
 
@@ -186,6 +197,7 @@ def linears(x, weights, biases=None, *, backend="auto"):
     biases = [None] * len(weights) if biases is None else list(biases)
     _check_weights(x, weights, biases)
     if not _use_kernel(x, weights + [b for b in biases if b is not None], backend):
+        x = _autocast_once(x, len(weights))
         return [F.linear(x, w, b) for w, b in zip(weights, biases)]
     return _launch(x, weights, biases, PLAIN)
 
@@ -209,5 +221,6 @@ def swiglu(x, gate_weight, up_weight, *, backend="auto"):
         raise ValueError(f"swiglu's gate and up weights must have one shape, got {tuple(gate_weight.shape)} and "
                          f"{tuple(up_weight.shape)}")
     if not _use_kernel(x, [gate_weight, up_weight], backend):
+        x = _autocast_once(x, 2)
         return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
     return _launch(x, [gate_weight, up_weight], [None, None], SWIGLU)[0]

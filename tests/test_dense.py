@@ -86,6 +86,46 @@ def test_formula_when_the_kernel_does_not_apply(monkeypatch):
         linear(_rand(4, 32), w.half(), backend="triton")
 
 
+@pytest.mark.parametrize("op", ["linears", "swiglu"])
+def test_autocast_casts_x_once(op):
+    """Under autocast, a float32 x feeding several products is cast once (one bf16 copy of x and one float32 copy of
+    its gradient, where autocast makes one of each a product): the same outputs as the per-product casts, bit for
+    bit, and gradients within bf16's rounding of the per-product ones (their sum is rounded once to bf16 before the
+    one cast back)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            CountCasts.calls += func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (6, 40)
+            return out
+
+    ws = [_rand(24, 40, seed=1), _rand(24, 40, seed=2)]
+
+    def run(fn):
+        leaf = _rand(6, 40).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(leaf * 1.0)  # not a leaf: autocast caches the casts of leaves (weights) only
+        outs = out if isinstance(out, list) else [out]
+        sum((y.float() * _rand(*y.shape, seed=9 + i)).sum() for i, y in enumerate(outs)).backward()
+        return outs, leaf.grad
+
+    if op == "linears":
+        fused, formula = (lambda x: linears(x, ws)), (lambda x: [F.linear(x, w) for w in ws])
+    else:
+        fused, formula = (lambda x: swiglu(x, *ws)), (lambda x: F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1]))
+    with CountCasts():
+        outs, dx = run(fused)
+    casts, CountCasts.calls = CountCasts.calls, 0
+    with CountCasts():
+        ref_outs, ref_dx = run(formula)
+    assert (casts, CountCasts.calls) == (2, 4)
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs))
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda x, w: linears(x, [w] * 5), "1 to 4 weights"),
     (lambda x, w: linears(x, [w], [None, None]), "one bias (or None) per weight"),
