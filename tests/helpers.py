@@ -1,5 +1,6 @@
 """Small builders shared by several test modules."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from GPT_Trainer.data import load_tokenizer
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA
@@ -19,3 +20,16 @@ def tiny_two_layer_model(max_len: int, attention_type: str = TWO_MAMBA):
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative error in norm, in float64 (0 / 0 counts as 0)."""
     return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten calls, inside the `with`, for which counts(func, args) is true (autograd's backward
+    included)."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts, self.calls = counts, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += bool(self.counts(func, args))
+        return func(*args, **(kwargs or {}))

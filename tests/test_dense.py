@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kernel.dense as dense
 from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, LlamaDecoderLayer
+from helpers import CountOps
 from kernel import linear, linears, swiglu
 
 
@@ -92,16 +93,6 @@ def test_autocast_casts_x_once(op):
     its gradient, where autocast makes one of each a product): the same outputs as the per-product casts, bit for
     bit, and gradients within bf16's rounding of the per-product ones (their sum is rounded once to bf16 before the
     one cast back)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountCasts(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            CountCasts.calls += func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (6, 40)
-            return out
-
     ws = [_rand(24, 40, seed=1), _rand(24, 40, seed=2)]
 
     def run(fn):
@@ -116,12 +107,13 @@ def test_autocast_casts_x_once(op):
         fused, formula = (lambda x: linears(x, ws)), (lambda x: [F.linear(x, w) for w in ws])
     else:
         fused, formula = (lambda x: swiglu(x, *ws)), (lambda x: F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1]))
-    with CountCasts():
+    casts = [CountOps(lambda func, args: func is torch.ops.aten._to_copy.default and args[0].shape == (6, 40))
+             for _ in range(2)]
+    with casts[0]:
         outs, dx = run(fused)
-    casts, CountCasts.calls = CountCasts.calls, 0
-    with CountCasts():
+    with casts[1]:
         ref_outs, ref_dx = run(formula)
-    assert (casts, CountCasts.calls) == (2, 4)
+    assert (casts[0].calls, casts[1].calls) == (2, 4)
     assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs))
     torch.testing.assert_close(dx, ref_dx, rtol=1e-2, atol=1e-2)
 

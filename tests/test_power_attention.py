@@ -8,7 +8,7 @@ run here under the interpreter on CPU tensors; on CUDA machines the gpu tests co
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import CountOps, rel_err
 from kernel import attention_reference, power_attention
 from kernel.power import power_attention_naive, state_scan, state_size, zero_state
 
@@ -288,15 +288,6 @@ def test_chunk_triton_projection_gradient_in_one_tensor(state_only):
     kernels write the projection's gradient as one tensor, so autograd concatenates nothing (one copy of the
     projection's size less a layer) == the float64 recurrence; with a loss on the final state alone, the queries'
     third of the gradient is zero."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountCat(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountCat.calls += func is torch.ops.aten.cat.default
-            return func(*args, **(kwargs or {}))
-
     B, H, N, d = 1, 2, 16, 8
     q, k, v, g = make_inputs(29, B, H, N, d, d, decay=2.0)
     s0 = random_state(30, B, H, d, d, "2")
@@ -318,9 +309,10 @@ def test_chunk_triton_projection_gradient_in_one_tensor(state_only):
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(123)  # the loss of grads(), which the reference takes
     loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
-    with CountCat():
+    cats = CountOps(lambda func, args: func is torch.ops.aten.cat.default)
+    with cats:
         loss.backward()
-    assert CountCat.calls == 0
+    assert cats.calls == 0
     routs, rgs = grads(lambda *t: run(power_attention_naive, *t), [projection(q, k, v), g_n, s0])
     assert_rel_close([o.detach() for o in outs] + [qkv.grad] + [t.grad for t in tensors], list(routs) + rgs, 2e-5)
     if state_only:
