@@ -22,10 +22,10 @@ The apply is the outer product's adjoint by triangle steps: sqrt 2 sum_{i <= j} 
 bf16), its rows of M contiguous (e(i) .. e(i) + 63, the rows j < i read as zeros), every step chained in one
 float32 accumulator; the steps past d / 2, which need only the upper half of a, two to a product (a's upper half
 twice, scaled by a_i and a_(i+1)): 48 products. (The round robin here, its operand's window turned along the
-product's inner dimension, odd turns from a second copy, ran 25 % slower: bench/NOTES.md.) Its rows stream into
-a ring in shared memory (cp.async) several steps ahead, GROUP steps to a barrier. features._apply_kernel instead
-gathers the rows (m, j) of the unpacked symmetric state and scales each step's float32 result: the sums differ
-in their roundings (both within 3e-3 of float64 at the bench shape).
+product's inner dimension, odd turns from a second copy, ran slower: 0.53-0.59 ms against 0.42-0.44,
+bench/NOTES.md.) Its rows stream into a ring in shared memory (cp.async) several steps ahead, GROUP steps to a
+barrier. features._apply_kernel instead gathers the rows (m, j) of the unpacked symmetric state and scales each
+step's float32 result: the sums differ in their roundings (both within 3e-3 of float64 at the bench shape).
 """
 from __future__ import annotations
 
