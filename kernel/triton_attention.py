@@ -24,6 +24,9 @@ Layout: every kernel takes the four strides (batch, head, token, feature) of eac
 the gradients, so [B, H, N, d] tensors and views of a block's [B, N, H, d] projections are read as they are
 (no .contiguous()); o, dq, dk, dv are written contiguous in the caller's layout. Delta and dO.o_off are
 formed by a small kernel from the strided dO, o and o_off (no fp32 temporaries of [B, H, N, dv]).
+The tiles a loop walks (k, v in the forward and dq kernels; q, dO in dkdv) come through tensor descriptors, the
+tensor memory accelerator of Hopper GPUs, wherever the views allow (contiguous features, 16-byte aligned rows and
+heads, _tma): forward and backward 3-8 % faster on an H200 than through pointers (bench/NOTES.md, session 34).
 
 Numerics: the cumulative decay a is summed in float64 and every tile subtracts a block-local reference
 (a row of the program's own block) before going to float32, so a_i - a_j keeps full precision
@@ -45,6 +48,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from .reference import bhnd_views
 from .triton_compat import INTERPRET
@@ -73,7 +77,7 @@ _DQ_CONFIGS = _configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 
 _DKDV_CONFIGS = _configs([(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)], (16, 32, 4, 1))
 # N_BUCKET and BH_BUCKET: powers of two above N and B * H, so that one tuning serves a range of shapes;
 # the kernels never read them, and do_not_specialize keeps them from causing recompiles.
-_KEY = ["N_BUCKET", "BH_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY"]
+_KEY = ["N_BUCKET", "BH_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY", "TMA"]
 
 
 @triton.jit
@@ -91,6 +95,28 @@ def _load_rows(ptr, offs, offs_d, N, D: tl.constexpr, s_n, s_d):
     """A tile as in _tile, zero outside the matrix."""
     ptrs, mask = _tile(ptr, offs, offs_d, N, D, s_n, s_d)
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _rows(X, start, offs, offs_d, N, D: tl.constexpr, s_n, s_d, TMA: tl.constexpr):
+    """The tile of rows start .. start + len(offs) of an [N, D] matrix, zero outside it: X a tensor descriptor
+    (_descriptor) when TMA, else a pointer (_load_rows)."""
+    if TMA:  # if / else: the compiler also builds what follows a constexpr branch's return
+        tile = X.load([start, 0])
+    else:
+        tile = _load_rows(X, offs, offs_d, N, D, s_n, s_d)
+    return tile
+
+
+@triton.jit
+def _descriptor(X, N, D: tl.constexpr, s_n, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """X's [N, D] matrix as a tensor descriptor read in [BLOCK_ROWS, BLOCK_D] tiles (the tensor memory accelerator
+    on Hopper) when TMA, else X itself."""
+    if TMA:
+        desc = tl.make_tensor_descriptor(X, shape=[N, D], strides=[s_n, 1], block_shape=[BLOCK_ROWS, BLOCK_D])
+    else:
+        desc = X
+    return desc
 
 
 @triton.jit
@@ -112,13 +138,13 @@ def _local_decay(A, offs, a_ref, N):
 def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, sk_n, sk_d, sv_n, sv_d,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
-               MASKED: tl.constexpr, WDTYPE: tl.constexpr):
+               MASKED: tl.constexpr, WDTYPE: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
-        v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
+        k = _rows(K, start_n, offs_n, offs_d, N, D, sk_n, sk_d, TMA)
+        v = _rows(V, start_n, offs_n, offs_dv, N, DV, sv_n, sv_d, TMA)
         s = tl.dot(q, tl.trans(k))
         if POWER == 3:  # without the queries' a_i: a constant of each row, added to its stat after the loops
             x = s * (scale * LOG2E)
@@ -159,7 +185,7 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Highest query blocks (most keys) first, so the short ones fill the tail of the grid.
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -186,15 +212,18 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
-                               sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE)
+    KD = _descriptor(K, N, D, sk_n, BLOCK_N, BLOCK_D, TMA)
+    VD = _descriptor(V, N, DV, sv_n, BLOCK_N, BLOCK_DV, TMA)
+    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, KD, VD, A, a_ref, N, scale, 0, start_m,
+                               sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE,
+                               TMA)
     if HAS_DECAY and POWER != 3:
         rq = tl.exp2(qa) * _factored_scales(scale, POWER)[0]
         acc *= rq[:, None]
         den *= rq
-    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, start_m,
+    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, KD, VD, A, a_ref, N, scale, start_m,
                                tl.minimum(start_m + BLOCK_M, N), sk_n, sk_d, sv_n, sv_d,
-                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE)
+                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, True, WDTYPE, TMA)
     # acc, den: sums strictly left of the diagonal; the diagonal term w_ii v_i (decay 1) joins here
     if POWER == 3:
         x_diag = s_diag * LOG2E - qa
@@ -337,13 +366,13 @@ def _bwd_tile_factored(s, x, delta, dov, POWER: tl.constexpr, NORMALIZE: tl.cons
 def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, lo, hi,
               sk_n, sk_d, sv_n, sv_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr, ROW_DELTA: tl.constexpr,
-              HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
+              HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, offs_d, N, D, sk_n, sk_d)
-        v = _load_rows(V, offs_n, offs_dv, N, DV, sv_n, sv_d)
+        k = _rows(K, start_n, offs_n, offs_d, N, D, sk_n, sk_d, TMA)
+        v = _rows(V, start_n, offs_n, offs_dv, N, DV, sv_n, sv_d, TMA)
         s = tl.dot(q, tl.trans(k))
         dov = tl.dot(do, tl.trans(v))
         if POWER == 3:  # stat holds stat - (a_i - a_ref) log2(e) here (_bwd_dq_kernel)
@@ -375,7 +404,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
-                   ROW_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ROW_DELTA: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q = _head(Q, bh, H, sq_b, sq_h)
@@ -406,9 +435,11 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
         stat -= qa
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     da = tl.zeros([BLOCK_M], tl.float32)
-    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, 0, start_m,
+    KD = _descriptor(K, N, D, sk_n, BLOCK_N, BLOCK_D, TMA)
+    VD = _descriptor(V, N, DV, sv_n, BLOCK_N, BLOCK_DV, TMA)
+    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, KD, VD, A, a_ref, N, scale, 0, start_m,
                        sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY,
-                       False, WDTYPE)
+                       False, WDTYPE, TMA)
     if HAS_DECAY and POWER != 3:  # the queries' factor of the tiles left of the diagonal block (_dq_inner)
         f = tl.exp2(qa)
         if NORMALIZE:
@@ -416,9 +447,9 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
         p_scale, ds_scale = _factored_scales(scale, POWER)
         dq *= (f * ds_scale)[:, None]
         da *= f * p_scale
-    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref, N, scale, start_m,
+    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, KD, VD, A, a_ref, N, scale, start_m,
                        tl.minimum(start_m + BLOCK_M, N), sk_n, sk_d, sv_n, sv_d,
-                       D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, True, WDTYPE)
+                       D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY, True, WDTYPE, TMA)
     dq_ptrs, dq_mask = _tile(DQ, offs_m, offs_d, N, D, sdq_n, sdq_d)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
     tl.store(DA + offs_m, da, mask=offs_m < N)
@@ -428,15 +459,15 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
 def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale, lo, hi,
                 sq_n, sq_d, sdo_n, sdo_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, POWER: tl.constexpr, NORMALIZE: tl.constexpr, ROW_DELTA: tl.constexpr,
-                HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr):
+                HAS_DECAY: tl.constexpr, MASKED: tl.constexpr, WDTYPE: tl.constexpr, TMA: tl.constexpr):
     # Tiles are [keys, queries]. Query rows past N load q = dO = 0 and stat = delta = 0, which makes their
     # G, dL/ds and contribution to dv exactly 0, so the last partial block needs no extra mask.
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m, offs_d, N, D, sq_n, sq_d)
-        do = _load_rows(DO, offs_m, offs_dv, N, DV, sdo_n, sdo_d)
+        q = _rows(Q, start_m, offs_m, offs_d, N, D, sq_n, sq_d, TMA)
+        do = _rows(DO, start_m, offs_m, offs_dv, N, DV, sdo_n, sdo_d, TMA)
         stat = tl.load(STAT + offs_m, mask=offs_m < N, other=0.0)
         delta, frac, roff = _row_stats(DELTA, FRAC, ROFF, offs_m, N, NORMALIZE, ROW_DELTA)
         s = tl.dot(k, tl.trans(q))
@@ -474,7 +505,8 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
                      sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
-                     WDTYPE: tl.constexpr, ROW_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     WDTYPE: tl.constexpr, ROW_DELTA: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     # Lowest key blocks (most queries) first.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -506,19 +538,21 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     da = tl.zeros([BLOCK_N], tl.float32)
+    QD = _descriptor(Q, N, D, sq_n, BLOCK_M, BLOCK_D, TMA)
+    DOD = _descriptor(DO, N, DV, sdo_n, BLOCK_M, BLOCK_DV, TMA)
     # the query blocks after the diagonal block first, so that the keys' factor scales their sums alone
-    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
+    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, QD, DOD, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              diag_end, N, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
-                             ROW_DELTA, HAS_DECAY, False, WDTYPE)
+                             ROW_DELTA, HAS_DECAY, False, WDTYPE, TMA)
     if HAS_DECAY and POWER != 3:
         kc = tl.exp2(-ka)
         p_scale, ds_scale = _factored_scales(scale, POWER)
         dk *= (kc * ds_scale)[:, None]
         dv *= (kc * p_scale)[:, None]
         da *= kc * p_scale
-    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
+    dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, QD, DOD, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              start_n, diag_end, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
-                             ROW_DELTA, HAS_DECAY, True, WDTYPE)
+                             ROW_DELTA, HAS_DECAY, True, WDTYPE, TMA)
     dk_ptrs, dk_mask = _tile(DK, offs_n, offs_d, N, D, sdk_n, sdk_d)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
     dv_ptrs, dv_mask = _tile(DV_OUT, offs_n, offs_dv, N, DV, sdv_n, sdv_d)
@@ -552,6 +586,27 @@ def _meta(q, v, power, normalize, g):
     )
 
 
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+def _tma(*tensors):
+    """Whether the kernels read these [B, H, N, x] views through tensor descriptors (TMA; bench/NOTES.md, session
+    34): on Hopper or later (and in the interpreter, which runs them too), for contiguous features and 16-byte
+    aligned heads and rows; other views go through pointers. Descriptors made on the device need scratch memory
+    from Triton's allocator, a context variable (autograd runs the backward pass in a thread of its own): ours,
+    unless the caller set one."""
+    if not INTERPRET and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(t.stride(i) * size % 16 for i in range(3)):
+            return False
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
+
+
 def _grid(n, bh, block):
     return lambda meta: (triton.cdiv(n, meta[block]), bh)
 
@@ -581,7 +636,7 @@ def attention_forward(q, k, v, g, power, normalize, scale, bnhd, out_dtype):
     meta = _meta(q, v, power, normalize, g)
     buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
     _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, H, *buckets, scale,
-                                            *q.stride(), *k.stride(), *v.stride(), *o.stride(), **meta)
+                                            *q.stride(), *k.stride(), *v.stride(), *o.stride(), TMA=_tma(k, v), **meta)
     # o and o_off serve only the normalised backward (its Delta): an unnormalised call keeps neither
     saved = (q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac)
     return o, stat, saved, (meta, scale, buckets, bnhd, None if g is None else g.dtype)
@@ -612,9 +667,10 @@ def attention_backward(saved, info, do, dden=None):
     rows = (stat, delta, frac, roff)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, H, *buckets, scale,
-                                                *strides, *dq.stride(), ROW_DELTA=row_delta, **meta)
+                                                *strides, *dq.stride(), ROW_DELTA=row_delta, TMA=_tma(k, v), **meta)
     _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, H, *buckets, scale,
-                                                  *strides, *dk.stride(), *dv.stride(), ROW_DELTA=row_delta, **meta)
+                                                  *strides, *dk.stride(), *dv.stride(), ROW_DELTA=row_delta,
+                                                  TMA=_tma(q, do), **meta)
     return dq, dk, dv, (da_q, da_k) if meta["HAS_DECAY"] else None
 
 

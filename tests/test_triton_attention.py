@@ -180,6 +180,21 @@ def test_bnhd_layout_strided_views(power, normalize, decay, source):
     _compare(inputs, 1e-3 if extreme else 1e-4, fp32_escape=not extreme, op=_bnhd_op(source))
 
 
+@pytest.mark.parametrize("power,normalize", [("2", True), ("exp", True), ("1", False)])
+def test_descriptor_and_pointer_reads_agree(power, normalize, monkeypatch):
+    """The kernels read aligned views with contiguous features through tensor descriptors (TMA) and others through
+    pointers: the same tiles, so the same bits (interpreter); a conv's output (features strided) takes pointers."""
+    from kernel import triton_attention as ta
+
+    inputs = Inputs(2, 3, 45, 24, power=power, normalize=normalize, decay="mixed")
+    views = _bnhd_views(inputs.tensors, "projection")
+    assert ta._tma(*bhnd_views("bnhd", *views)) and not ta._tma(*bhnd_views("bnhd", *_bnhd_views(views, "conv")))
+    got = inputs.run("triton", op=_bnhd_op("projection"))
+    monkeypatch.setattr(ta, "_tma", lambda *tensors: False)
+    for name, x, y in zip(NAMES, got, inputs.run("triton", op=_bnhd_op("projection"))):
+        assert torch.equal(x, y), f"{name}: descriptor and pointer reads differ, seed {inputs.seed}"
+
+
 def test_bnhd_gradients_come_back_in_the_callers_layout():
     q, k, v = _bnhd_views([torch.randn(2, 3, 20, 16, requires_grad=True) for _ in range(3)], "projection")
     g = -torch.rand(2, 20, 3, requires_grad=True)
@@ -226,7 +241,8 @@ def test_gpu_real_shapes(power, normalize, decay, d, dtype):
 @pytest.mark.parametrize("source", ["projection", "conv"])
 @pytest.mark.parametrize("power,normalize", [("2", True), ("exp", True), ("1", False)])
 def test_gpu_bnhd_layout(power, normalize, source):
-    """The block's call on the GPU: bf16 strided [B, N, H, d] views, o and every gradient within 1e-2."""
+    """The block's call on the GPU: bf16 strided [B, N, H, d] views (the projection's read through tensor
+    descriptors, the conv's through pointers), o and every gradient within 1e-2."""
     inputs = Inputs(2, 4, 2048, 64, power=power, normalize=normalize, decay="mixed", device="cuda",
                     dtype=torch.bfloat16)
     got = inputs.run("triton", op=_bnhd_op(source))
