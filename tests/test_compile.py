@@ -62,6 +62,11 @@ def ops_to_record():
             s = zero_state(B, H, state.shape[2], d, "cpu").copy_(state)
             power_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], power=power, normalize=normalize,
                             initial_state=s, output_final_state=True, inplace=True, backend="triton")
+    # a conv's output, features strided: the kernels read it through pointers instead of tensor descriptors
+    qkv = rand(B, 3 * H * d, N, dtype=torch.float16).transpose(1, 2).requires_grad_()
+    views = [t.unflatten(-1, (H, d)) for t in qkv.chunk(3, dim=-1)]
+    g = (-rand(B, N, H).abs()).requires_grad_()
+    attention(*views, g, power="exp", backend="triton", layout="bnhd").square().sum().backward()
     # the real head width: apply's half-width steps (m >= d / 2) exist from d = 17 on (32-wide blocks)
     q, k, v = (rand(B, H, N, 64, dtype=torch.float16).requires_grad_() for _ in range(3))
     o, state = power_attention(q, k, v, None, algorithm="chunk", chunk_size=16, output_final_state=True,
