@@ -40,6 +40,11 @@ loops, see bench/NOTES.md). The diagonal blocks keep the per-element e^{a_i - a_
 exp needs its exponential per score anyway; there the queries' a_i, a constant of each row, stays out of the
 scores (added to the row's maximum and stat after the loops), so a score's exponent costs a multiply-add and an
 add (_exp_tile).
+exp with decay (normalised, 2Mamba-E) skips the pairs its decay makes negligible: a pair whose weight is provably
+below e^-44 times its row's diagonal weight (which is a term of the row's sum) changes nothing a float32 sum can
+hold, so the loops start at the first key block some row of the block needs (forward, dq) and stop after the last
+query block some key needs (dk/dv); _skip_bounds gives both from |q.k| <= |q| max|k| and the decay. Strong decays
+leave a few hundred keys a row (4x faster at 8K on an H200), weak ones nothing to skip (bench/NOTES.md, session 35).
 The weights fed to the second matrix product are cast to bf16 for bf16 inputs (same range as fp32) and
 kept in fp32 (tf32 product) otherwise, since un-normalised s^2 or s can overflow fp16.
 """
@@ -58,6 +63,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 MAX_GRID_HEADS = 65535  # CUDA's limit on a grid's second axis; larger batch x heads run in slices of the batch
 LOG2E = tl.constexpr(1.4426950408889634)  # exponents run in log2 units (exp2 is the native instruction)
+# exp with decay skips the blocks of pairs whose every weight is below e^-SKIP_NATS times the row's diagonal weight
+# (the module docstring): up to 2^17 such terms change a row's sum by less than 1e-14 of it.
+SKIP_NATS = tl.constexpr(44.0)
+SKIP_SCAN = tl.constexpr(256)  # groups of rows a vector load of the skipping's bounds covers
+SKIP_SLACK = tl.constexpr(1.0009765625)  # 1 + 2^-10: |q.k| <= |q| |k| with the products' and norms' roundings
 
 
 def _configs(gpu, interpreter):
@@ -75,6 +85,8 @@ _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128,
                         (32, 16, 4, 1))
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)], (32, 16, 4, 1))
 _DKDV_CONFIGS = _configs([(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)], (16, 32, 4, 1))
+# exp's skipping keeps its bounds by groups of rows that divide every block of every config
+SKIP_GROUP = min(min(c.kwargs.values()) for c in _FWD_CONFIGS + _DQ_CONFIGS + _DKDV_CONFIGS)
 # N_BUCKET and BH_BUCKET: powers of two above N and B * H, so that one tuning serves a range of shapes;
 # the kernels never read them, and do_not_specialize keeps them from causing recompiles.
 _KEY = ["N_BUCKET", "BH_BUCKET", "D", "DV", "POWER", "NORMALIZE", "HAS_DECAY", "TMA"]
@@ -135,6 +147,42 @@ def _local_decay(A, offs, a_ref, N):
 
 
 @triton.jit
+def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl.constexpr):
+    """Where the loop over the key blocks left of the diagonal block starts: 0, or with SKIP the block of the first
+    group of G keys whose smallest a (AMN) is below c + SKIP_NATS, c the largest r of the query block's rows
+    (_skip_bounds): every key before it has weight below e^-SKIP_NATS of its row's diagonal weight."""
+    lo = 0
+    if SKIP:
+        groups = start_m // G
+        first = groups
+        base = tl.zeros([], tl.int32)  # a loop-carried int32
+        while (base < groups) & (first == groups):  # vector loads until a needed group shows up
+            idx = base + tl.arange(0, SKIP_SCAN)
+            need = (tl.load(AMN + idx, mask=idx < groups, other=float("inf")) < c + SKIP_NATS) & (idx < groups)
+            first = tl.minimum(first, tl.min(tl.where(need, idx, groups), 0))
+            base += SKIP_SCAN
+        lo = first * G // BLOCK_N * BLOCK_N
+    return lo
+
+
+@triton.jit
+def _last_query(CB, thr, diag_end, N, G: tl.constexpr, SKIP: tl.constexpr):
+    """Where the loop over the query blocks after the diagonal block stops: N, or with SKIP after the last group of
+    G rows whose largest r (CB) reaches thr = the key block's smallest a - SKIP_NATS (_skip_bounds)."""
+    hi = N
+    if SKIP:
+        groups = tl.cdiv(N, G)
+        start = diag_end // G
+        last = start
+        for base in range(start, groups, SKIP_SCAN):
+            idx = base + tl.arange(0, SKIP_SCAN)
+            need = tl.load(CB + idx, mask=idx < groups, other=float("-inf")) >= thr
+            last = tl.maximum(last, tl.max(tl.where(need, idx + 1, start), 0))
+        hi = tl.maximum(tl.minimum(last * G, N), diag_end)
+    return hi
+
+
+@triton.jit
 def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, sk_n, sk_d, sv_n, sv_d,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, POWER: tl.constexpr, HAS_DECAY: tl.constexpr,
@@ -181,11 +229,12 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, scale,
+def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, KMAX, AMN, CB, N, H, N_BUCKET, BH_BUCKET, scale,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
-                TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                TMA: tl.constexpr, SKIP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     # Highest query blocks (most keys) first, so the short ones fill the tail of the grid.
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -214,7 +263,17 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, N, H, N_BUCKET, BH_BUCKET, sca
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     KD = _descriptor(K, N, D, sk_n, BLOCK_N, BLOCK_D, TMA)
     VD = _descriptor(V, N, DV, sv_n, BLOCK_N, BLOCK_DV, TMA)
-    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, KD, VD, A, a_ref, N, scale, 0, start_m,
+    c = 0.0
+    if SKIP:  # r_i = a_i + scale (|q_i| max|k| (1 + 2^-10) - q_i.k_i); its maxima by groups of G rows for the backward
+        qf = q.to(tl.float32)
+        bound = scale * tl.sqrt(tl.sum(qf * qf, 1)) * tl.load(KMAX + bh) * SKIP_SLACK - s_diag
+        r = tl.where(offs_m < N, tl.load(A + tl.minimum(offs_m, N - 1)) + bound.to(tl.float64), float("-inf"))
+        groups = start_m // G + tl.arange(0, BLOCK_M // G)
+        tl.store(CB + bh * tl.cdiv(N, G) + groups, tl.max(tl.reshape(r, [BLOCK_M // G, G]), 1),
+                 mask=groups < tl.cdiv(N, G))
+        c = tl.max(r, 0)
+    lo = _first_key(AMN + bh * tl.cdiv(N, G), c, start_m, BLOCK_N, G, SKIP)
+    acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, KD, VD, A, a_ref, N, scale, lo, start_m,
                                sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE,
                                TMA)
     if HAS_DECAY and POWER != 3:
@@ -400,11 +459,12 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCKET, BH_BUCKET, scale,
+def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, AMN, CB, N, H, N_BUCKET, BH_BUCKET, scale,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
-                   ROW_DELTA: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ROW_DELTA: tl.constexpr, TMA: tl.constexpr, SKIP: tl.constexpr, G: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q = _head(Q, bh, H, sq_b, sq_h)
@@ -437,7 +497,12 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, N, H, N_BUCK
     da = tl.zeros([BLOCK_M], tl.float32)
     KD = _descriptor(K, N, D, sk_n, BLOCK_N, BLOCK_D, TMA)
     VD = _descriptor(V, N, DV, sv_n, BLOCK_N, BLOCK_DV, TMA)
-    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, KD, VD, A, a_ref, N, scale, 0, start_m,
+    c = 0.0
+    if SKIP:  # the forward's r, largest of the block's rows
+        groups = start_m // G + tl.arange(0, BLOCK_M // G)
+        c = tl.max(tl.load(CB + bh * tl.cdiv(N, G) + groups, mask=groups < tl.cdiv(N, G), other=float("-inf")), 0)
+    lo = _first_key(AMN + bh * tl.cdiv(N, G), c, start_m, BLOCK_N, G, SKIP)
+    dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, KD, VD, A, a_ref, N, scale, lo, start_m,
                        sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY,
                        False, WDTYPE, TMA)
     if HAS_DECAY and POWER != 3:  # the queries' factor of the tiles left of the diagonal block (_dq_inner)
@@ -500,13 +565,14 @@ def _dkdv_inner(dk, dv, da, k, v, ka, offs_n, Q, DO, A, STAT, DELTA, FRAC, ROFF,
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N, H, N_BUCKET, BH_BUCKET, scale,
+def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, AMN, CB, N, H, N_BUCKET, BH_BUCKET,
+                     scale,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
-                     WDTYPE: tl.constexpr, ROW_DELTA: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     WDTYPE: tl.constexpr, ROW_DELTA: tl.constexpr, TMA: tl.constexpr, SKIP: tl.constexpr,
+                     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Lowest key blocks (most queries) first.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -540,9 +606,15 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, N,
     da = tl.zeros([BLOCK_N], tl.float32)
     QD = _descriptor(Q, N, D, sq_n, BLOCK_M, BLOCK_D, TMA)
     DOD = _descriptor(DO, N, DV, sdo_n, BLOCK_M, BLOCK_DV, TMA)
+    thr = 0.0
+    if SKIP:  # the smallest a of the block's keys
+        groups = start_n // G + tl.arange(0, BLOCK_N // G)
+        thr = tl.min(tl.load(AMN + bh * tl.cdiv(N, G) + groups, mask=groups < tl.cdiv(N, G), other=float("inf")), 0)
+        thr -= SKIP_NATS
+    hi = _last_query(CB + bh * tl.cdiv(N, G), thr, diag_end, N, G, SKIP)
     # the query blocks after the diagonal block first, so that the keys' factor scales their sums alone
     dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, QD, DOD, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
-                             diag_end, N, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
+                             diag_end, hi, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
                              ROW_DELTA, HAS_DECAY, False, WDTYPE, TMA)
     if HAS_DECAY and POWER != 3:
         kc = tl.exp2(-ka)
@@ -575,6 +647,44 @@ def _delta_kernel(DO, O, O_OFF, DELTA, ROFF, N, H, sdo_b, sdo_h, sdo_n, sdo_d, s
     tl.store(ROFF + bh * N + offs_m, tl.sum(do * o_off, 1), mask=offs_m < N)
 
 
+@triton.jit
+def _skip_prep_kernel(K, A, KMAX, AMN, N, H, sk_b, sk_h, sk_n, sk_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The keys' largest norm a head (KMAX, zeroed by the caller, atomic maxima) and the smallest a of each group of
+    G rows (AMN [B, H, cdiv(N, G)], float64)."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = _load_rows(_head(K, bh, H, sk_b, sk_h), offs_m, tl.arange(0, BLOCK_D), N, D, sk_n, sk_d).to(tl.float32)
+    tl.atomic_max(KMAX + bh, tl.max(tl.sqrt(tl.sum(k * k, 1)), 0), sem="relaxed")
+    a = tl.load(A + bh * N + offs_m, mask=offs_m < N, other=float("inf"))
+    groups = tl.program_id(0) * (BLOCK_M // G) + tl.arange(0, BLOCK_M // G)
+    tl.store(AMN + bh * tl.cdiv(N, G) + groups, tl.min(tl.reshape(a, [BLOCK_M // G, G]), 1),
+             mask=groups < tl.cdiv(N, G))
+
+
+def _skip_bounds(k, a):
+    """For exp with decay (normalised): what the kernels need to skip the pairs whose weight is below e^-SKIP_NATS
+    times their row's diagonal weight w_ii (a term of the row's sum): (kmax [B, H], amn, cb [B, H, cdiv(N, G)]).
+
+    By |q_i.k_j| <= |q_i| max|k|, log(w_ij / w_ii) <= r_i - a_j with r_i = a_i + scale (|q_i| max|k| - q_i.k_i)
+    (times 1 + 2^-10 for the roundings). The forward forms r from its rows and keeps its maxima over groups of G
+    rows in cb; amn holds the smallest a of each group of G keys. A query block skips the key groups before the
+    first whose amn is below its largest r + SKIP_NATS (_first_key); a key block the query groups after the last
+    whose cb reaches its smallest amn - SKIP_NATS (_last_query). No assumption on the sign of g is made.
+    Strong decays skip most of a long sequence; weak ones nothing, for the cost of this kernel and two vector
+    loads a program.
+    """
+    B, H, N, d = k.shape
+    groups = triton.cdiv(N, SKIP_GROUP)
+    kmax = k.new_zeros(B, H, dtype=torch.float32)
+    amn, cb = a.new_empty(B, H, groups), a.new_empty(B, H, groups)
+    rows = max(SKIP_GROUP, 16 if INTERPRET else 8192 // max(16, triton.next_power_of_2(d)))
+    _skip_prep_kernel[(triton.cdiv(N, rows), B * H)](k, a, kmax, amn, N, H, *k.stride(), D=d,
+                                                     BLOCK_D=max(16, triton.next_power_of_2(d)), G=SKIP_GROUP,
+                                                     BLOCK_M=rows)
+    return kmax, amn, cb
+
+
 def _meta(q, v, power, normalize, g):
     """Compile-time arguments shared by the three kernels."""
     d, dv = q.shape[-1], v.shape[-1]
@@ -582,6 +692,7 @@ def _meta(q, v, power, normalize, g):
         D=d, DV=dv,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         POWER=POWER_CODES[power], NORMALIZE=bool(normalize), HAS_DECAY=g is not None,
+        SKIP=power == "exp" and bool(normalize) and g is not None, G=SKIP_GROUP,
         WDTYPE=tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float32,
     )
 
@@ -635,10 +746,11 @@ def attention_forward(q, k, v, g, power, normalize, scale, bnhd, out_dtype):
     frac = torch.empty_like(stat) if normalize else stat
     meta = _meta(q, v, power, normalize, g)
     buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
-    _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, N, H, *buckets, scale,
+    kmax, amn, cb = _skip_bounds(k, a) if meta["SKIP"] else (stat, stat, stat)
+    _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, kmax, amn, cb, N, H, *buckets, scale,
                                             *q.stride(), *k.stride(), *v.stride(), *o.stride(), TMA=_tma(k, v), **meta)
     # o and o_off serve only the normalised backward (its Delta): an unnormalised call keeps neither
-    saved = (q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac)
+    saved = (q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac, amn, cb)
     return o, stat, saved, (meta, scale, buckets, bnhd, None if g is None else g.dtype)
 
 
@@ -646,7 +758,7 @@ def attention_backward(saved, info, do, dden=None):
     """(dq, dk, dv, da) of attention_forward's call from its saved tensors and info, d o (any strides and float
     dtype: read rounded to q's) and, for an unnormalised call, d den or None. da: the gradient of the cumulative
     log decay a = cumsum g as the two kernels' float32 terms (da_q, da_k) [B, H, N], None without decay."""
-    q, k, v, a, o, stat, o_off, frac = saved
+    q, k, v, a, o, stat, o_off, frac, amn, cb = saved
     meta, scale, buckets, bnhd, _ = info
     B, H, N, _ = q.shape
     do = do.to(q.dtype)  # read with its strides (a float32 o's gradient rounded like the inputs)
@@ -666,9 +778,9 @@ def attention_backward(saved, info, do, dden=None):
     da_k = torch.empty_like(stat)
     rows = (stat, delta, frac, roff)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, N, H, *buckets, scale,
+    _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, amn, cb, N, H, *buckets, scale,
                                                 *strides, *dq.stride(), ROW_DELTA=row_delta, TMA=_tma(k, v), **meta)
-    _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, N, H, *buckets, scale,
+    _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, amn, cb, N, H, *buckets, scale,
                                                   *strides, *dk.stride(), *dv.stride(), ROW_DELTA=row_delta,
                                                   TMA=_tma(q, do), **meta)
     return dq, dk, dv, (da_q, da_k) if meta["HAS_DECAY"] else None

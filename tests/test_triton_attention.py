@@ -98,6 +98,40 @@ def test_exp_large_scores(decay):
     _compare(Inputs(1, 2, 50, 16, power="exp", normalize=True, decay=decay, qk_scale=8.0), 1e-4)
 
 
+def _far_key_outweighs_decay(inputs):
+    """Key 0 along the last query, long enough that its weight there beats the decay of every token between."""
+    q, k, v = inputs.tensors
+    k[:, :, 0] = q[:, :, -1] * 60
+
+
+@pytest.mark.parametrize("case", ["mixed", "far key", "growing a"])
+def test_exp_skips_only_negligible_blocks(case):
+    """exp with decay skips the blocks of pairs whose weights are provably below e^-44 of their row's diagonal
+    weight (|q.k| <= |q| max|k|, the prefix minima of a): still exact where a far key's score outweighs the decay,
+    and where some g > 0 makes a rise (outside the documented g <= 0, so only the bound may be loose)."""
+    inputs = Inputs(2, 2, 100, 16, power="exp", normalize=True, decay="mixed")
+    if case == "far key":
+        _far_key_outweighs_decay(inputs)
+    elif case == "growing a":
+        inputs.g[..., 40:60] = 3.0
+    _compare(inputs, 1e-4)
+
+
+def test_exp_skipping_is_on(monkeypatch):
+    """With the threshold lowered to skip blocks of non-negligible weight, the kernels no longer match the
+    reference: the skipped loop bounds are in use (forward, dq and dk/dv), not only computed."""
+    import triton.language as tl
+
+    from kernel import triton_attention as ta
+
+    inputs = Inputs(1, 2, 100, 16, power="exp", normalize=True, decay=-0.5)
+    ref = inputs.run("torch", torch.float64)
+    monkeypatch.setattr(ta, "SKIP_NATS", tl.constexpr(-5.0))
+    got = inputs.run("triton")
+    for name, x, r in zip(NAMES, got, ref):
+        assert rel_err(x, r) > 1e-2, f"{name}: unchanged by skipping blocks of weight e^5, seed {inputs.seed}"
+
+
 @pytest.mark.parametrize("power", ["1", "2"])
 def test_zero_row_sum_gives_zero(power):
     inputs = Inputs(1, 2, 40, 16, power=power, normalize=True, decay="mixed")
@@ -235,6 +269,19 @@ def test_gpu_real_shapes(power, normalize, decay, d, dtype):
         assert torch.isfinite(x).all(), f"{name}: non-finite values, seed {inputs.seed}"
         err = rel_err(x, r)
         assert err <= 1e-2, f"{name}: rel err {err:.2e}, seed {inputs.seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("far_key", [False, True])
+def test_gpu_exp_skipped_blocks(far_key):
+    """exp's skipped blocks at a real shape: N = 3001 (no block size divides it), bf16, within 1e-2 of float64."""
+    inputs = Inputs(1, 4, 3001, 64, power="exp", normalize=True, decay="mixed", device="cuda", dtype=torch.bfloat16)
+    if far_key:
+        _far_key_outweighs_decay(inputs)
+    got = inputs.run("triton")
+    ref = inputs.run("torch", torch.float64)
+    for name, x, r in zip(NAMES, got, ref):
+        assert rel_err(x, r) <= 1e-2, f"{name}: rel err {rel_err(x, r):.2e}, seed {inputs.seed}"
 
 
 @pytest.mark.gpu

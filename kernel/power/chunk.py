@@ -480,7 +480,7 @@ class _FusedChunkCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal, dfinal_z):
         saved = ctx.saved_tensors
-        att_saved, (g, w, L, h0, states, states_z, o, den, inter, inter_z, qd) = saved[:8], saved[8:]
+        att_saved, (g, w, L, h0, states, states_z, o, den, inter, inter_z, qd) = saved[:-11], saved[-11:]
         q, k, v = (t.transpose(1, 2) for t in att_saved[:3])  # the blocks the forward took
         U, C, heads, dv = v.shape
         n = ctx.n
