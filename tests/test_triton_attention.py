@@ -107,8 +107,8 @@ def _far_key_outweighs_decay(inputs):
 @pytest.mark.parametrize("case", ["mixed", "far key", "growing a"])
 def test_exp_skips_only_negligible_blocks(case):
     """exp with decay skips the blocks of pairs whose weights are provably below e^-44 of their row's diagonal
-    weight (|q.k| <= |q| max|k|, the prefix minima of a): still exact where a far key's score outweighs the decay,
-    and where some g > 0 makes a rise (outside the documented g <= 0, so only the bound may be loose)."""
+    weight (|q.k| <= |q| max|k|, the smallest a of each group of keys): still exact where a far key's score
+    outweighs the decay, and where some g > 0 makes a rise (outside the documented g <= 0: the bound only loosens)."""
     inputs = Inputs(2, 2, 100, 16, power="exp", normalize=True, decay="mixed")
     if case == "far key":
         _far_key_outweighs_decay(inputs)
