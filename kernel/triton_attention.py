@@ -69,6 +69,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exponents run in log2 units (exp2 is
 SKIP_NATS = tl.constexpr(44.0)
 SKIP_SCAN = tl.constexpr(256)  # groups of rows a vector load of the skipping's bounds covers
 SKIP_SLACK = tl.constexpr(1.0009765625)  # 1 + 2^-10: |q.k| <= |q| |k| with the products' and norms' roundings
+_PTX = tl.constexpr(not INTERPRET)  # inline PTX (_uniform); the interpreter runs none
 
 
 def _configs(gpu, interpreter):
@@ -84,7 +85,8 @@ def _configs(gpu, interpreter):
 # small and unequal so that tests at N = 17 or 100 cross block edges in both loops.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
                         (32, 16, 4, 1))
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)], (32, 16, 4, 1))
+_DQ_CONFIGS = _configs([(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
+                       (32, 16, 4, 1))
 _DKDV_CONFIGS = _configs([(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)], (16, 32, 4, 1))
 # exp's skipping keeps its bounds by groups of rows that divide every block of every config
 SKIP_GROUP = min(min(c.kwargs.values()) for c in _FWD_CONFIGS + _DQ_CONFIGS + _DKDV_CONFIGS)
@@ -148,6 +150,18 @@ def _local_decay(A, offs, a_ref, N):
 
 
 @triton.jit
+def _uniform(x):
+    """An int32 that is the same in every thread (a loop bound read from memory), as its minimum over the warp:
+    redux.sync's result sits in a uniform register, so the loop it bounds keeps its control and addressing there.
+    A bound that ptxas cannot prove uniform puts them in each thread's registers, with divergence barriers around
+    the tensor-core products: exp's dq kernel ran 10-16 % slower so (bench/NOTES.md, session 36)."""
+    if _PTX:
+        x = tl.inline_asm_elementwise("redux.sync.min.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    return x
+
+
+@triton.jit
 def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl.constexpr):
     """Where the loop over the key blocks left of the diagonal block starts: 0, or with SKIP the block of the first
     group of G keys whose smallest a (AMN) is below c + SKIP_NATS, c the largest r of the query block's rows
@@ -162,7 +176,7 @@ def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl
             need = (tl.load(AMN + idx, mask=idx < groups, other=float("inf")) < c + SKIP_NATS) & (idx < groups)
             first = tl.minimum(first, tl.min(tl.where(need, idx, groups), 0))
             base += SKIP_SCAN
-        lo = first * G // BLOCK_N * BLOCK_N
+        lo = _uniform(first * G // BLOCK_N * BLOCK_N)
     return lo
 
 
@@ -179,7 +193,7 @@ def _last_query(CB, thr, diag_end, N, G: tl.constexpr, SKIP: tl.constexpr):
             idx = base + tl.arange(0, SKIP_SCAN)
             need = tl.load(CB + idx, mask=idx < groups, other=float("-inf")) >= thr
             last = tl.maximum(last, tl.max(tl.where(need, idx + 1, start), 0))
-        hi = tl.maximum(tl.minimum(last * G, N), diag_end)
+        hi = _uniform(tl.maximum(tl.minimum(last * G, N), diag_end))
     return hi
 
 
@@ -230,7 +244,7 @@ def _fwd_inner(acc, den, m_i, q, qa, offs_m, K, V, A, a_ref, N, scale, lo, hi, s
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, KMAX, AMN, CB, N, H, N_BUCKET, BH_BUCKET, scale,
+def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, KMAX, AMN, CB, FIRST, N, H, N_BUCKET, BH_BUCKET, scale,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
@@ -274,6 +288,9 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, KMAX, AMN, CB, N, H, N_BUCKET,
                  mask=groups < tl.cdiv(N, G))
         c = tl.max(r, 0)
     lo = _first_key(AMN + bh * tl.cdiv(N, G), c, start_m, BLOCK_N, G, SKIP)
+    if SKIP:  # where the loop starts, in groups of keys, for each group of the block's rows: the dq kernel's start
+        tl.store(FIRST + bh * tl.cdiv(N, G) + groups, tl.full([BLOCK_M // G], lo // G, tl.int32),
+                 mask=groups < tl.cdiv(N, G))
     acc, den, m_i = _fwd_inner(acc, den, m_i, q, qa, offs_m, KD, VD, A, a_ref, N, scale, lo, start_m,
                                sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, HAS_DECAY, False, WDTYPE,
                                TMA)
@@ -460,7 +477,7 @@ def _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, K, V, A, a_ref
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_KEY[:2])
-def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, AMN, CB, N, H, N_BUCKET, BH_BUCKET, scale,
+def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, FIRST, N, H, N_BUCKET, BH_BUCKET, scale,
                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
@@ -498,11 +515,11 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, AMN, CB, N, 
     da = tl.zeros([BLOCK_M], tl.float32)
     KD = _descriptor(K, N, D, sk_n, BLOCK_N, BLOCK_D, TMA)
     VD = _descriptor(V, N, DV, sv_n, BLOCK_N, BLOCK_DV, TMA)
-    c = 0.0
-    if SKIP:  # the forward's r, largest of the block's rows
+    lo = 0
+    if SKIP:  # the earliest start of the forward's loops over these rows
         groups = start_m // G + tl.arange(0, BLOCK_M // G)
-        c = tl.max(tl.load(CB + bh * tl.cdiv(N, G) + groups, mask=groups < tl.cdiv(N, G), other=float("-inf")), 0)
-    lo = _first_key(AMN + bh * tl.cdiv(N, G), c, start_m, BLOCK_N, G, SKIP)
+        first = tl.min(tl.load(FIRST + bh * tl.cdiv(N, G) + groups, mask=groups < tl.cdiv(N, G), other=N), 0)
+        lo = _uniform(first * G // BLOCK_N * BLOCK_N)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, KD, VD, A, a_ref, N, scale, lo, start_m,
                        sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY,
                        False, WDTYPE, TMA)
@@ -665,13 +682,15 @@ def _skip_prep_kernel(K, A, KMAX, AMN, N, H, sk_b, sk_h, sk_n, sk_d, D: tl.const
 
 def _skip_bounds(k, a):
     """For exp with decay (normalised): what the kernels need to skip the pairs whose weight is below e^-SKIP_NATS
-    times their row's diagonal weight w_ii (a term of the row's sum): (kmax [B, H], amn, cb [B, H, cdiv(N, G)]).
+    times their row's diagonal weight w_ii (a term of the row's sum): (kmax [B, H], amn, cb, first
+    [B, H, cdiv(N, G)]).
 
     By |q_i.k_j| <= |q_i| max|k|, log(w_ij / w_ii) <= r_i - a_j with r_i = a_i + scale (|q_i| max|k| - q_i.k_i)
     (times 1 + 2^-10 for the roundings). The forward forms r from its rows and keeps its maxima over groups of G
     rows in cb; amn holds the smallest a of each group of G keys. A query block skips the key groups before the
-    first whose amn is below its largest r + SKIP_NATS (_first_key); a key block the query groups after the last
-    whose cb reaches its smallest amn - SKIP_NATS (_last_query). No assumption on the sign of g is made.
+    first whose amn is below its largest r + SKIP_NATS (_first_key), and keeps that group's index for each of its
+    groups of rows in first, where the dq kernel starts; a key block skips the query groups after the last whose
+    cb reaches its smallest amn - SKIP_NATS (_last_query). No assumption on the sign of g is made.
     Strong decays skip most of a long sequence; weak ones nothing, for the cost of this kernel, r and the vector
     loads (6-8 % of forward+backward on an H200, bench/NOTES.md).
     """
@@ -679,11 +698,12 @@ def _skip_bounds(k, a):
     groups = triton.cdiv(N, SKIP_GROUP)
     kmax = k.new_zeros(B, H, dtype=torch.float32)
     amn, cb = a.new_empty(B, H, groups), a.new_empty(B, H, groups)
+    first = a.new_empty(B, H, groups, dtype=torch.int32)
     rows = max(SKIP_GROUP, 16 if INTERPRET else 8192 // max(16, triton.next_power_of_2(d)))
     _skip_prep_kernel[(triton.cdiv(N, rows), B * H)](k, a, kmax, amn, N, H, *k.stride(), D=d,
                                                      BLOCK_D=max(16, triton.next_power_of_2(d)), G=SKIP_GROUP,
                                                      BLOCK_M=rows)
-    return kmax, amn, cb
+    return kmax, amn, cb, first
 
 
 def _meta(q, v, power, normalize, g):
@@ -747,11 +767,12 @@ def attention_forward(q, k, v, g, power, normalize, scale, bnhd, out_dtype):
     frac = torch.empty_like(stat) if normalize else stat
     meta = _meta(q, v, power, normalize, g)
     buckets = (triton.next_power_of_2(N), triton.next_power_of_2(B * H))
-    kmax, amn, cb = _skip_bounds(k, a) if meta["SKIP"] else (stat, stat, stat)
-    _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, kmax, amn, cb, N, H, *buckets, scale,
-                                            *q.stride(), *k.stride(), *v.stride(), *o.stride(), TMA=_tma(k, v), **meta)
+    kmax, amn, cb, first = _skip_bounds(k, a) if meta["SKIP"] else (stat, stat, stat, stat)
+    _fwd_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, o, stat, o_off, frac, kmax, amn, cb, first, N, H, *buckets,
+                                            scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(), TMA=_tma(k, v),
+                                            **meta)
     # o and o_off serve only the normalised backward (its Delta): an unnormalised call keeps neither
-    saved = (q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac, amn, cb)
+    saved = (q, k, v, a, o if normalize else None, stat, o_off if normalize else None, frac, amn, cb, first)
     return o, stat, saved, (meta, scale, buckets, bnhd, None if g is None else g.dtype)
 
 
@@ -759,7 +780,7 @@ def attention_backward(saved, info, do, dden=None):
     """(dq, dk, dv, da) of attention_forward's call from its saved tensors and info, d o (any strides and float
     dtype: read rounded to q's) and, for an unnormalised call, d den or None. da: the gradient of the cumulative
     log decay a = cumsum g as the two kernels' float32 terms (da_q, da_k) [B, H, N], None without decay."""
-    q, k, v, a, o, stat, o_off, frac, amn, cb = saved
+    q, k, v, a, o, stat, o_off, frac, amn, cb, first = saved
     meta, scale, buckets, bnhd, _ = info
     B, H, N, _ = q.shape
     do = do.to(q.dtype)  # read with its strides (a float32 o's gradient rounded like the inputs)
@@ -779,7 +800,7 @@ def attention_backward(saved, info, do, dden=None):
     da_k = torch.empty_like(stat)
     rows = (stat, delta, frac, roff)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, amn, cb, N, H, *buckets, scale,
+    _bwd_dq_kernel[_grid(N, B * H, "BLOCK_M")](q, k, v, a, do, *rows, dq, da_q, first, N, H, *buckets, scale,
                                                 *strides, *dq.stride(), ROW_DELTA=row_delta, TMA=_tma(k, v), **meta)
     _bwd_dkdv_kernel[_grid(N, B * H, "BLOCK_N")](q, k, v, a, do, *rows, dk, dv, da_k, amn, cb, N, H, *buckets, scale,
                                                   *strides, *dk.stride(), *dv.stride(), ROW_DELTA=row_delta,
