@@ -43,9 +43,10 @@ add (_exp_tile).
 exp with decay (normalised, 2Mamba-E) skips the pairs its decay makes negligible: a pair whose weight is provably
 below e^-44 times its row's diagonal weight (which is a term of the row's sum) changes nothing a float32 sum can
 hold, so the loops start at the first key block some row of the block needs (forward, dq) and stop after the last
-query block some key needs (dk/dv); _skip_bounds gives both from |q.k| <= |q| max|k| and the decay. Strong decays
-leave a few hundred keys a row (4x faster at 8K on an H200); with weak ones nothing is skipped and the bounds cost
-6-8 % of forward+backward (bench/NOTES.md, session 35).
+query block some key needs (dk/dv); _skip_bounds gives both from |q.k| <= |q| max|k| and the decay (the dq kernel
+starts where the forward's loop started, kept by the forward). Strong decays leave a few hundred keys a row (kernel
+time 6x less at 8K on an H200); with weak ones nothing is skipped and the bounds cost 0.5-3 % of forward+backward
+(bench/NOTES.md, sessions 35 and 36).
 The weights fed to the second matrix product are cast to bf16 for bf16 inputs (same range as fp32) and
 kept in fp32 (tf32 product) otherwise, since un-normalised s^2 or s can overflow fp16.
 """
@@ -692,7 +693,7 @@ def _skip_bounds(k, a):
     groups of rows in first, where the dq kernel starts; a key block skips the query groups after the last whose
     cb reaches its smallest amn - SKIP_NATS (_last_query). No assumption on the sign of g is made.
     Strong decays skip most of a long sequence; weak ones nothing, for the cost of this kernel, r and the vector
-    loads (6-8 % of forward+backward on an H200, bench/NOTES.md).
+    loads (0.5-3 % of forward+backward on an H200, bench/NOTES.md).
     """
     B, H, N, d = k.shape
     groups = triton.cdiv(N, SKIP_GROUP)
