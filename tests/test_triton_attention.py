@@ -117,6 +117,25 @@ def test_exp_skips_only_negligible_blocks(case):
     _compare(inputs, 1e-4)
 
 
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_exp_dq_starts_where_the_forward_started(monkeypatch, block_m):
+    """The dq kernel starts each block of queries at the earliest start the forward kept for its rows: exact when
+    its blocks cut the forward's (16 rows: half of one) or span several (64 rows: two), with blocks skipped."""
+    import triton
+
+    from kernel import triton_attention as ta
+    from kernel.triton_attention import attention_forward
+
+    inputs = Inputs(1, 2, 100, 16, power="exp", normalize=True, decay=-2.0)
+    q, k, v = inputs.tensors
+    first = attention_forward(q, k, v, inputs.g, "exp", True, 0.25, False, q.dtype)[2][-1]
+    assert first.max() > 0, "no key block skipped: the test would not reach the dq kernel's start"
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": ta.SKIP_GROUP}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(ta._bwd_dq_kernel, "configs", [config])
+    monkeypatch.setattr(ta._bwd_dq_kernel, "cache", {})
+    _compare(inputs, 1e-4)
+
+
 def test_exp_skipping_is_on(monkeypatch):
     """With the threshold lowered to skip blocks of non-negligible weight, the kernels no longer match the
     reference: the skipped loop bounds are in use (forward, dq and dk/dv), not only computed."""
