@@ -70,7 +70,6 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exponents run in log2 units (exp2 is
 SKIP_NATS = tl.constexpr(44.0)
 SKIP_SCAN = tl.constexpr(256)  # groups of rows a vector load of the skipping's bounds covers
 SKIP_SLACK = tl.constexpr(1.0009765625)  # 1 + 2^-10: |q.k| <= |q| |k| with the products' and norms' roundings
-_PTX = tl.constexpr(not INTERPRET)  # inline PTX (_uniform); the interpreter runs none
 
 
 def _configs(gpu, interpreter):
@@ -151,19 +150,21 @@ def _local_decay(A, offs, a_ref, N):
 
 
 @triton.jit
-def _uniform(x):
-    """An int32 that is the same in every thread (a loop bound read from memory), as its minimum over the warp:
-    redux.sync's result sits in a uniform register, so the loop it bounds keeps its control and addressing there.
-    A bound that ptxas cannot prove uniform puts them in each thread's registers, with divergence barriers around
-    the tensor-core products: exp's dq kernel ran 10-16 % slower so (bench/NOTES.md, session 36)."""
-    if _PTX:
+def _uniform(x, UNIFORM: tl.constexpr):
+    """An int32 that is the same in every thread (a loop bound read from memory), with UNIFORM as its minimum over
+    the warp: redux.sync's result sits in a uniform register, so the loop it bounds keeps its control and addressing
+    there. A bound that ptxas cannot prove uniform puts them in each thread's registers, with divergence barriers
+    around the tensor-core products: exp's dq kernel ran 10-16 % slower so (bench/NOTES.md, session 36). UNIFORM
+    needs sm_80 or later (redux.sync) and a compiler (the interpreter runs no inline PTX): _meta."""
+    if UNIFORM:
         x = tl.inline_asm_elementwise("redux.sync.min.s32 $0, $1, 0xffffffff;", "=r,r", [x], dtype=tl.int32,
                                       is_pure=True, pack=1)
     return x
 
 
 @triton.jit
-def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl.constexpr):
+def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl.constexpr,
+               UNIFORM: tl.constexpr):
     """Where the loop over the key blocks left of the diagonal block starts: 0, or with SKIP the block of the first
     group of G keys whose smallest a (AMN) is below c + SKIP_NATS, c the largest r of the query block's rows
     (_skip_bounds): every key before it has weight below e^-SKIP_NATS of its row's diagonal weight."""
@@ -177,12 +178,12 @@ def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl
             need = (tl.load(AMN + idx, mask=idx < groups, other=float("inf")) < c + SKIP_NATS) & (idx < groups)
             first = tl.minimum(first, tl.min(tl.where(need, idx, groups), 0))
             base += SKIP_SCAN
-        lo = _uniform(first * G // BLOCK_N * BLOCK_N)
+        lo = _uniform(first * G // BLOCK_N * BLOCK_N, UNIFORM)
     return lo
 
 
 @triton.jit
-def _last_query(CB, thr, diag_end, N, G: tl.constexpr, SKIP: tl.constexpr):
+def _last_query(CB, thr, diag_end, N, G: tl.constexpr, SKIP: tl.constexpr, UNIFORM: tl.constexpr):
     """Where the loop over the query blocks after the diagonal block stops: N, or with SKIP after the last group of
     G rows whose largest r (CB) reaches thr = the key block's smallest a - SKIP_NATS (_skip_bounds)."""
     hi = N
@@ -194,7 +195,7 @@ def _last_query(CB, thr, diag_end, N, G: tl.constexpr, SKIP: tl.constexpr):
             idx = base + tl.arange(0, SKIP_SCAN)
             need = tl.load(CB + idx, mask=idx < groups, other=float("-inf")) >= thr
             last = tl.maximum(last, tl.max(tl.where(need, idx + 1, start), 0))
-        hi = _uniform(tl.maximum(tl.minimum(last * G, N), diag_end))
+        hi = _uniform(tl.maximum(tl.minimum(last * G, N), diag_end), UNIFORM)
     return hi
 
 
@@ -249,7 +250,7 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, KMAX, AMN, CB, FIRST, N, H, N_
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
-                TMA: tl.constexpr, SKIP: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                TMA: tl.constexpr, SKIP: tl.constexpr, G: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     # Highest query blocks (most keys) first, so the short ones fill the tail of the grid.
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
@@ -288,7 +289,7 @@ def _fwd_kernel(Q, K, V, A, O, STAT, O_OFF, FRAC, KMAX, AMN, CB, FIRST, N, H, N_
         tl.store(CB + bh * tl.cdiv(N, G) + groups, tl.max(tl.reshape(r, [BLOCK_M // G, G]), 1),
                  mask=groups < tl.cdiv(N, G))
         c = tl.max(r, 0)
-    lo = _first_key(AMN + bh * tl.cdiv(N, G), c, start_m, BLOCK_N, G, SKIP)
+    lo = _first_key(AMN + bh * tl.cdiv(N, G), c, start_m, BLOCK_N, G, SKIP, UNIFORM)
     if SKIP:  # where the loop starts, in groups of keys, for each group of the block's rows: the dq kernel's start
         tl.store(FIRST + bh * tl.cdiv(N, G) + groups, tl.full([BLOCK_M // G], lo // G, tl.int32),
                  mask=groups < tl.cdiv(N, G))
@@ -483,7 +484,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, FIRST, N, H,
                    sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr, WDTYPE: tl.constexpr,
                    ROW_DELTA: tl.constexpr, TMA: tl.constexpr, SKIP: tl.constexpr, G: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q = _head(Q, bh, H, sq_b, sq_h)
@@ -520,7 +521,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, FIRST, N, H,
     if SKIP:  # the earliest start of the forward's loops over these rows
         groups = start_m // G + tl.arange(0, BLOCK_M // G)
         first = tl.min(tl.load(FIRST + bh * tl.cdiv(N, G) + groups, mask=groups < tl.cdiv(N, G), other=N), 0)
-        lo = _uniform(first * G // BLOCK_N * BLOCK_N)
+        lo = _uniform(first * G // BLOCK_N * BLOCK_N, UNIFORM)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, KD, VD, A, a_ref, N, scale, lo, start_m,
                        sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY,
                        False, WDTYPE, TMA)
@@ -591,7 +592,7 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, AM
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      POWER: tl.constexpr, NORMALIZE: tl.constexpr, HAS_DECAY: tl.constexpr,
                      WDTYPE: tl.constexpr, ROW_DELTA: tl.constexpr, TMA: tl.constexpr, SKIP: tl.constexpr,
-                     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     G: tl.constexpr, UNIFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Lowest key blocks (most queries) first.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -630,7 +631,7 @@ def _bwd_dkdv_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DK, DV_OUT, DA, AM
         groups = start_n // G + tl.arange(0, BLOCK_N // G)
         thr = tl.min(tl.load(AMN + bh * tl.cdiv(N, G) + groups, mask=groups < tl.cdiv(N, G), other=float("inf")), 0)
         thr -= SKIP_NATS
-    hi = _last_query(CB + bh * tl.cdiv(N, G), thr, diag_end, N, G, SKIP)
+    hi = _last_query(CB + bh * tl.cdiv(N, G), thr, diag_end, N, G, SKIP, UNIFORM)
     # the query blocks after the diagonal block first, so that the keys' factor scales their sums alone
     dk, dv, da = _dkdv_inner(dk, dv, da, k, v, ka, offs_n, QD, DOD, A, STAT, DELTA, FRAC, ROFF, a_ref, N, scale,
                              diag_end, hi, sq_n, sq_d, sdo_n, sdo_d, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, POWER, NORMALIZE,
@@ -715,6 +716,7 @@ def _meta(q, v, power, normalize, g):
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         POWER=POWER_CODES[power], NORMALIZE=bool(normalize), HAS_DECAY=g is not None,
         SKIP=power == "exp" and bool(normalize) and g is not None, G=SKIP_GROUP,
+        UNIFORM=q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 8,
         WDTYPE=tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float32,
     )
 
