@@ -11,6 +11,10 @@ step's ms). Prints a table and writes JSON under bench/results/.
 kernel.power's measured crossovers (RECOMPUTED_CHUNK_CROSSOVER under activation checkpointing, CHUNK_CROSSOVER
 without), e.g. --chunk_from 8192 to time it against the quadratic kernel at 8K.
 
+--decay_scale S multiplies every generic block's per-token log decay g by S, as weaker learned decays would be:
+2Mamba-E's kernels skip the pairs its decay makes negligible, so its speed depends on g (from the model's initial
+decays most pairs are negligible; with --decay_scale 0.001 none up to 32K tokens: its slowest case).
+
 --profile N adds, per case, the N largest CUDA-time entries of one more step under torch.profiler (the JSON
 row's "profile": name, calls, ms) and the step's total kernel time, printed after the case.
 """
@@ -25,6 +29,7 @@ import time
 import torch
 
 import kernel.power as power
+from GPT_Trainer.LlamaDecoderLayerClean import GenericAttention
 from GPT_Trainer.modeling import get_model
 from GPT_Trainer.trainer import token_loss
 
@@ -41,6 +46,17 @@ def chunked_from(tokens: int):
     (kernel.power's crossovers, measured, overridden for this process)."""
     for crossover in (power.CHUNK_CROSSOVER, power.RECOMPUTED_CHUNK_CROSSOVER):
         crossover.update({p: tokens for p in crossover})
+
+
+def scaled_decays(scale: float):
+    """Every generic block's log decay g times scale, for this process (a model with weaker or stronger decays)."""
+    project = GenericAttention.project
+
+    def scaled(self, qkv, side):
+        q, k, v, g, v_res, z = project(self, qkv, side)
+        return q, k, v, None if g is None else g * scale, v_res, z
+
+    GenericAttention.project = scaled
 
 
 def training_step(model, tokens, optimizer, device_type: str):
@@ -120,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N largest ops of a step")
     parser.add_argument("--chunk_from", type=int, default=None, metavar="N",
                         help="the chunked form from N tokens on (default: the measured crossovers)")
+    parser.add_argument("--decay_scale", type=float, default=1.0, metavar="S",
+                        help="every generic block's log decay g times S (0.001: 2Mamba-E skips nothing)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     if args.profile < 0:
@@ -128,6 +146,10 @@ def main(argv=None):
         if args.chunk_from < 1:
             parser.error(f"--chunk_from takes a number of tokens >= 1, got {args.chunk_from}")
         chunked_from(args.chunk_from)
+    if args.decay_scale <= 0:
+        parser.error(f"--decay_scale takes a factor > 0 (g stays a decay), got {args.decay_scale}")
+    if args.decay_scale != 1.0:
+        scaled_decays(args.decay_scale)
     if not torch.cuda.is_available():
         raise SystemExit("bench/train_throughput.py needs a CUDA GPU")
 
