@@ -172,6 +172,20 @@ def test_tuning_runs_skip_nothing_and_stay_exact(monkeypatch, power):
     _compare(inputs, 1e-4)
 
 
+@pytest.mark.parametrize("bnhd", [False, True])
+def test_decay_gradient_is_the_reverse_cumulative_sum(bnhd):
+    """d g = reverse cumsum of d a_q + d a_k (a = cumsum g), by _decay_grad_kernel against float64 PyTorch: many
+    blocks (N = 1001, not a multiple of the block), g's layout, float64 and float32 outputs."""
+    from kernel.triton_attention import _decay_grad
+
+    da_q, da_k = torch.randn(2, 3, 1001), torch.randn(2, 3, 1001)
+    ref = (da_q.double() + da_k.double()).flip(-1).cumsum(-1).flip(-1)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        dg = _decay_grad(da_q, da_k, bnhd, dtype)
+        assert dg.shape == ref.shape and dg.dtype == dtype and dg.transpose(1, 2).is_contiguous() == bnhd
+        torch.testing.assert_close(dg.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("power", ["1", "2"])
 def test_zero_row_sum_gives_zero(power):
     inputs = Inputs(1, 2, 40, 16, power=power, normalize=True, decay="mixed")
