@@ -146,8 +146,8 @@ def main(argv=None):
         if args.chunk_from < 1:
             parser.error(f"--chunk_from takes a number of tokens >= 1, got {args.chunk_from}")
         chunked_from(args.chunk_from)
-    if args.decay_scale <= 0:
-        parser.error(f"--decay_scale takes a factor > 0 (g stays a decay), got {args.decay_scale}")
+    if not 0 < args.decay_scale < float("inf"):
+        parser.error(f"--decay_scale takes a finite factor > 0 (g stays a decay), got {args.decay_scale}")
     if args.decay_scale != 1.0:
         scaled_decays(args.decay_scale)
     if not torch.cuda.is_available():

@@ -175,6 +175,12 @@ def _uniform(x, UNIFORM: tl.constexpr):
 
 
 @triton.jit
+def _key_block_start(first, BLOCK_N: tl.constexpr, G: tl.constexpr, UNIFORM: tl.constexpr):
+    """The start of a loop over key blocks of BLOCK_N from its first needed group of G keys: the block holding it."""
+    return _uniform(first * G // BLOCK_N * BLOCK_N, UNIFORM)
+
+
+@triton.jit
 def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl.constexpr,
                UNIFORM: tl.constexpr):
     """Where the loop over the key blocks left of the diagonal block starts: 0, or with SKIP the block of the first
@@ -190,7 +196,7 @@ def _first_key(AMN, c, start_m, BLOCK_N: tl.constexpr, G: tl.constexpr, SKIP: tl
             need = (tl.load(AMN + idx, mask=idx < groups, other=float("inf")) < c + SKIP_NATS) & (idx < groups)
             first = tl.minimum(first, tl.min(tl.where(need, idx, groups), 0))
             base += SKIP_SCAN
-        lo = _uniform(first * G // BLOCK_N * BLOCK_N, UNIFORM)
+        lo = _key_block_start(first, BLOCK_N, G, UNIFORM)
     return lo
 
 
@@ -533,7 +539,7 @@ def _bwd_dq_kernel(Q, K, V, A, DO, STAT, DELTA, FRAC, ROFF, DQ, DA, FIRST, N, H,
     if SKIP:  # the earliest start of the forward's loops over these rows
         groups = start_m // G + tl.arange(0, BLOCK_M // G)
         first = tl.min(tl.load(FIRST + bh * tl.cdiv(N, G) + groups, mask=groups < tl.cdiv(N, G), other=N), 0)
-        lo = _uniform(first * G // BLOCK_N * BLOCK_N, UNIFORM)
+        lo = _key_block_start(first, BLOCK_N, G, UNIFORM)
     dq, da = _dq_inner(dq, da, q, do, qa, stat, delta, frac, roff, offs_m, KD, VD, A, a_ref, N, scale, lo, start_m,
                        sk_n, sk_d, sv_n, sv_d, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, POWER, NORMALIZE, ROW_DELTA, HAS_DECAY,
                        False, WDTYPE, TMA)
