@@ -6,11 +6,6 @@ import torch.nn.functional as F
 
 from .attention import resolve_backend
 
-try:  # optional CUDA extension (Dao-AILab/causal-conv1d)
-    from causal_conv1d import causal_conv1d_fn
-except ImportError:
-    causal_conv1d_fn = None
-
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   backend: str = "auto") -> torch.Tensor:
@@ -18,15 +13,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     x: [B, N, C]; weight: [C, 1, k] (nn.Conv1d's depthwise layout); bias: [C] or None. Returns [B, N, C].
     backend as for attention (kernel/attention.py): "triton" runs kernel/triton_conv.py in the [B, N, C]
-    layout (contiguous y; windows of up to 4 taps), "torch" nn.functional.conv1d; the causal-conv1d extension
-    first when installed.
+    layout (contiguous y; windows of up to 4 taps), "torch" nn.functional.conv1d. (The causal-conv1d
+    extension is not used here: it takes only inputs whose batch and channel strides are multiples of 8, which
+    the split projections of the blocks are not, e.g. the Mamba-2 block's xBC.)
     """
     channels, _, width = weight.shape
     if x.shape[-1] != channels:
         raise ValueError(f"conv expects {channels} channels in the last dim of x, got shape {tuple(x.shape)}")
-    xt = x.transpose(1, 2)
-    if causal_conv1d_fn is not None and x.is_cuda and 2 <= width <= 4:
-        return causal_conv1d_fn(xt, weight[:, 0], bias).transpose(1, 2)
     if resolve_backend(backend, x) == "triton":
         from .triton_conv import MAX_WIDTH, triton_causal_conv1d
 
@@ -35,8 +28,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # Zero rows on the left only: y is [B, C, N] itself, so the [B, N, C] view returned has feature stride N
     # (not N + k - 1: aligned for the attention kernels, which read it with its strides). The pad is the copy
     # that conv1d would make of the transposed input anyway.
-    y = F.conv1d(F.pad(xt, (width - 1, 0)), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                 groups=channels)
+    y = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), weight.to(x.dtype),
+                 None if bias is None else bias.to(x.dtype), groups=channels)
     return y.transpose(1, 2)
 
 
