@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from GPT_Trainer.cache import KVState, MambaSSMState, RecurrentState
+from GPT_Trainer.cache import KVState, RecurrentState
 from kernel import (attention, causal_conv1d, causal_conv1d_step, linear, linears, neg_softplus, power_attention,
                     rms_norm, swiglu)
 from kernel.power import state_size, zero_state
@@ -522,6 +522,13 @@ class Mamba2(nn.Module):
         return self.out_proj(torch.cat([F.silu(z0) * x0, y.to(z0.dtype)], dim=-1))
 
 
+# mamba_ssm.Mamba2's settings of the seed's `mamba` type (d_model, headdim = d_ssm = the head width, layer_idx per
+# block); the pure-PyTorch Mamba2 above computes the same block
+MAMBA_SSM_SETTINGS = dict(d_conv=2, expand=1, ngroups=1, A_init_range=(1, 16), D_has_hdim=True, rmsnorm=True,
+                          norm_before_gate=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
+                          dt_limit=(0.0, float("inf")), bias=False, conv_bias=False, chunk_size=256)
+
+
 def _mamba_ssm_class():
     try:
         from mamba_ssm import Mamba2 as CudaMamba2
@@ -530,32 +537,53 @@ def _mamba_ssm_class():
     return CudaMamba2
 
 
-class MambaAttention(nn.Module):
-    """The `mamba` type: Mamba-2 under the seed's name `mamba_layer`; mamba_ssm on CUDA when installed
-    (decoding then uses its own inference cache and `step`)."""
+def _has_causal_conv1d() -> bool:
+    """mamba_ssm's fused training path (use_mem_eff_path) calls causal_conv1d's kernels, which mamba_ssm does not
+    require: without them its unfused path (a PyTorch conv, the same SSD kernels) computes the same block."""
+    try:
+        import causal_conv1d  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, use_cuda_kernels: bool | None = None):
+
+class MambaAttention(nn.Module):
+    """The `mamba` type: Mamba-2 under the seed's name `mamba_layer`; mamba_ssm's block on CUDA when installed (its
+    training kernels), else the pure-PyTorch Mamba2. Decoding runs Mamba2's recurrent form either way, on
+    mamba_ssm's parameters where that block holds them: mamba_ssm's own one-token step does not take this
+    setting's per-channel D (D_has_hdim; mamba_ssm 2.3.2 fails its shape check)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0):
         super().__init__()
         head_dim = hidden_size // num_heads
         self.layer_idx = layer_idx
-        cuda_cls = _mamba_ssm_class() if use_cuda_kernels in (None, True) else None
-        if use_cuda_kernels and cuda_cls is None:
-            raise ImportError("use_cuda_kernels=True needs mamba_ssm (pip install mamba-ssm, CUDA only)")
+        cuda_cls = _mamba_ssm_class()
         if cuda_cls is not None and torch.cuda.is_available():
-            self.mamba_layer = cuda_cls(
-                d_model=hidden_size, d_conv=2, expand=1, headdim=head_dim, d_ssm=head_dim, ngroups=1,
-                A_init_range=(1, 16), D_has_hdim=True, rmsnorm=True, norm_before_gate=False, dt_min=0.001,
-                dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=False,
-                chunk_size=256, use_mem_eff_path=True, layer_idx=layer_idx,
-            )
+            self.mamba_layer = cuda_cls(d_model=hidden_size, headdim=head_dim, d_ssm=head_dim, layer_idx=layer_idx,
+                                        use_mem_eff_path=_has_causal_conv1d(), **MAMBA_SSM_SETTINGS)
         else:
             self.mamba_layer = Mamba2(hidden_size, head_dim)
         self.checkpoint_core = False
 
-    def new_cache(self, batch: int, device, dtype, capacity: int):
-        if isinstance(self.mamba_layer, Mamba2):
-            return self.mamba_layer.new_cache(batch, device, dtype, capacity)
-        return MambaSSMState(*self.mamba_layer.allocate_inference_cache(batch, capacity, dtype=dtype))
+    def recurrent_block(self) -> Mamba2:
+        """The pure-PyTorch block on this block's parameters: mamba_layer itself, or a Mamba2 sharing the
+        Parameters of mamba_ssm's block (the same names), not registered, so the state dict stays one block's."""
+        layer = self.mamba_layer
+        if isinstance(layer, Mamba2):
+            return layer
+        with torch.device("meta"):
+            block = Mamba2(layer.d_model, layer.d_ssm, layer.d_state, layer.d_conv)
+        names = dict(layer.named_parameters())
+        if set(names) != {name for name, _ in block.named_parameters()}:
+            raise TypeError(f"mamba_ssm's Mamba2 has parameters {sorted(names)}, not those of the pure-PyTorch block")
+        for name, param in names.items():
+            module, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(module), attr, param)
+        return block
+
+    def new_cache(self, batch: int, device, dtype, capacity: int) -> RecurrentState:
+        self.__dict__["_decoder"] = self.recurrent_block()  # the steps of this cache's decoding, sharing weights
+        return self._decoder.new_cache(batch, device, dtype, capacity)
 
     def forward(self, h, cache=None, padding=None, residual=None):
         """As GenericAttention.forward (the residual added after the block)."""
@@ -566,24 +594,7 @@ class MambaAttention(nn.Module):
         if cache is None:
             return _maybe_checkpoint(self.checkpoint_core, self.mamba_layer, h)
         entry = cache.entry(self.layer_idx, self, h)
-        if isinstance(entry, RecurrentState):
-            return self.mamba_layer(h, entry)
-        return self._mamba_ssm_cached(h, entry)
-
-    def _mamba_ssm_cached(self, h, entry: MambaSSMState):
-        """mamba_ssm: its forward fills an empty cache from a prompt, its `step` advances one token."""
-        if not entry.started:
-            from mamba_ssm.utils.generation import InferenceParams
-
-            params = InferenceParams(max_seqlen=h.shape[1], max_batch_size=h.shape[0])
-            params.key_value_memory_dict[self.layer_idx] = (entry.conv, entry.ssm)
-            entry.started = True
-            return self.mamba_layer(h, inference_params=params)
-        outs = []
-        for t in range(h.shape[1]):
-            out, _, _ = self.mamba_layer.step(h[:, t:t + 1], entry.conv, entry.ssm)  # updates the states in place
-            outs.append(out)
-        return torch.cat(outs, dim=1)
+        return self._decoder(h, entry)
 
 
 def build_attention(attention_type: str, hidden_size: int, num_heads: int, layer_idx: int = 0) -> nn.Module:

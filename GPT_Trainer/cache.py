@@ -2,14 +2,13 @@
 
 Each block of GPT_Trainer/LlamaDecoderLayerClean.py allocates its own entry (`new_cache`) the first time
 it runs with a cache and updates it in its own `forward` (docs/inference.md lists what each type keeps):
-- `RecurrentState`: generic types of power 1 and 2 and the pure-PyTorch Mamba-2 — the state of
+- `RecurrentState`: generic types of power 1 and 2 and Mamba-2 (its pure-PyTorch block's) — the state of
   kernel.power_attention ([B, H, D, dv + 1] float32: numerator and normaliser) and the last k-1 pre-conv
   rows of the causal conv; its size does not depend on the context length;
 - `KVState`: softmax and the exp types (2Mamba-E, no finite state) — keys, values, the cumulative log
   decay in float64 (exp types with an A mask; differences of long sums stay exact), which slots hold
   tokens (not left padding) and the count of filled slots on the device, so that a one-token step has
-  the same shapes at every position (a CUDA graph replays it);
-- `MambaSSMState`: mamba_ssm's own conv and SSM states (CUDA), advanced by its `step`.
+  the same shapes at every position (a CUDA graph replays it).
 `TwoMambaCache` holds the entries and the count of tokens seen; it is what the model's forward takes and
 returns as `past_key_values`.
 """
@@ -120,16 +119,6 @@ class KVState:
         rows; the capacity reserved for tokens to come and the per-token mask are not counted."""
         filled = self.length / self.capacity
         return _tensor_bytes(self.conv) + round(filled * _tensor_bytes(self.k, self.v, self.a))
-
-
-@dataclasses.dataclass
-class MambaSSMState:
-    conv: torch.Tensor  # mamba_ssm's conv state [B, C, W]
-    ssm: torch.Tensor  # [B, nheads, headdim, d_state]
-    started: bool = False
-
-    def nbytes(self) -> int:
-        return _tensor_bytes(self.conv, self.ssm)
 
 
 class TwoMambaCache(Cache):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from GPT_Trainer.cache import KVState, MambaSSMState, TwoMambaCache
+from GPT_Trainer.cache import KVState, TwoMambaCache
 
 
 def _clear(cache: TwoMambaCache):
@@ -23,8 +23,6 @@ def _clear(cache: TwoMambaCache):
         for value in vars(entry).values():
             if isinstance(value, torch.Tensor):
                 value.zero_()
-        if isinstance(entry, MambaSSMState):
-            entry.started = False
         if isinstance(entry, KVState):
             entry.length = 0
 
@@ -37,9 +35,6 @@ class GraphStep:
         self.kv_entries = [entry for entry in cache.layers if isinstance(entry, KVState)]
 
         def step():
-            for entry in cache.layers:  # the step of mamba_ssm, not its prompt path
-                if isinstance(entry, MambaSSMState):
-                    entry.started = True
             return model.lm_head(model.model(self.tokens, cache))
 
         side = torch.cuda.Stream()

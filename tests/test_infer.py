@@ -4,9 +4,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
+import GPT_Trainer.LlamaDecoderLayerClean as block_module
 from GPT_Trainer.cache import KVState, RecurrentState, TwoMambaCache
 from GPT_Trainer.infer2 import generate, left_padded
-from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, TWO_MAMBA_E, AttentionConfig, GenericAttention
+from GPT_Trainer.LlamaDecoderLayerClean import TWO_MAMBA, TWO_MAMBA_E, AttentionConfig, GenericAttention, Mamba2
 from GPT_Trainer.modeling import TwoMambaForCausalLM, load_model, make_config
 
 VOCAB = 97
@@ -322,7 +323,8 @@ def test_auto_model_loads_a_run_directory(tmp_path, attention_type):
 
 @pytest.mark.gpu
 def test_mamba_ssm_cache_matches_full_recompute():
-    """On CUDA with mamba_ssm installed the mamba type uses mamba_ssm's own inference cache and step."""
+    """On CUDA with mamba_ssm installed the mamba type's forward is mamba_ssm's block; decoding steps the
+    pure-PyTorch block's recurrent form on its weights, with the tokens of mamba_ssm's full forwards."""
     pytest.importorskip("mamba_ssm")
     model = tiny_model("mamba").cuda()
     assert type(model.model.layers[0].self_attn.mamba_layer).__module__.startswith("mamba_ssm")
@@ -332,7 +334,23 @@ def test_mamba_ssm_cache_matches_full_recompute():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention_type", ["softmax", TWO_MAMBA, TWO_MAMBA_E, POWER1])
+def test_a_mamba_ssm_checkpoint_loads_into_the_pytorch_block(tmp_path, monkeypatch):
+    """The mamba type's checkpoint written with mamba_ssm's block loads into the pure-PyTorch one (where mamba_ssm
+    is missing) by the same names, with the same logits (float32)."""
+    pytest.importorskip("mamba_ssm")
+    model = tiny_model("mamba").cuda()
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(block_module, "_mamba_ssm_class", lambda: None)
+    pytorch = load_model(str(tmp_path)).cuda()
+    assert isinstance(pytorch.model.layers[0].self_attn.mamba_layer, Mamba2)
+    ids = torch.tensor(random_prompts([300, 300]), device="cuda")
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(pytorch(ids).logits, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention_type", ["softmax", "mamba", TWO_MAMBA, TWO_MAMBA_E, POWER1])
 @torch.no_grad()
 def test_bf16_cuda_decoding_matches_full_recompute(attention_type):
     """bf16 on CUDA: the per-step logits of generate (CUDA-graph steps, KV-cache types included) stay within 5%

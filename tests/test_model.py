@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from GPT_Trainer.LlamaDecoderLayerClean import (
-    TWO_MAMBA, TWO_MAMBA_E, AttentionConfig, GenericAttention, LlamaDecoderLayer, Mamba2, SoftmaxAttention,
-    attention_config, configs,
+    MAMBA_SSM_SETTINGS, TWO_MAMBA, TWO_MAMBA_E, AttentionConfig, GenericAttention, LlamaDecoderLayer, Mamba2,
+    MambaAttention, SoftmaxAttention, attention_config, configs,
 )
 from GPT_Trainer.modeling import MODEL_SIZES, TwoMambaForCausalLM, get_model, load_model
 from kernel.reference import attention_reference
@@ -332,19 +332,31 @@ def test_weights_of_another_type_are_refused(tmp_path):
 
 
 @pytest.mark.gpu
-def test_pure_pytorch_mamba2_matches_mamba_ssm():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("N", [300, 1100])
+def test_pure_pytorch_mamba2_matches_mamba_ssm(fused, N):
+    """Our Mamba-2 block against mamba_ssm's with the same weights: the output and the gradients of the input and of
+    every parameter (float32; mamba_ssm's chunks of 256 tokens, the last one partial). fused: mamba_ssm's training
+    path through causal_conv1d (use_mem_eff_path), else its unfused one."""
     mamba_ssm = pytest.importorskip("mamba_ssm")
+    if fused:
+        pytest.importorskip("causal_conv1d")
     torch.manual_seed(6)
-    ref = mamba_ssm.Mamba2(
-        d_model=256, d_conv=2, expand=1, headdim=64, d_ssm=64, ngroups=1, A_init_range=(1, 16), D_has_hdim=True,
-        rmsnorm=True, norm_before_gate=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-        dt_limit=(0.0, float("inf")), bias=False, conv_bias=False, chunk_size=256, use_mem_eff_path=True,
-    ).cuda()
+    ref = mamba_ssm.Mamba2(d_model=256, headdim=64, d_ssm=64, use_mem_eff_path=fused, **MAMBA_SSM_SETTINGS).cuda()
     ours = Mamba2(256, 64).cuda()
     ours.load_state_dict(ref.state_dict())
-    h = torch.randn(2, 300, 256, device="cuda")
-    expected = ref(h)
-    torch.testing.assert_close(ours(h), expected, rtol=2e-3, atol=2e-3)
+    h = torch.randn(2, N, 256, device="cuda")
+    h_ref, h_ours = h.clone().requires_grad_(), h.clone().requires_grad_()
+    expected, got = ref(h_ref), ours(h_ours)
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+    dout = torch.randn_like(expected)
+    expected.backward(dout)
+    got.backward(dout)
+    grads = {"input": (h_ours.grad, h_ref.grad)}
+    grads.update({name: (p.grad, dict(ref.named_parameters())[name].grad) for name, p in ours.named_parameters()})
+    for name, (ours_grad, ref_grad) in grads.items():
+        err = ((ours_grad - ref_grad).norm() / ref_grad.norm()).item()
+        assert err < 5e-3, f"d {name}: relative error {err:.2e}"
 
 
 @pytest.mark.gpu
@@ -369,3 +381,30 @@ def test_rmsnorm_is_llamas(dtype):
     theirs.weight.data.copy_(weight)
     x = (torch.randn(2, 5, 48, generator=gen) * 4).to(dtype)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+
+def test_decoding_a_mamba_ssm_block_steps_the_pytorch_block_on_its_parameters():
+    """mamba_ssm's Mamba2 (here a module with its attribute and parameter names, each module its own, as mamba_ssm
+    builds them) is decoded by a pure-PyTorch Mamba2 on the same Parameter objects: nothing copied, none left on
+    the meta device it is built on, and the same outputs as a Mamba2 holding those weights."""
+    attn = MambaAttention(256, 4)
+    ours = attn.mamba_layer
+    held = torch.nn.Module()
+    held.d_model, held.d_ssm, held.d_state, held.d_conv = ours.d_model, ours.d_ssm, ours.d_state, 2
+    for name, module in ours.named_children():
+        held.add_module(name, torch.nn.Module())
+        for pname, p in module.named_parameters():
+            getattr(held, name).register_parameter(pname, torch.nn.Parameter(p.detach().clone()))
+    for name, p in ours.named_parameters(recurse=False):
+        held.register_parameter(name, torch.nn.Parameter(p.detach().clone()))
+    attn.mamba_layer = held
+    block = attn.recurrent_block()
+    shared = dict(held.named_parameters())
+    assert isinstance(block, Mamba2) and set(shared) == {n for n, _ in block.named_parameters()}
+    assert all(p is shared[n] for n, p in block.named_parameters())
+    h = torch.randn(2, 7, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(block(h), ours(h), rtol=0, atol=0)
+    del held.D
+    with pytest.raises(TypeError, match="not those of the pure-PyTorch block"):
+        attn.recurrent_block()
