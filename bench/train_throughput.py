@@ -5,7 +5,11 @@ runs it; the same number of tokens per step at every length. A few warm-up steps
 then the timed steps, each between CUDA events; tokens/s is that of the median step (the JSON row keeps every
 step's ms). Prints a table and writes JSON under bench/results/.
 
-    python bench/train_throughput.py [--seq_lens 2048 8192] [--types softmax 2mamba 2mamba-e mamba]
+    python bench/train_throughput.py [--seq_lens 2048 8192] [--types softmax 2mamba 2mamba-e mamba mamba-torch]
+
+"mamba" is the `mamba` type as a model builds it: mamba_ssm's Mamba2 where mamba_ssm is installed (with
+causal_conv1d its fused path), else the pure-PyTorch block; "mamba-torch" is always the pure-PyTorch block
+(kernel.power_attention), so the two can be timed side by side. Each mamba row records which block ran.
 
 --chunk_from N trains powers 1 and 2 with the chunked, linear-time form from N tokens on instead of at
 kernel.power's measured crossovers (RECOMPUTED_CHUNK_CROSSOVER under activation checkpointing, CHUNK_CROSSOVER
@@ -21,13 +25,16 @@ row's "profile": name, calls, ms) and the step's total kernel time, printed afte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import time
+import unittest.mock
 
 import torch
 
+import GPT_Trainer.LlamaDecoderLayerClean as block_module
 import kernel.power as power
 from GPT_Trainer.LlamaDecoderLayerClean import GenericAttention
 from GPT_Trainer.modeling import get_model
@@ -38,6 +45,7 @@ TYPES = {
     "2mamba": "squared__sm_norm__A_mask_type_neg_softplus__in_conv_k_2",
     "2mamba-e": "exp__sm_norm__A_mask_type_neg_softplus__in_conv_k_2",
     "mamba": "mamba",
+    "mamba-torch": "mamba",
 }
 
 
@@ -46,6 +54,20 @@ def chunked_from(tokens: int):
     (kernel.power's crossovers, measured, overridden for this process)."""
     for crossover in (power.CHUNK_CROSSOVER, power.RECOMPUTED_CHUNK_CROSSOVER):
         crossover.update({p: tokens for p in crossover})
+
+
+@contextlib.contextmanager
+def pytorch_mamba():
+    """Mamba blocks built inside are the pure-PyTorch ones even where mamba_ssm is installed."""
+    with unittest.mock.patch.object(block_module, "_mamba_ssm_class", lambda: None):
+        yield
+
+
+def mamba_block(model) -> str | None:
+    """The class of the model's Mamba-2 blocks, module included (None for the other types)."""
+    attn = model.model.layers[0].self_attn
+    layer = getattr(attn, "mamba_layer", None)
+    return None if layer is None else f"{type(layer).__module__}.{type(layer).__name__}"
 
 
 def scaled_decays(scale: float):
@@ -70,9 +92,10 @@ def training_step(model, tokens, optimizer, device_type: str):
     return loss
 
 
-def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
+def measure(name: str, seq_len: int, batch: int, args) -> dict:
     torch.manual_seed(0)
-    model = get_model(args.model_size, seq_len, args.vocab_size, attention_type).cuda().train()
+    with pytorch_mamba() if name == "mamba-torch" else contextlib.nullcontext():
+        model = get_model(args.model_size, seq_len, args.vocab_size, TYPES[name]).cuda().train()
     model.set_activation_checkpointing(args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-7, weight_decay=0.01)
     tokens = torch.randint(3, args.vocab_size, (batch, seq_len + 1), device="cuda")
@@ -95,6 +118,8 @@ def measure(attention_type: str, seq_len: int, batch: int, args) -> dict:
         "tokens_per_s": batch * seq_len / step_ms * 1e3, "step_ms": step_ms, "steps_ms": steps_ms,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": loss.item(),
     }
+    if mamba_block(model):
+        row["block"] = mamba_block(model)
     if args.profile:
         row["profile"] = profile_step(step, args.profile)
     return row
@@ -159,7 +184,7 @@ def main(argv=None):
         for name in args.types:
             row = {"type": name, "attention_type": TYPES[name], "seq_len": seq_len, "batch": batch}
             try:
-                row.update(measure(TYPES[name], seq_len, batch, args))
+                row.update(measure(name, seq_len, batch, args))
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as err:  # one broken type must not hide the others' numbers
@@ -180,12 +205,12 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     print(f"\n{args.model_size} model, bf16, {'with' if args.activation_checkpointing else 'without'} activation "
           f"checkpointing, {args.tokens_per_step} tokens/step, {gpu}")
-    print(f"{'type':<10} {'seq':>6} {'batch':>5} {'tokens/s':>12} {'ms/step':>9} {'min':>7} {'max':>7} {'peak GiB':>9}")
+    print(f"{'type':<12} {'seq':>6} {'batch':>5} {'tokens/s':>12} {'ms/step':>9} {'min':>7} {'max':>7} {'peak GiB':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['type']:<10} {r['seq_len']:>6} {r['batch']:>5}  {r['error'][:60]}")
+            print(f"{r['type']:<12} {r['seq_len']:>6} {r['batch']:>5}  {r['error'][:60]}")
         else:
-            print(f"{r['type']:<10} {r['seq_len']:>6} {r['batch']:>5} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
+            print(f"{r['type']:<12} {r['seq_len']:>6} {r['batch']:>5} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
                   f"{min(r['steps_ms']):>7.1f} {max(r['steps_ms']):>7.1f} {r['peak_mem_gib']:>9.1f}")
     print(f"wrote {path}")
 
