@@ -594,7 +594,8 @@ class MambaAttention(nn.Module):
         if cache is None:
             return _maybe_checkpoint(self.checkpoint_core, self.mamba_layer, h)
         entry = cache.entry(self.layer_idx, self, h)
-        return self._decoder(h, entry)
+        decoder = self.__dict__.get("_decoder")  # set by new_cache; absent for a cache this instance did not make
+        return (self.recurrent_block() if decoder is None else decoder)(h, entry)
 
 
 def build_attention(attention_type: str, hidden_size: int, num_heads: int, layer_idx: int = 0) -> nn.Module:
