@@ -499,13 +499,22 @@ class Mamba2(nn.Module):
         conv = torch.zeros(batch, self.conv1d.kernel_size[0] - 1, self.conv1d.in_channels, device=device, dtype=dtype)
         return RecurrentState(conv, zero_state(batch, self.nheads, self.d_state, self.d_ssm, device))
 
-    def split(self, zxbcdt):
-        d_mlp = self.d_mlp
-        return torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.d_state, self.nheads], dim=-1)
+    def project(self, h):
+        """in_proj(h) as (z0, x0, z, xBC, dt). in_proj's width, 2 d_inner + 2 d_state + nheads (2305 for `small`), is
+        odd: cuBLAS then takes its unaligned kernels, which ran 113 of the 277 ms of a training step of the small
+        model on an H200 (bench/NOTES.md, session 38). A plain in_proj runs as two products instead, the rows before
+        dt's (an aligned width) and dt's (one launch when decoding, kernel.linears); a hooked or wrapped one as a
+        module (_plain)."""
+        widths = [self.d_mlp, self.d_mlp, self.d_ssm, self.d_ssm + 2 * self.d_state]
+        if not _plain(self.in_proj) or self.in_proj.bias is not None:
+            return torch.split(self.in_proj(h), widths + [self.nheads], dim=-1)
+        w = self.in_proj.weight
+        zxbc, dt = linears(h, [w[:-self.nheads], w[-self.nheads:]])
+        return (*torch.split(zxbc, widths, dim=-1), dt)
 
     def forward(self, h, entry: RecurrentState | None = None):
         """h [B, N, d_model]; entry: this block's cache entry (conv rows and SSD state), continued and updated."""
-        z0, x0, z, xbc, dt = self.split(self.in_proj(h))
+        z0, x0, z, xbc, dt = self.project(h)
         xbc = F.silu(cached_causal_conv(xbc, self.conv1d.weight, None, None if entry is None else entry.conv))
         x, bmat, cmat = torch.split(xbc, [self.d_ssm, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).transpose(1, 2)  # [B, nheads, N]

@@ -157,6 +157,7 @@ Z_GATE_TYPE = "linear__output_norm__A_mask_type_neg_softplus__in_conv_k_2__dt_on
     (TWO_MAMBA, "normal", 4),  # qkv with the decay projection, o_proj, gate and up, down with the residual
     (Z_GATE_TYPE, "gelu", 4),  # qkv with dt, decay and the biased Z gate; o_proj; up; down with the residual
     ("softmax", "normal", 4),
+    ("mamba", "normal", 3),  # in_proj's rows before dt's with dt's (one of 1 row), gate and up, down with the residual
 ])
 def test_decoder_layer_through_the_kernels(attention_type, mlp_type, launches, monkeypatch):
     """A decoder layer without gradients: with the kernels (the other ops on the CPU's formulas) its output is

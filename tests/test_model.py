@@ -168,7 +168,7 @@ def test_pure_pytorch_mamba2_matches_a_sequential_scan():
         m.D.add_(torch.randn_like(m.D))
         m.norm.weight.add_(torch.randn_like(m.norm.weight))
     h = torch.randn(2, 11, 32, dtype=torch.float64)
-    z0, x0, z, xbc, dt = m.split(m.in_proj(h))
+    z0, x0, z, xbc, dt = m.in_proj(h).split([24, 24, 8, 8 + 2 * 16, 1], -1)  # d_mlp = d_model - d_ssm
     xbc = F.silu(F.pad(xbc, (0, 0, 1, 0)).unfold(1, 2, 1).mul(m.conv1d.weight[:, 0]).sum(-1))
     x, bmat, cmat = xbc.split([8, 16, 16], -1)
     dt = F.softplus(dt + m.dt_bias)[..., 0]  # one head
@@ -408,3 +408,23 @@ def test_decoding_a_mamba_ssm_block_steps_the_pytorch_block_on_its_parameters():
     del held.D
     with pytest.raises(TypeError, match="not those of the pure-PyTorch block"):
         attn.recurrent_block()
+
+
+def test_mamba2_projects_in_two_aligned_products_and_honours_a_hooked_in_proj():
+    """Mamba2.project: in_proj's rows before dt's and dt's as two products (in_proj's odd width takes cuBLAS's
+    unaligned kernels) give in_proj(h) split, forward and backward; a hooked in_proj runs as a module."""
+    torch.manual_seed(0)
+    block = Mamba2(64, 16, d_state=8)
+    h = torch.randn(2, 5, 64, requires_grad=True)
+    parts = block.project(h)
+    whole = torch.split(block.in_proj(h), [p.shape[-1] for p in parts], dim=-1)
+    assert [p.shape[-1] for p in parts] == [block.d_mlp, block.d_mlp, 16, 16 + 2 * 8, 1]
+    for a, b in zip(parts, whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    weights = torch.randn(block.in_proj.out_features)
+    grads = [torch.autograd.grad((torch.cat(out, -1) * weights).sum(), (h, block.in_proj.weight)) for out in (parts, whole)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    block.in_proj.register_forward_hook(lambda module, args, out: out + 1.0)
+    with torch.no_grad():
+        assert torch.equal(torch.cat(block.project(h), -1), block.in_proj(h))
