@@ -422,7 +422,8 @@ def test_mamba2_projects_in_two_aligned_products_and_honours_a_hooked_in_proj():
     for a, b in zip(parts, whole):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     weights = torch.randn(block.in_proj.out_features)
-    grads = [torch.autograd.grad((torch.cat(out, -1) * weights).sum(), (h, block.in_proj.weight)) for out in (parts, whole)]
+    grads = [torch.autograd.grad((torch.cat(out, -1) * weights).sum(), (h, block.in_proj.weight))
+             for out in (parts, whole)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     block.in_proj.register_forward_hook(lambda module, args, out: out + 1.0)
