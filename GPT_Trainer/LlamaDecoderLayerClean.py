@@ -506,10 +506,10 @@ class Mamba2(nn.Module):
         dt's (an aligned width) and dt's (one launch when decoding, kernel.linears); a hooked or wrapped one as a
         module (_plain)."""
         widths = [self.d_mlp, self.d_mlp, self.d_ssm, self.d_ssm + 2 * self.d_state]
-        if not _plain(self.in_proj) or self.in_proj.bias is not None:
+        if not _plain(self.in_proj):
             return torch.split(self.in_proj(h), widths + [self.nheads], dim=-1)
-        w = self.in_proj.weight
-        zxbc, dt = linears(h, [w[:-self.nheads], w[-self.nheads:]])
+        w, b, n = self.in_proj.weight, self.in_proj.bias, self.nheads
+        zxbc, dt = linears(h, [w[:-n], w[-n:]], None if b is None else [b[:-n], b[-n:]])
         return (*torch.split(zxbc, widths, dim=-1), dt)
 
     def forward(self, h, entry: RecurrentState | None = None):

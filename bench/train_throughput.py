@@ -118,8 +118,9 @@ def measure(name: str, seq_len: int, batch: int, args) -> dict:
         "tokens_per_s": batch * seq_len / step_ms * 1e3, "step_ms": step_ms, "steps_ms": steps_ms,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "final_loss": loss.item(),
     }
-    if mamba_block(model):
-        row["block"] = mamba_block(model)
+    block = mamba_block(model)
+    if block:
+        row["block"] = block
     if args.profile:
         row["profile"] = profile_step(step, args.profile)
     return row
